@@ -1,0 +1,1 @@
+"""Search: optimizers behind one ask/tell interface, and studies stored in Optuna."""

@@ -1,0 +1,383 @@
+"""One ask/tell interface over Optuna samplers and nevergrad optimizers.
+
+Whatever proposes a genome, the Optuna study is where it is recorded: every
+optimizer here asks through ``study.ask`` and tells through ``study.tell``, so
+one storage holds the whole history and any optimizer can resume from it.
+
+* Optuna samplers (``cmaes``, ``tpe``, ``nsga2``, ``random``) are set as the
+  study's sampler; they rebuild their state from storage by themselves.
+* Nevergrad optimizers (``ng_cma``, ``ng_ngopt``, ``ng_de`` or any
+  ``ng_<Name>`` of ``nevergrad.optimizers.registry``) run beside the study: a
+  small sampler hands nevergrad's candidate to ``study.ask``, and on ``bind``
+  the optimizer is rebuilt by replaying the stored trials in order (same seed,
+  same ask/tell sequence), so it continues where the killed run stopped.
+
+A genome space is an ordered mapping ``name -> (low, high)`` of float bounds.
+Values are fitness values in the study's directions (``"maximize"`` or
+``"minimize"``, one per objective).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.samplers import BaseSampler
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from evomerge.errors import EvomergeError
+
+GenomeSpace = Mapping[str, tuple[float, float]]
+
+#: Optuna samplers by evomerge name, with whether they handle several objectives.
+OPTUNA_OPTIMIZERS: dict[str, bool] = {"cmaes": False, "tpe": True, "nsga2": True, "random": True}
+#: Short aliases for common nevergrad optimizers; any ``ng_<RegistryName>`` works too.
+NEVERGRAD_ALIASES: dict[str, str] = {"ng_cma": "CMA", "ng_ngopt": "NGOpt", "ng_de": "DE"}
+VALID_DIRECTIONS = ("maximize", "minimize")
+
+
+def available_optimizers() -> list[str]:
+    """The names ``make_optimizer`` accepts (besides any other ``ng_<Name>``)."""
+    return [*OPTUNA_OPTIMIZERS, *NEVERGRAD_ALIASES]
+
+
+def validate_genome_space(genome_space: GenomeSpace) -> dict[str, tuple[float, float]]:
+    """Return the space as a plain ordered dict of float bounds, or explain what is wrong."""
+    if not isinstance(genome_space, Mapping) or not genome_space:
+        raise EvomergeError("genome space must be a non-empty mapping name -> (low, high)")
+    space: dict[str, tuple[float, float]] = {}
+    for name, bounds in genome_space.items():
+        if not isinstance(name, str) or not name:
+            raise EvomergeError(f"genome parameter names must be non-empty strings, got {name!r}")
+        try:
+            low, high = (float(b) for b in bounds)
+        except (TypeError, ValueError):
+            raise EvomergeError(
+                f"genome parameter {name!r}: bounds must be two numbers (low, high), got {bounds!r}"
+            ) from None
+        if not (math.isfinite(low) and math.isfinite(high)) or not low < high:
+            raise EvomergeError(
+                f"genome parameter {name!r}: bounds must be finite with low < high, got ({low}, {high})"
+            )
+        space[name] = (low, high)
+    return space
+
+
+def validate_directions(directions: Sequence[str] | str) -> list[str]:
+    """Normalise directions to a list of ``"maximize"``/``"minimize"``."""
+    if isinstance(directions, str):
+        directions = [directions]
+    result = [str(d).lower() for d in directions]
+    if not result or any(d not in VALID_DIRECTIONS for d in result):
+        raise EvomergeError(
+            f"objective directions must be a non-empty list of {VALID_DIRECTIONS}, got {list(directions)!r}"
+        )
+    return result
+
+
+def genome_distributions(genome_space: GenomeSpace) -> dict[str, FloatDistribution]:
+    """Optuna distributions for the genome: stored with every trial so it can be reloaded."""
+    return {name: FloatDistribution(low, high) for name, (low, high) in genome_space.items()}
+
+
+def _study_directions(study: Study) -> list[str]:
+    return ["maximize" if d == StudyDirection.MAXIMIZE else "minimize" for d in study.directions]
+
+
+class SearchOptimizer(ABC):
+    """Proposes genomes as Optuna trials and learns from their fitness values.
+
+    Call ``bind(study)`` once (it attaches to the study and catches up with the
+    trials already stored), then loop ``trial = ask()`` ... ``tell(trial, values)``;
+    ``values=None`` records a failed trial.
+    """
+
+    def __init__(self, name: str, genome_space: GenomeSpace, directions: Sequence[str], seed: int):
+        self.name = name
+        self.genome_space = validate_genome_space(genome_space)
+        self.directions = validate_directions(directions)
+        self.seed = int(seed)
+        self.distributions = genome_distributions(self.genome_space)
+        self._study: Study | None = None
+
+    @property
+    def study(self) -> Study:
+        if self._study is None:
+            raise RuntimeError(f"optimizer {self.name!r} is not bound to a study: call bind(study) first")
+        return self._study
+
+    def bind(self, study: Study) -> None:
+        """Attach to ``study`` and absorb the trials it already holds."""
+        if _study_directions(study) != self.directions:
+            raise EvomergeError(
+                f"optimizer directions {self.directions} differ from the study's {_study_directions(study)}"
+            )
+        self._study = study
+        self._attach(study)
+
+    def ask(self) -> Trial:
+        """Start a new trial whose params are the next genome to evaluate."""
+        with warnings.catch_warnings():
+            # We keep the heartbeat ourselves (evomerge.search.study), not through Study.optimize.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            return self.study.ask(self.distributions)
+
+    def tell(self, trial: Trial, values: Sequence[float] | None) -> FrozenTrial:
+        """Finish ``trial`` as COMPLETE with ``values``, or as FAIL when ``values`` is None."""
+        if values is None:
+            return self.study.tell(trial, state=TrialState.FAIL)
+        return self.study.tell(trial, list(values))
+
+    @abstractmethod
+    def _attach(self, study: Study) -> None: ...
+
+
+class OptunaOptimizer(SearchOptimizer):
+    """An Optuna sampler; Optuna rebuilds its state from the study's trials."""
+
+    def __init__(self, name, genome_space, directions, seed, options: Mapping[str, Any] | None = None):
+        super().__init__(name, genome_space, directions, seed)
+        self.options = dict(options or {})
+
+    def _attach(self, study: Study) -> None:
+        # A resumed run must not replay the first run's random proposals, so the
+        # seed moves with the number of trials already there (0 on a fresh study).
+        n_existing = len(study.get_trials(deepcopy=False))
+        seed = (self.seed + 1_000_003 * n_existing) % (2**32)
+        study.sampler = self._make_sampler(seed)
+
+    def _make_sampler(self, seed: int) -> BaseSampler:
+        try:
+            if self.name == "cmaes":
+                _require_cmaes()
+                return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **self.options)
+            if self.name == "tpe":
+                return optuna.samplers.TPESampler(seed=seed, **self.options)
+            if self.name == "nsga2":
+                return optuna.samplers.NSGAIISampler(seed=seed, **self.options)
+            return optuna.samplers.RandomSampler(seed=seed, **self.options)
+        except TypeError as error:
+            raise EvomergeError(f"optimizer {self.name!r}: bad options {self.options}: {error}") from None
+
+
+def _require_cmaes() -> None:
+    try:
+        import cmaes  # noqa: F401  (Optuna's CmaEsSampler imports it lazily, too late for a clear message)
+    except ImportError:
+        raise EvomergeError("optimizer 'cmaes' needs the 'cmaes' package: pip install cmaes") from None
+
+
+class _ProposalSampler(BaseSampler):
+    """Hands the nevergrad optimizer's candidate to ``study.ask``, one param at a time.
+
+    The candidate is asked lazily, so a trial whose params were all fixed by
+    ``study.enqueue_trial`` does not consume a nevergrad proposal.
+    """
+
+    def __init__(self, owner: NevergradOptimizer):
+        self._owner = owner
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._owner._proposal_value(trial.number, param_name)
+
+
+@contextmanager
+def _quiet():
+    """Silence nevergrad/cma chatter (e.g. CMA's 'orphanated injected solution' on bounded arrays)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class NevergradOptimizer(SearchOptimizer):
+    """A nevergrad optimizer over the genome scaled to the unit cube.
+
+    Nevergrad minimises, so maximised objectives are told negated. Trials the
+    optimizer did not ask (other workers', enqueued ones) are told as
+    not-asked points where the optimizer supports it.
+    """
+
+    #: How many times ``ask`` re-asks when nevergrad proposes a genome already evaluated.
+    MAX_DUPLICATE_REASKS = 20
+
+    def __init__(self, name, genome_space, directions, seed, registry_name: str,
+                 budget: int | None = None, options: Mapping[str, Any] | None = None):
+        super().__init__(name, genome_space, directions, seed)
+        self.registry_name = registry_name
+        self.budget = budget
+        self.options = dict(options or {})
+        self._names = list(self.genome_space)
+        self._lows = np.array([lo for lo, _ in self.genome_space.values()])
+        self._spans = np.array([hi - lo for lo, hi in self.genome_space.values()])
+        self._optimizer = self._new_nevergrad()
+        self._asked: dict[int, Any] = {}  # trial number -> nevergrad candidate
+        self._told: set[int] = set()  # trial numbers nevergrad already knows
+        self._known: dict[tuple, list[float]] = {}  # rounded genome -> losses, for duplicate checks
+
+    def _new_nevergrad(self):
+        import nevergrad as ng
+
+        parametrization = ng.p.Array(shape=(len(self._names),), lower=0.0, upper=1.0)
+        parametrization.random_state.seed(self.seed % (2**32))
+        try:
+            with _quiet():
+                return ng.optimizers.registry[self.registry_name](
+                    parametrization=parametrization, budget=self.budget, num_workers=1, **self.options
+                )
+        except TypeError as error:
+            raise EvomergeError(f"optimizer {self.name!r}: bad options {self.options}: {error}") from None
+
+    # -- genome <-> unit cube ------------------------------------------------
+    def _to_params(self, unit: np.ndarray) -> dict[str, float]:
+        values = self._lows + np.clip(unit, 0.0, 1.0) * self._spans
+        return {name: float(v) for name, v in zip(self._names, values)}
+
+    def _to_unit(self, params: Mapping[str, float]) -> np.ndarray:
+        values = np.array([float(params[name]) for name in self._names])
+        return np.clip((values - self._lows) / self._spans, 0.0, 1.0)
+
+    @staticmethod
+    def _key(unit: np.ndarray) -> tuple:
+        return tuple(np.round(unit, 12).tolist())
+
+    def _losses(self, values: Sequence[float]) -> float | list[float]:
+        losses = [-float(v) if d == "maximize" else float(v) for v, d in zip(values, self.directions)]
+        return losses[0] if len(losses) == 1 else losses
+
+    # -- ask / tell ------------------------------------------------------------
+    def _attach(self, study: Study) -> None:
+        study.sampler = _ProposalSampler(self)
+        self._replay(study.get_trials(deepcopy=False))
+
+    def _replay(self, trials: Sequence[FrozenTrial]) -> None:
+        """Rebuild nevergrad's state: same seed, one ask per stored trial, tell the complete ones.
+
+        When the stored genome is what the fresh optimizer proposes, the replay
+        is exact and the next ask continues the original sequence; otherwise the
+        stored genome is told as a not-asked point.
+        """
+        for trial in sorted(trials, key=lambda t: t.number):
+            if trial.number in self._told:
+                continue
+            if trial.state == TrialState.RUNNING:
+                continue  # another worker's trial: told when it completes
+            with _quiet():
+                candidate = self._optimizer.ask()
+            if trial.state != TrialState.COMPLETE or not self._has_genome(trial):
+                continue
+            unit = self._to_unit(trial.params)
+            if not np.allclose(candidate.value, unit, rtol=0, atol=1e-9):
+                candidate = None
+            self._tell_nevergrad(trial.number, unit, trial.values, candidate)
+
+    def _has_genome(self, trial: FrozenTrial) -> bool:
+        return all(name in trial.params for name in self._names)
+
+    def _tell_nevergrad(self, number: int, unit: np.ndarray, values, candidate=None) -> None:
+        from nevergrad.common.errors import TellNotAskedNotSupportedError
+
+        losses = self._losses(values)
+        self._told.add(number)
+        self._known[self._key(unit)] = losses
+        if candidate is None:
+            candidate = self._optimizer.parametrization.spawn_child(new_value=unit)
+        try:
+            with _quiet():
+                self._optimizer.tell(candidate, losses)
+        except TellNotAskedNotSupportedError:
+            pass  # this optimizer only learns from its own proposals
+
+    def _catch_up(self) -> None:
+        """Tell nevergrad the trials other workers completed since the last ask."""
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if trial.number not in self._told and trial.number not in self._asked and self._has_genome(trial):
+                self._tell_nevergrad(trial.number, self._to_unit(trial.params), trial.values)
+
+    def _proposal_value(self, trial_number: int, param_name: str) -> float:
+        if trial_number not in self._asked:
+            self._asked[trial_number] = self._fresh_candidate()
+        return self._to_params(self._asked[trial_number].value)[param_name]
+
+    def _fresh_candidate(self):
+        """Ask nevergrad, telling it the known value of any genome already evaluated."""
+        for _ in range(self.MAX_DUPLICATE_REASKS):
+            with _quiet():
+                candidate = self._optimizer.ask()
+            losses = self._known.get(self._key(candidate.value))
+            if losses is None:
+                return candidate
+            with _quiet():
+                self._optimizer.tell(candidate, losses)
+        return candidate
+
+    def ask(self) -> Trial:
+        self._catch_up()
+        return super().ask()
+
+    def tell(self, trial: Trial, values: Sequence[float] | None) -> FrozenTrial:
+        frozen = super().tell(trial, values)
+        candidate = self._asked.pop(trial.number, None)
+        if frozen.state == TrialState.COMPLETE:
+            unit = self._to_unit(frozen.params)
+            if candidate is not None and not np.allclose(candidate.value, unit, rtol=0, atol=1e-9):
+                candidate = None  # params partly fixed by an enqueued trial
+            self._tell_nevergrad(frozen.number, unit, frozen.values, candidate)
+        return frozen
+
+
+def make_optimizer(
+    name: str,
+    genome_space: GenomeSpace,
+    directions: Sequence[str] | str = ("maximize",),
+    seed: int = 0,
+    *,
+    budget: int | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> SearchOptimizer:
+    """Build the optimizer called ``name``; ``options`` go to the sampler/optimizer constructor.
+
+    ``budget`` (total trials) only matters to nevergrad optimizers that plan for it (NGOpt).
+    """
+    space = validate_genome_space(genome_space)
+    dirs = validate_directions(directions)
+    key = str(name).lower()
+    if key in OPTUNA_OPTIMIZERS:
+        if len(dirs) > 1 and not OPTUNA_OPTIMIZERS[key]:
+            multi = [n for n, ok in OPTUNA_OPTIMIZERS.items() if ok]
+            raise EvomergeError(
+                f"optimizer {name!r} handles one objective only, but {len(dirs)} were given; "
+                f"use one of {multi} or a nevergrad optimizer (ng_*)"
+            )
+        return OptunaOptimizer(key, space, dirs, seed, options)
+    if key.startswith("ng_"):
+        import nevergrad as ng
+
+        registry_name = NEVERGRAD_ALIASES.get(key) or _registry_name(ng.optimizers.registry, name[3:])
+        if registry_name is not None:
+            return NevergradOptimizer(key if key in NEVERGRAD_ALIASES else name, space, dirs, seed,
+                                      registry_name, budget=budget, options=options)
+    raise EvomergeError(
+        f"unknown optimizer {name!r}; valid names: {', '.join(available_optimizers())}, "
+        f"or ng_<Name> for any name in nevergrad.optimizers.registry"
+    )
+
+
+def _registry_name(registry: Mapping[str, Any], wanted: str) -> str | None:
+    if wanted in registry:
+        return wanted
+    matches = [n for n in registry if n.lower() == wanted.lower()]
+    return matches[0] if len(matches) == 1 else None
