@@ -1,0 +1,216 @@
+"""Choose the reduced item subset a candidate merge is evaluated on.
+
+Every strategy returns item indices plus weights summing to 1, so that
+``sum(weights * correct)`` is an unbiased-ish estimate of full accuracy:
+
+* ``random``       uniform sample, equal weights.
+* ``stratified``   items sorted by difficulty, cut into ``n`` equal strata, one
+                   random item per stratum, weight = stratum share.
+* ``anchor-irt``   k-means on the IRT item embeddings (a_j, b_j); the item nearest
+                   each centroid is the anchor, weight = cluster share (tinyBenchmarks).
+* ``anchor-correctness``  same, clustering the items' correctness across models.
+
+Subsets are seeded and saved as json next to the study, so a resumed study
+scores candidates on exactly the same items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+
+STRATEGIES = ("random", "stratified", "anchor-irt", "anchor-correctness")
+
+
+@dataclasses.dataclass
+class Subset:
+    """Item indices into the full benchmark plus the weight each stands for."""
+
+    indices: np.ndarray
+    weights: np.ndarray
+    strategy: str
+    seed: int
+    n_total: int
+
+    def to_dict(self) -> dict:
+        return {
+            "indices": [int(i) for i in self.indices],
+            "weights": [float(w) for w in self.weights],
+            "strategy": self.strategy,
+            "seed": int(self.seed),
+            "n_total": int(self.n_total),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Subset":
+        try:
+            subset = cls(
+                indices=np.asarray(data["indices"], dtype=np.int64),
+                weights=np.asarray(data["weights"], dtype=np.float64),
+                strategy=str(data["strategy"]),
+                seed=int(data["seed"]),
+                n_total=int(data["n_total"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EvomergeError(f"subset file is missing or has a bad field: {exc}") from exc
+        _check_subset(subset)
+        return subset
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Subset":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EvomergeError(f"cannot read subset file {path}: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _check_subset(subset: Subset) -> None:
+    idx = subset.indices
+    if len(idx) == 0 or len(idx) != len(subset.weights):
+        raise EvomergeError("subset needs as many weights as indices, and at least one item")
+    if idx.min() < 0 or idx.max() >= subset.n_total or len(np.unique(idx)) != len(idx):
+        raise EvomergeError(f"subset indices must be distinct and within 0..{subset.n_total - 1}")
+
+
+def check_subset_size(n_items: int, n_total: int) -> None:
+    """A subset larger than the benchmark (or empty) is a user error, not a silent clamp."""
+    if n_items < 1:
+        raise EvomergeError(f"subset size must be >= 1, got {n_items}")
+    if n_items > n_total:
+        raise EvomergeError(f"subset of {n_items} items asked for a benchmark of only {n_total} items")
+
+
+def kmeans(points: np.ndarray, k: int, seed: int, n_init: int = 4, max_iter: int = 100) -> np.ndarray:
+    """Lloyd's k-means with k-means++ starts; returns a label per point, all k labels used.
+
+    Duplicated points (common for correctness vectors of few models) can leave
+    clusters empty; those are filled by splitting the largest clusters so we
+    always get exactly k anchors.
+    """
+    x = np.asarray(points, dtype=np.float64)
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    best_labels, best_inertia = None, np.inf
+    for _ in range(n_init):
+        centres = _kmeans_pp(x, k, rng)
+        labels = np.zeros(n, dtype=np.int64)
+        for it in range(max_iter):
+            dist = ((x[:, None, :] - centres[None, :, :]) ** 2).sum(-1) if n * k <= 2_000_000 else _chunked_dist(x, centres)
+            new_labels = dist.argmin(axis=1)
+            if it > 0 and np.array_equal(new_labels, labels):
+                break
+            labels = new_labels
+            for c in range(k):
+                members = labels == c
+                if members.any():
+                    centres[c] = x[members].mean(axis=0)
+        inertia = float(((x - centres[labels]) ** 2).sum())
+        if inertia < best_inertia:
+            best_inertia, best_labels = inertia, labels.copy()
+    return _fill_empty_clusters(best_labels, k, rng)
+
+
+def _chunked_dist(x, centres, chunk=4096):
+    out = np.empty((x.shape[0], centres.shape[0]))
+    for s in range(0, x.shape[0], chunk):
+        out[s : s + chunk] = ((x[s : s + chunk, None, :] - centres[None]) ** 2).sum(-1)
+    return out
+
+
+def _kmeans_pp(x, k, rng):
+    n = x.shape[0]
+    centres = np.empty((k, x.shape[1]))
+    centres[0] = x[rng.integers(n)]
+    closest = ((x - centres[0]) ** 2).sum(1)
+    for c in range(1, k):
+        total = closest.sum()
+        pick = rng.integers(n) if total <= 0 else rng.choice(n, p=closest / total)
+        centres[c] = x[pick]
+        closest = np.minimum(closest, ((x - centres[c]) ** 2).sum(1))
+    return centres
+
+
+def _fill_empty_clusters(labels, k, rng):
+    labels = labels.copy()
+    used = set(np.unique(labels).tolist())
+    for c in range(k):
+        if c in used:
+            continue
+        sizes = np.bincount(labels, minlength=k)
+        largest = int(sizes.argmax())
+        members = np.flatnonzero(labels == largest)
+        moved = rng.permutation(members)[: len(members) // 2]
+        labels[moved] = c
+        used.add(c)
+    return labels
+
+
+def _anchors_from_labels(points, labels, k):
+    """Per cluster: the member nearest the centroid, and the cluster's share of items."""
+    n = points.shape[0]
+    indices, weights = [], []
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        centre = points[members].mean(axis=0)
+        nearest = members[((points[members] - centre) ** 2).sum(1).argmin()]
+        indices.append(int(nearest))
+        weights.append(len(members) / n)
+    return np.asarray(indices), np.asarray(weights)
+
+
+def extract_subset(
+    n_items: int,
+    n_total: int,
+    strategy: str = "anchor-irt",
+    seed: int = 0,
+    *,
+    difficulty: np.ndarray | None = None,
+    item_embedding: np.ndarray | None = None,
+    correctness: np.ndarray | None = None,
+) -> Subset:
+    """Pick ``n_items`` of ``n_total`` items by ``strategy`` (see module doc).
+
+    ``difficulty`` (items,) is needed by ``stratified``, ``item_embedding``
+    (items x features, e.g. [a, b]) by ``anchor-irt``, ``correctness``
+    (models x items) by ``anchor-correctness``.
+    """
+    check_subset_size(n_items, n_total)
+    rng = np.random.default_rng(seed)
+    if strategy == "random":
+        idx = np.sort(rng.choice(n_total, size=n_items, replace=False))
+        weights = np.full(n_items, 1.0 / n_items)
+    elif strategy == "stratified":
+        if difficulty is None or len(difficulty) != n_total:
+            raise EvomergeError("stratified extraction needs one difficulty per item")
+        order = np.argsort(np.asarray(difficulty), kind="stable")
+        strata = np.array_split(order, n_items)
+        idx = np.array([int(rng.choice(s)) for s in strata])
+        weights = np.array([len(s) / n_total for s in strata])
+    elif strategy in ("anchor-irt", "anchor-correctness"):
+        points = item_embedding if strategy == "anchor-irt" else (
+            None if correctness is None else np.asarray(correctness, dtype=np.float64).T)
+        if points is None or points.shape[0] != n_total:
+            what = "item embeddings (a, b)" if strategy == "anchor-irt" else "a models x items correctness matrix"
+            raise EvomergeError(f"{strategy} extraction needs {what} covering all {n_total} items")
+        points = np.asarray(points, dtype=np.float64)
+        scale = points.std(axis=0)
+        points = (points - points.mean(axis=0)) / np.where(scale > 1e-12, scale, 1.0)
+        labels = kmeans(points, n_items, seed)
+        idx, weights = _anchors_from_labels(points, labels, n_items)
+    else:
+        raise EvomergeError(f"unknown subset strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    order = np.argsort(idx)
+    subset = Subset(indices=idx[order].astype(np.int64), weights=weights[order] / weights.sum(),
+                    strategy=strategy, seed=seed, n_total=n_total)
+    _check_subset(subset)
+    return subset
