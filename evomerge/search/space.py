@@ -1,0 +1,270 @@
+"""Search-space files (`search_spaces/*.yaml`): parsed and validated in one place.
+
+Every mistake a user can make in the YAML is reported here, with the key path,
+before any model is loaded, so a long search never dies on a typo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import EvomergeError
+
+GRANULARITIES = ("global", "layer_group", "layer")
+SPLITTABLE_MODULES = ("attention", "mlp")
+STRATEGIES = ("random", "stratified", "anchor")
+ESTIMATORS = ("mean", "anchor", "pirt", "gpirt", "mpirt", "gmpirt")
+OBJECTIVE_MODES = ("mean", "per_task")
+# Which merge parameters each method searches by default, with their ranges.
+DEFAULT_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "linear": {"weight": (0.0, 1.0)},
+    "task_arithmetic": {"weight": (0.0, 1.2)},
+    "ties": {"weight": (0.0, 1.2), "density": (0.2, 1.0)},
+    "dare_ties": {"weight": (0.0, 1.2), "density": (0.2, 1.0)},
+    "dare_linear": {"weight": (0.0, 1.2), "density": (0.2, 1.0)},
+    "breadcrumbs": {"weight": (0.0, 1.2), "density": (0.2, 0.98)},
+    "della": {"weight": (0.0, 1.2), "density": (0.3, 0.8)},
+    "slerp": {"t": (0.0, 1.0)},
+    "model_stock": {},
+}
+# Parameters that take one value per expert; the others are shared by all.
+PER_EXPERT_PARAMS = ("weight", "density", "epsilon", "gamma")
+SHARED_PARAMS = ("t", "lambda")
+
+
+@dataclass
+class BenchmarkSpec:
+    name: str
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class SearchSpace:
+    """A validated search-space file. Paths are resolved against `root`."""
+
+    name: str
+    base: str
+    experts: dict[str, str]
+    method: str
+    granularity: str
+    layer_groups: int
+    split_modules: bool
+    ranges: dict[str, tuple[float, float]]
+    fixed: dict[str, Any]
+    benchmarks: list[BenchmarkSpec]
+    subset_size: int
+    strategy: str
+    estimator: str
+    irt_dims: int
+    extra_models: list[str]
+    optimizer: str
+    trials: int
+    seed: int
+    objectives: str
+    baselines: bool = True
+    device: str = "auto"
+    zoo: str | None = None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.experts)
+
+    @property
+    def expert_paths(self) -> list[str]:
+        return list(self.experts.values())
+
+    def study_config(self) -> dict:
+        """What must not change between a study and its resume (the budget may)."""
+        config = dict(self.raw)
+        config.get("optimizer", {}).pop("trials", None)
+        return config
+
+
+def load_search_space(path: str | Path, overrides: dict | None = None) -> SearchSpace:
+    """Read and validate a search-space YAML file; relative paths are relative to the cwd."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"search space file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise EvomergeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise EvomergeError(f"{path}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    return parse_search_space(raw, source=str(path))
+
+
+def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
+    """Validate the parsed YAML mapping, naming the offending key in every error."""
+    reader = _Reader(raw, source)
+    known_sections = {"name", "zoo", "models", "merge", "benchmarks", "estimator", "optimizer", "device"}
+    reader.reject_unknown(raw, known_sections, "")
+
+    models = reader.mapping("models")
+    reader.reject_unknown(models, {"base", "experts"}, "models")
+    base = reader.string(models, "base", "models")
+    experts = models.get("experts")
+    if isinstance(experts, list):
+        experts = {Path(str(p)).name: str(p) for p in experts}
+    if not isinstance(experts, dict) or not experts:
+        raise EvomergeError(f"{source}: models.experts must name at least one expert (name: path)")
+    experts = {str(k): str(v) for k, v in experts.items()}
+
+    merge = reader.mapping("merge")
+    reader.reject_unknown(
+        merge, {"method", "granularity", "layer_groups", "split_modules", "params", "fixed"}, "merge"
+    )
+    method = reader.string(merge, "method", "merge")
+    if method not in DEFAULT_RANGES:
+        raise EvomergeError(
+            f"{source}: merge.method {method!r} is unknown; choose one of {', '.join(DEFAULT_RANGES)}"
+        )
+    if method == "slerp" and len(experts) != 1:
+        raise EvomergeError(f"{source}: slerp merges the base with exactly one expert, got {len(experts)}")
+    if method == "model_stock" and len(experts) < 2:
+        raise EvomergeError(f"{source}: model_stock needs at least two experts")
+    granularity = merge.get("granularity", "layer_group")
+    if granularity not in GRANULARITIES:
+        raise EvomergeError(
+            f"{source}: merge.granularity {granularity!r} is unknown; choose one of {', '.join(GRANULARITIES)}"
+        )
+    layer_groups = reader.integer(merge, "layer_groups", "merge", default=2, minimum=1)
+    split_modules = bool(merge.get("split_modules", False))
+    ranges = dict(DEFAULT_RANGES[method])
+    user_ranges = merge.get("params", {}) or {}
+    if not isinstance(user_ranges, dict):
+        raise EvomergeError(f"{source}: merge.params must map a parameter to [low, high]")
+    for name, bounds in user_ranges.items():
+        if name not in PER_EXPERT_PARAMS + SHARED_PARAMS:
+            raise EvomergeError(
+                f"{source}: merge.params.{name} is not a searchable parameter; "
+                f"choose from {', '.join(PER_EXPERT_PARAMS + SHARED_PARAMS)}"
+            )
+        if (
+            not isinstance(bounds, (list, tuple))
+            or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) for b in bounds)
+            or not bounds[0] < bounds[1]
+        ):
+            raise EvomergeError(f"{source}: merge.params.{name} must be [low, high] with low < high, got {bounds!r}")
+        ranges[name] = (float(bounds[0]), float(bounds[1]))
+    fixed = dict(merge.get("fixed", {}) or {})
+    for name in set(fixed) & set(ranges):
+        ranges.pop(name)  # a fixed value is not searched
+    if not ranges:
+        raise EvomergeError(f"{source}: merge method {method} leaves no parameter to search")
+
+    benchmarks_raw = raw.get("benchmarks")
+    if not isinstance(benchmarks_raw, list) or not benchmarks_raw:
+        raise EvomergeError(f"{source}: benchmarks must be a list of {{name, path, weight}}")
+    benchmarks = []
+    for index, entry in enumerate(benchmarks_raw):
+        where = f"benchmarks[{index}]"
+        if not isinstance(entry, dict):
+            raise EvomergeError(f"{source}: {where} must be a mapping with name and path")
+        reader.reject_unknown(entry, {"name", "path", "weight"}, where)
+        weight = entry.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or weight <= 0:
+            raise EvomergeError(f"{source}: {where}.weight must be a positive number, got {weight!r}")
+        benchmarks.append(
+            BenchmarkSpec(reader.string(entry, "name", where), reader.string(entry, "path", where), float(weight))
+        )
+    names = [b.name for b in benchmarks]
+    if len(set(names)) != len(names):
+        raise EvomergeError(f"{source}: benchmark names must be unique, got {names}")
+
+    estimator = raw.get("estimator", {}) or {}
+    reader.reject_unknown(estimator, {"method", "subset_size", "strategy", "dims", "extra_models"}, "estimator")
+    estimator_name = estimator.get("method", "gmpirt")
+    if estimator_name not in ESTIMATORS:
+        raise EvomergeError(
+            f"{source}: estimator.method {estimator_name!r} is unknown; choose one of {', '.join(ESTIMATORS)}"
+        )
+    strategy = estimator.get("strategy", "anchor")
+    if strategy not in STRATEGIES:
+        raise EvomergeError(
+            f"{source}: estimator.strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}"
+        )
+    subset_size = reader.integer(estimator, "subset_size", "estimator", default=50, minimum=2)
+    irt_dims = reader.integer(estimator, "dims", "estimator", default=2, minimum=1)
+    extra_models = [str(p) for p in estimator.get("extra_models", []) or []]
+
+    optimizer = raw.get("optimizer", {}) or {}
+    reader.reject_unknown(optimizer, {"name", "trials", "seed", "objectives", "baselines"}, "optimizer")
+    objectives = optimizer.get("objectives", "mean")
+    if objectives not in OBJECTIVE_MODES:
+        raise EvomergeError(
+            f"{source}: optimizer.objectives {objectives!r} is unknown; choose one of {', '.join(OBJECTIVE_MODES)}"
+        )
+    device = str(raw.get("device", "auto"))
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise EvomergeError(f"{source}: device must be auto, cpu or cuda[:N], got {device!r}")
+
+    return SearchSpace(
+        name=str(raw.get("name") or Path(source).stem),
+        base=base,
+        experts=experts,
+        method=method,
+        granularity=granularity,
+        layer_groups=layer_groups,
+        split_modules=split_modules,
+        ranges=ranges,
+        fixed=fixed,
+        benchmarks=benchmarks,
+        subset_size=subset_size,
+        strategy=strategy,
+        estimator=estimator_name,
+        irt_dims=irt_dims,
+        extra_models=extra_models,
+        optimizer=str(optimizer.get("name", "nsga2" if objectives == "per_task" else "cmaes")),
+        trials=reader.integer(optimizer, "trials", "optimizer", default=50, minimum=1),
+        seed=reader.integer(optimizer, "seed", "optimizer", default=0, minimum=0),
+        objectives=objectives,
+        baselines=bool(optimizer.get("baselines", True)),
+        device=device,
+        zoo=raw.get("zoo"),
+        raw=yaml.safe_load(yaml.safe_dump(raw)),
+    )
+
+
+class _Reader:
+    """Small typed accessors that name the key path in their errors."""
+
+    def __init__(self, raw: dict, source: str):
+        self.raw = raw
+        self.source = source
+
+    def reject_unknown(self, mapping: dict, known: set[str], where: str) -> None:
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            prefix = f"{where}." if where else ""
+            raise EvomergeError(
+                f"{self.source}: unknown key {prefix}{unknown[0]}; expected one of {', '.join(sorted(known))}"
+            )
+
+    def mapping(self, key: str) -> dict:
+        value = self.raw.get(key)
+        if not isinstance(value, dict):
+            raise EvomergeError(f"{self.source}: section {key!r} is missing or not a mapping")
+        return value
+
+    def string(self, mapping: dict, key: str, where: str) -> str:
+        value = mapping.get(key)
+        if not isinstance(value, str) or not value:
+            raise EvomergeError(f"{self.source}: {where}.{key} is required and must be a string")
+        return value
+
+    def integer(self, mapping: dict, key: str, where: str, default: int, minimum: int) -> int:
+        value = mapping.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise EvomergeError(f"{self.source}: {where}.{key} must be an integer >= {minimum}, got {value!r}")
+        return value

@@ -1,0 +1,88 @@
+"""Search-space validation and the genome -> recipe mapping."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.search.genome import genome_space, genome_to_recipe, tensor_groups, uniform_genome
+from evomerge.search.space import load_search_space, parse_search_space
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+
+
+def demo_raw():
+    return yaml.safe_load(DEMO.read_text())
+
+
+def test_demo_space_is_valid():
+    space = load_search_space(DEMO)
+    assert space.method == "ties"
+    assert space.expert_names == ["arith", "reverse", "lang"]
+    assert space.ranges["weight"] == (0.0, 1.5)
+    assert [b.name for b in space.benchmarks] == ["arith", "reverse", "lang"]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["merge"].update(method="frankenmerge"), "merge.method 'frankenmerge' is unknown"),
+        (lambda r: r["merge"].update(granularity="tensor"), "granularity"),
+        (lambda r: r["merge"]["params"].update(weight=[1.0, 0.0]), "low < high"),
+        (lambda r: r["merge"]["params"].update(temperature=[0, 1]), "merge.params.temperature"),
+        (lambda r: r.pop("models"), "section 'models'"),
+        (lambda r: r["models"].update(experts={}), "models.experts"),
+        (lambda r: r.update(benchmarks=[]), "benchmarks must be a list"),
+        (lambda r: r["estimator"].update(subset_size=0), "estimator.subset_size"),
+        (lambda r: r["estimator"].update(method="magic"), "estimator.method"),
+        (lambda r: r["optimizer"].update(trials="many"), "optimizer.trials"),
+        (lambda r: r.update(colour="blue"), "unknown key colour"),
+        (lambda r: r["merge"].update(method="slerp"), "exactly one expert"),
+    ],
+)
+def test_bad_space_names_the_key(mutate, message):
+    raw = copy.deepcopy(demo_raw())
+    mutate(raw)
+    with pytest.raises(EvomergeError, match=message):
+        parse_search_space(raw, source="demo.yaml")
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(EvomergeError, match="not found"):
+        load_search_space(tmp_path / "nope.yaml")
+
+
+def test_layer_group_genome_maps_to_recipe():
+    space = load_search_space(DEMO)
+    groups = tensor_groups(space, num_layers=4)
+    assert [g.name for g in groups] == ["rest", "G0_attention", "G0_mlp", "G1_attention", "G1_mlp"]
+    assert groups[1].layers == (0, 1) and groups[3].layers == (2, 3)
+    genome = genome_space(space, num_layers=4)
+    # weight and density for 3 experts in 5 groups
+    assert len(genome) == 2 * 3 * 5
+    point = {name: (low + high) / 2 for name, (low, high) in genome.items()}
+    point["weight.lang.G1_mlp"] = 0.1
+    recipe = genome_to_recipe(space, point, num_layers=4)
+    assert recipe.method == "ties"
+    assert recipe.params["weight"] == [0.75, 0.75, 0.75]
+    last = recipe.overrides[-1]
+    assert last.layers == [2, 3] and last.modules == ["mlp"]
+    assert last.params["weight"] == [0.75, 0.75, 0.1]
+
+
+def test_global_and_per_layer_granularity():
+    raw = demo_raw()
+    raw["merge"].update(granularity="global")
+    space = parse_search_space(raw)
+    assert len(genome_space(space, 4)) == 6
+    raw["merge"].update(granularity="layer", split_modules=False)
+    space = parse_search_space(raw)
+    assert len(genome_space(space, 4)) == 6 * 5
+
+
+def test_uniform_genome_is_clipped():
+    space = load_search_space(DEMO)
+    genome = uniform_genome(space, 4, {"weight": 9.0, "density": 0.5})
+    assert set(genome.values()) == {1.5, 0.5}
