@@ -1,0 +1,20 @@
+"""Reduced-subset accuracy estimation: responses matrix, IRT, subset extraction, estimators.
+
+The search calls, per benchmark::
+
+    est = fit_subset_estimator(responses, model_names, endpoint_names, n_items=50,
+                               strategy="anchor-irt", seed=0, dims=2)
+    est.save(run_dir / "estimators" / f"{bench}.json")        # SubsetEstimator.load on resume
+    acc = est.predict(score_items(model, tok, bench, indices=est.indices), method="gmpirt")
+"""
+
+from evomerge.estimate.estimators import METHODS, SubsetEstimator, fit_subset_estimator
+from evomerge.estimate.extract import STRATEGIES, Subset, extract_subset
+from evomerge.estimate.irt import IRTFit, IRTPriors, estimate_theta, fit_irt
+from evomerge.estimate.responses import ResponseMatrix, collect_responses, responses_path, score_model
+
+__all__ = [
+    "METHODS", "STRATEGIES", "IRTFit", "IRTPriors", "ResponseMatrix", "Subset", "SubsetEstimator",
+    "collect_responses", "estimate_theta", "extract_subset", "fit_irt", "fit_subset_estimator",
+    "responses_path", "score_model",
+]

@@ -1,0 +1,186 @@
+"""Per-item correctness of models on a benchmark (models x items), stored in the run folder.
+
+The IRT fit, the subset extraction and the error check all start from this
+matrix; it is saved as ``.npz`` (bool matrix + model names + item ids) so a
+resumed study never re-scores the endpoint models. Scoring itself (log-likelihood
+multiple choice or greedy exact match, batched) is ``evomerge.benchmarks.score_items``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+
+
+@dataclasses.dataclass
+class ResponseMatrix:
+    """``correct[i, j]`` is True iff model ``model_names[i]`` got item ``item_ids[j]`` right."""
+
+    correct: np.ndarray
+    model_names: list[str]
+    item_ids: list[str]
+    benchmark: str = ""
+
+    def __post_init__(self):
+        self.correct = np.asarray(self.correct)
+        if self.correct.ndim == 1 and len(self.model_names) <= 1:
+            self.correct = self.correct.reshape(len(self.model_names), -1)
+        if self.correct.dtype != bool:
+            self.correct = as_correctness(self.correct, "response matrix")
+        self.model_names = [str(m) for m in self.model_names]
+        self.item_ids = [str(i) for i in self.item_ids]
+        rows, cols = self.correct.shape
+        if rows != len(self.model_names) or cols != len(self.item_ids):
+            raise EvomergeError(
+                f"response matrix is {rows} x {cols} but has {len(self.model_names)} model names "
+                f"and {len(self.item_ids)} item ids")
+        if len(set(self.model_names)) != rows:
+            raise EvomergeError(f"response matrix has duplicate model names: {self.model_names}")
+
+    @classmethod
+    def empty(cls, item_ids: list[str], benchmark: str = "") -> "ResponseMatrix":
+        return cls(np.zeros((0, len(item_ids)), dtype=bool), [], list(item_ids), benchmark)
+
+    @property
+    def n_items(self) -> int:
+        return self.correct.shape[1]
+
+    def row(self, name: str) -> np.ndarray:
+        try:
+            return self.correct[self.model_names.index(name)]
+        except ValueError:
+            raise EvomergeError(f"model {name!r} has no stored responses; known: {self.model_names}") from None
+
+    def rows(self, names: Iterable[str]) -> np.ndarray:
+        return np.stack([self.row(n) for n in names]) if names else np.zeros((0, self.n_items), bool)
+
+    def accuracy(self) -> dict[str, float]:
+        return {m: float(r.mean()) for m, r in zip(self.model_names, self.correct)}
+
+    def with_model(self, name: str, correct: np.ndarray) -> "ResponseMatrix":
+        """A copy with ``name``'s row added (or replaced)."""
+        row = as_correctness(correct, f"responses of {name!r}").ravel()
+        if row.shape[0] != self.n_items:
+            raise EvomergeError(f"responses of {name!r} cover {row.shape[0]} items, benchmark has {self.n_items}")
+        names = [m for m in self.model_names if m != name]
+        kept = self.rows(names) if names else np.zeros((0, self.n_items), bool)
+        return ResponseMatrix(np.vstack([kept, row[None]]), names + [name], self.item_ids, self.benchmark)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, correct=self.correct, model_names=np.array(self.model_names, dtype=str),
+                            item_ids=np.array(self.item_ids, dtype=str), benchmark=np.array(self.benchmark))
+        tmp.replace(path)  # atomic: a crash mid-write never leaves a torn file
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ResponseMatrix":
+        try:
+            with np.load(Path(path), allow_pickle=False) as data:
+                return cls(data["correct"].astype(bool), list(data["model_names"]),
+                           list(data["item_ids"]), str(data["benchmark"]))
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            raise EvomergeError(f"cannot read responses file {path}: {exc}") from exc
+
+
+def as_correctness(values: Any, what: str = "answers") -> np.ndarray:
+    """Coerce 0/1 or bool values to a bool array; NaN or other values are an error."""
+    arr = np.asarray(values)
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype.kind not in "iuf":
+        raise EvomergeError(f"{what} must be booleans or 0/1 numbers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise EvomergeError(f"{what} contain NaN (missing answers)")
+    if not np.isin(arr, (0, 1)).all():
+        raise EvomergeError(f"{what} must be 0/1 (wrong/correct), got other values")
+    return arr.astype(bool)
+
+
+def responses_path(run_dir: str | Path, benchmark: str) -> Path:
+    """Where a run folder keeps the responses of one benchmark."""
+    return Path(run_dir) / "responses" / f"{benchmark}.npz"
+
+
+def benchmark_item_ids(bench: Any) -> list[str]:
+    """Item ids of a ``Benchmark`` (falls back to positions when items have no id)."""
+    for attr in ("item_ids", "ids"):
+        ids = getattr(bench, attr, None)
+        if ids is not None and not callable(ids):
+            return [str(i) for i in ids]
+    items = getattr(bench, "items", None)
+    if items is None:
+        raise EvomergeError(f"benchmark {getattr(bench, 'name', bench)!r} has no items")
+    return [str(_field(it, "id", i)) for i, it in enumerate(items)]
+
+
+def _field(item: Any, key: str, default: Any = None) -> Any:
+    if isinstance(item, dict):
+        return item.get(key, default)
+    return getattr(item, key, default)
+
+
+def check_labels(bench: Any) -> None:
+    """Every item must carry its answer; scoring unlabeled items would silently count as wrong."""
+    items = getattr(bench, "items", None)
+    if items is None:
+        return
+    name = getattr(bench, "name", "benchmark")
+    if len(items) == 0:
+        raise EvomergeError(f"benchmark {name!r} has no items")
+    for i, item in enumerate(items):
+        answer, choices, label = _field(item, "answer"), _field(item, "choices"), _field(item, "label")
+        has_exact = answer is not None and str(answer) != ""
+        has_choice = choices is not None and label is not None
+        if not (has_exact or has_choice):
+            raise EvomergeError(
+                f"benchmark {name!r} item {_field(item, 'id', i)!r} has no label "
+                "(needs 'answer' or 'choices' + 'label')")
+
+
+def score_model(model: Any, tokenizer: Any, bench: Any, indices: np.ndarray | None = None,
+                batch_size: int = 64) -> np.ndarray:
+    """Correctness of one model on ``bench`` (or the ``indices`` items), as a bool vector."""
+    from evomerge.benchmarks import score_items  # heavy import, only when scoring
+
+    check_labels(bench)
+    correct = score_items(model, tokenizer, bench, indices=indices, batch_size=batch_size)
+    return as_correctness(correct, "scored answers")
+
+
+def collect_responses(
+    named_models: Iterable[tuple[str, Any, Any]],
+    bench: Any,
+    *,
+    path: str | Path | None = None,
+    batch_size: int = 64,
+) -> ResponseMatrix:
+    """Score each ``(name, model, tokenizer)`` on the full benchmark into a ResponseMatrix.
+
+    ``named_models`` may be a generator so models are loaded one at a time. With
+    ``path`` the matrix is loaded first (models already there are skipped -- a
+    generator should check ``ResponseMatrix.load(path).model_names`` to avoid
+    loading them) and saved after every model, so an interrupted run resumes.
+    """
+    item_ids = benchmark_item_ids(bench)
+    name = str(getattr(bench, "name", "") or "")
+    matrix = ResponseMatrix.empty(item_ids, name)
+    if path is not None and Path(path).exists():
+        matrix = ResponseMatrix.load(path)
+        if matrix.item_ids != item_ids:
+            raise EvomergeError(f"stored responses {path} are for different items than benchmark {name!r}")
+    for model_name, model, tokenizer in named_models:
+        if model_name in matrix.model_names:
+            continue
+        matrix = matrix.with_model(model_name, score_model(model, tokenizer, bench, batch_size=batch_size))
+        if path is not None:
+            matrix.save(path)
+    return matrix
