@@ -1,0 +1,418 @@
+"""Studies: the Optuna storage is the single source of truth of a search.
+
+Every trial stores its genome (params with float distributions), its fitness
+values and whatever user attrs the objective returns; the study's user attrs
+hold the search config, so a resume can check that nothing but the budget
+changed. The budget counts COMPLETE trials, so a resumed or restarted search
+continues exactly to it. Trials left RUNNING by a dead worker of this host are
+failed on start (the worker's host, pid and process start time are stored on
+each trial); on shared RDB servers a heartbeat also lets Optuna fail the
+trials of workers that died on other machines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.study import Study
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from evomerge.errors import EvomergeError
+from evomerge.search.optimizers import SearchOptimizer, validate_directions
+
+STUDY_DB = "study.db"
+CONFIG_ATTR = "evomerge_config"
+WORKER_ATTR = "worker"
+ERROR_ATTR = "error"
+WALL_TIME_ATTR = "wall_time_s"
+#: Config keys that may change on resume (the budget may grow).
+RESUMABLE_KEYS = ("n_trials", "budget")
+HEARTBEAT_INTERVAL_S = 60
+HEARTBEAT_GRACE_S = 300
+
+ObjectiveFn = Callable[[dict[str, float]], tuple[Sequence[float], Mapping[str, Any]]]
+
+
+# -- storage -----------------------------------------------------------------
+def storage_url(target: str | os.PathLike) -> str:
+    """A run folder becomes ``sqlite:///<folder>/study.db``; a URL (``postgresql://...``) is kept."""
+    text = str(target)
+    if "://" in text:
+        return text
+    folder = Path(text)
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / STUDY_DB).resolve()}"
+
+
+def _make_storage(url: str) -> optuna.storages.BaseStorage:
+    """RDB storage; a server database (workers on several machines) also keeps a heartbeat.
+
+    SQLite is one machine's file, where the pid check of ``fail_stale_trials``
+    already finds dead workers at once.
+    """
+    heartbeat = {} if url.startswith("sqlite:") else {
+        "heartbeat_interval": HEARTBEAT_INTERVAL_S, "grace_period": HEARTBEAT_GRACE_S}
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **heartbeat)
+        except Exception as error:  # bad URL, missing driver, unreachable server
+            if attempt < 2 and "already exists" in str(error):
+                time.sleep(0.5)  # another worker is creating the tables right now
+                continue
+            raise EvomergeError(f"cannot open study storage {url!r}: {error}") from None
+    raise AssertionError("unreachable")
+
+
+# -- config ------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    """Turn numpy scalars/arrays, tuples and paths into JSON types (Optuna stores attrs as JSON)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise EvomergeError(f"cannot store {type(value).__name__} value {value!r} in the study (not JSON)")
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in config.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): config}
+
+
+def config_differences(stored: Mapping, new: Mapping, ignore: Sequence[str] = RESUMABLE_KEYS) -> list[str]:
+    """Dotted keys whose values differ, ignoring top-level keys in ``ignore``."""
+    a = _flatten({k: v for k, v in stored.items() if k not in ignore})
+    b = _flatten({k: v for k, v in _jsonable(new).items() if k not in ignore})
+    return sorted(key for key in a.keys() | b.keys() if a.get(key, "<absent>") != b.get(key, "<absent>"))
+
+
+def open_study(
+    target: str | os.PathLike,
+    name: str,
+    directions: Sequence[str] | str,
+    config: Mapping[str, Any],
+    resume: bool,
+) -> Study:
+    """Create (``resume=False``) or reopen (``resume=True``) the study ``name``.
+
+    ``target`` is a run folder (SQLite ``study.db`` inside) or an Optuna RDB
+    URL shared by several workers. ``config`` must be JSON-like; it is stored on
+    creation and, on resume, must equal the stored one except for the keys in
+    ``RESUMABLE_KEYS`` (the budget may grow). Stale trials of dead workers of
+    this host are failed here.
+    """
+    dirs = validate_directions(directions)
+    config = _jsonable(dict(config))
+    url = storage_url(target)
+    storage = _make_storage(url)
+    exists = name in optuna.study.get_all_study_names(storage)
+    if resume and not exists:
+        raise EvomergeError(f"no study {name!r} to resume in {url}")
+    if not resume and exists:
+        raise EvomergeError(f"study {name!r} already exists in {url}; resume it or choose another name")
+    if not resume:
+        study = optuna.create_study(storage=storage, study_name=name, directions=dirs)
+        study.set_user_attr(CONFIG_ATTR, config)
+        return study
+    study = optuna.load_study(study_name=name, storage=storage)
+    stored_dirs = validate_directions([d.name.lower() for d in study.directions])
+    if stored_dirs != dirs:
+        raise EvomergeError(f"study {name!r} was created with directions {stored_dirs}, not {dirs}")
+    stored = study.user_attrs.get(CONFIG_ATTR, {})
+    changed = config_differences(stored, config)
+    if changed:
+        raise EvomergeError(
+            f"study {name!r} was created with a different config (changed: {', '.join(changed)}); "
+            f"only {', '.join(RESUMABLE_KEYS)} may change on resume: start a new study instead"
+        )
+    if config != stored:
+        study.set_user_attr(CONFIG_ATTR, config)  # record the new budget
+    fail_stale_trials(study)
+    return study
+
+
+# -- workers and stale trials ------------------------------------------------
+def _process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` (Linux), so a recycled pid is not taken for the dead worker."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _worker_identity() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start_ticks(pid)}
+
+
+def _is_alive(worker: Mapping[str, Any]) -> bool:
+    pid = int(worker.get("pid", -1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    start = worker.get("start")
+    return start is None or _process_start_ticks(pid) in (None, start)
+
+
+def fail_stale_trials(study: Study) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker is dead; return their numbers.
+
+    Same host: the worker's pid is checked at once. Other hosts: Optuna's
+    heartbeat (RDB storage) fails them once they miss it for the grace period.
+    """
+    host = socket.gethostname()
+    storage = study._storage
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR)
+        if not isinstance(worker, Mapping) or worker.get("host") != host or _is_alive(worker):
+            continue
+        try:
+            storage.set_trial_user_attr(
+                trial._trial_id, ERROR_ATTR, f"stale: worker pid {worker.get('pid')} on {host} died"
+            )
+            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                failed.append(trial.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed it first
+    if _heartbeat_interval(storage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        failed.extend(sorted(after - before - set(failed)))
+    return failed
+
+
+def _heartbeat_interval(storage) -> int | None:
+    """The storage's heartbeat interval, or None where it keeps no heartbeat."""
+    get_interval = getattr(storage, "get_heartbeat_interval", None)
+    return get_interval() if get_interval is not None else None
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat while its objective runs (RDB storage only)."""
+
+    def __init__(self, study: Study, trial: Trial):
+        storage = study._storage
+        self._interval = _heartbeat_interval(storage)
+        self._storage, self._trial_id = storage, trial._trial_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if self._interval:
+            self._storage.record_heartbeat(self._trial_id)
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self):
+        while not self._stop.wait(self._interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception:  # a missed beat only risks being failed as stale later
+                pass
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+# -- results -----------------------------------------------------------------
+def complete_trials(study: Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def best_trials(study: Study) -> list[FrozenTrial]:
+    """Single objective: ``[best]`` (or ``[]``); several: the Pareto front."""
+    if not complete_trials(study):
+        return []
+    if len(study.directions) == 1:
+        return [study.best_trial]
+    return list(study.best_trials)
+
+
+def best_value(study: Study) -> float | None:
+    """Best single-objective value so far, None before the first COMPLETE trial."""
+    best = best_trials(study)
+    return best[0].value if best and len(study.directions) == 1 else None
+
+
+def status_table(study: Study) -> list[dict[str, Any]]:
+    """One row per trial: number, state, values, duration, best-so-far flag, error and genome."""
+    best = {t.number for t in best_trials(study)}
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        duration = trial.duration.total_seconds() if trial.duration is not None else None
+        rows.append({
+            "number": trial.number,
+            "state": trial.state.name,
+            "values": list(trial.values) if trial.values is not None else None,
+            "best": trial.number in best,
+            "duration_s": duration,
+            "error": trial.user_attrs.get(ERROR_ATTR),
+            "params": dict(trial.params),
+        })
+    return rows
+
+
+# -- the search loop ---------------------------------------------------------
+@dataclass
+class SearchSummary:
+    n_complete: int
+    n_new_complete: int
+    n_new_failed: int
+    best: list[FrozenTrial]
+
+
+class SearchDriver:
+    """Runs ask -> objective -> tell until the study holds ``n_trials`` COMPLETE trials.
+
+    A failing objective fails its trial (the message lands in the ``error``
+    user attr) and the search goes on, unless the first ``max_initial_failures``
+    trials of this run all fail: then the objective is broken and we raise.
+    """
+
+    def __init__(self, study: Study, optimizer: SearchOptimizer, *, progress: bool = True,
+                 max_initial_failures: int = 3):
+        self.study = study
+        self.optimizer = optimizer
+        self.progress = progress
+        self.max_initial_failures = max_initial_failures
+        optimizer.bind(study)
+
+    def _budget_left(self, n_trials: int) -> int:
+        """Trials still to start: COMPLETE and in-flight (other workers') ones count."""
+        states = (TrialState.COMPLETE, TrialState.RUNNING)
+        return n_trials - len(self.study.get_trials(deepcopy=False, states=states))
+
+    def run(self, objective_fn: ObjectiveFn, n_trials: int,
+            callbacks: Sequence[Callable[[Study, FrozenTrial], None]] = ()) -> SearchSummary:
+        """Evaluate genomes until ``n_trials`` COMPLETE trials exist in the study."""
+        if n_trials < 1:
+            raise EvomergeError(f"the trial budget must be at least 1, got {n_trials}")
+        n_done_before = len(complete_trials(self.study))
+        new_complete = new_failed = 0
+        with _progress_display(self.progress, n_trials, n_done_before) as show:
+            show(self.study)
+            while self._budget_left(n_trials) > 0:
+                frozen = self._run_one(objective_fn)
+                if frozen.state == TrialState.COMPLETE:
+                    new_complete += 1
+                else:
+                    new_failed += 1
+                    if new_complete == 0 and new_failed >= self.max_initial_failures:
+                        raise EvomergeError(
+                            f"the first {new_failed} trials all failed; last error: "
+                            f"{frozen.user_attrs.get(ERROR_ATTR)}"
+                        )
+                for callback in callbacks:
+                    callback(self.study, frozen)
+                show(self.study)
+        return SearchSummary(len(complete_trials(self.study)), new_complete, new_failed, best_trials(self.study))
+
+    def _run_one(self, objective_fn: ObjectiveFn) -> FrozenTrial:
+        trial = self.optimizer.ask()
+        trial.set_user_attr(WORKER_ATTR, _worker_identity())
+        started = time.perf_counter()
+        try:
+            with _Heartbeat(self.study, trial):
+                values, user_attrs = objective_fn(dict(trial.params))
+            values = self._checked_values(values)
+            for key, value in (user_attrs or {}).items():
+                trial.set_user_attr(str(key), _jsonable(value))
+        except Exception as error:
+            trial.set_user_attr(ERROR_ATTR, f"{type(error).__name__}: {error}"[:2000])
+            trial.set_user_attr(WALL_TIME_ATTR, time.perf_counter() - started)
+            return self.optimizer.tell(trial, None)
+        except BaseException:  # Ctrl-C: leave no RUNNING trial behind
+            trial.set_user_attr(ERROR_ATTR, "interrupted")
+            self.optimizer.tell(trial, None)
+            raise
+        trial.set_user_attr(WALL_TIME_ATTR, time.perf_counter() - started)
+        return self.optimizer.tell(trial, values)
+
+    def _checked_values(self, values: Sequence[float] | float) -> list[float]:
+        if isinstance(values, (int, float)):
+            values = [values]
+        values = [float(v) for v in values]
+        n = len(self.study.directions)
+        if len(values) != n:
+            raise EvomergeError(f"objective returned {len(values)} values for {n} objectives")
+        if not all(math.isfinite(v) for v in values):
+            raise EvomergeError(f"objective returned a non-finite value: {values}")
+        return values
+
+
+class _progress_display:
+    """A rich progress bar with ETA and the best value so far; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int, completed: int):
+        self.enabled, self.total, self.completed = enabled, total, completed
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._progress = Progress(
+                TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[best]}"),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("search", total=self.total, completed=self.completed, best="")
+        return self._show
+
+    def _show(self, study: Study) -> None:
+        if self._progress is None:
+            return
+        best = best_trials(study)
+        if not best:
+            text = "best: -"
+        elif len(study.directions) == 1:
+            text = f"best: {best[0].value:.4g} (trial {best[0].number})"
+        else:
+            text = f"pareto front: {len(best)} trials"
+        self._progress.update(self._task, completed=len(complete_trials(study)), best=text)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def trial_summary(trial: FrozenTrial) -> str:
+    """One line for logs: number, values, genome."""
+    genome = json.dumps({k: round(v, 4) for k, v in trial.params.items()})
+    return f"trial {trial.number}: values={trial.values} genome={genome}"

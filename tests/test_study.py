@@ -1,0 +1,225 @@
+"""Studies: stored genomes and attrs, resume to the budget, config checks, stale trials, kill -9."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from evomerge.errors import EvomergeError
+from evomerge.search.optimizers import make_optimizer
+from evomerge.search.study import (
+    SearchDriver,
+    best_trials,
+    fail_stale_trials,
+    open_study,
+    status_table,
+    storage_url,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = {"w0": (0.0, 1.0), "w1": (0.0, 1.0)}
+CONFIG = {"optimizer": "tpe", "genome_space": SPACE, "tasks": ["arith", "copy"], "n_trials": 10}
+WORKER = Path(__file__).with_name("_toy_search_worker.py")
+
+
+def toy(params):
+    value = 1 - (params["w0"] - 0.6) ** 2 - (params["w1"] - 0.2) ** 2
+    answers = np.array([1, 0, 1], dtype=bool)
+    return [value], {"answers": {"arith": "101"}, "correct": answers, "estimate": np.float32(value)}
+
+
+def complete(study):
+    return study.get_trials(states=(TrialState.COMPLETE,))
+
+
+def search(run_dir, name, n_trials, resume, optimizer="tpe", objective=toy, config=None):
+    config = dict(config or CONFIG, n_trials=n_trials)
+    study = open_study(run_dir, name, ["maximize"], config, resume=resume)
+    driver = SearchDriver(study, make_optimizer(optimizer, SPACE, ["maximize"], seed=5), progress=False)
+    driver.run(objective, n_trials)
+    return study
+
+
+def test_storage_url(tmp_path):
+    assert storage_url(tmp_path / "run") == f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    assert (tmp_path / "run").is_dir()
+    assert storage_url("postgresql://u@db/evo") == "postgresql://u@db/evo"
+
+
+def test_trials_store_genome_values_and_attrs(tmp_path):
+    study = search(tmp_path, "s", 4, resume=False)
+    reloaded = optuna.load_study(study_name="s", storage=storage_url(tmp_path))
+    trial = complete(reloaded)[0]
+    assert set(trial.params) == set(SPACE)
+    assert isinstance(trial.distributions["w0"], optuna.distributions.FloatDistribution)
+    assert trial.user_attrs["answers"] == {"arith": "101"}
+    assert trial.user_attrs["correct"] == [True, False, True]
+    assert trial.user_attrs["wall_time_s"] >= 0
+    assert trial.user_attrs["worker"]["pid"] == os.getpid()
+    assert reloaded.user_attrs["evomerge_config"]["tasks"] == ["arith", "copy"]
+
+
+@pytest.mark.parametrize("optimizer", ["tpe", "ng_de"])
+def test_resume_continues_exactly_to_a_larger_budget(tmp_path, optimizer):
+    config = dict(CONFIG, optimizer=optimizer)
+    first = search(tmp_path, "s", 8, resume=False, optimizer=optimizer, config=config)
+    best_before = first.best_value
+    genomes_before = {tuple(t.params.values()) for t in complete(first)}
+    study = search(tmp_path, "s", 14, resume=True, optimizer=optimizer, config=config)
+    trials = complete(study)
+    assert len(trials) == 14
+    assert sorted(t.number for t in trials) == list(range(14))
+    assert study.best_value >= best_before
+    new_genomes = {tuple(t.params.values()) for t in trials} - genomes_before
+    assert len(new_genomes) == 6  # no point re-proposed after the resume
+    # resuming at the budget does nothing
+    study = search(tmp_path, "s", 14, resume=True, optimizer=optimizer, config=config)
+    assert len(study.trials) == 14
+
+
+def test_changed_config_is_refused_but_budget_may_grow(tmp_path):
+    search(tmp_path, "s", 3, resume=False)
+    changed = dict(CONFIG, genome_space={"w0": (0.0, 1.0), "w1": (0.0, 2.0)})
+    with pytest.raises(EvomergeError, match=r"changed: genome_space\.w1"):
+        open_study(tmp_path, "s", ["maximize"], changed, resume=True)
+    with pytest.raises(EvomergeError, match="changed: tasks"):
+        open_study(tmp_path, "s", ["maximize"], dict(CONFIG, tasks=["arith"]), resume=True)
+    with pytest.raises(EvomergeError, match="directions"):
+        open_study(tmp_path, "s", ["minimize"], CONFIG, resume=True)
+    study = open_study(tmp_path, "s", ["maximize"], dict(CONFIG, n_trials=50), resume=True)
+    assert study.user_attrs["evomerge_config"]["n_trials"] == 50
+
+
+def test_new_vs_resume_mistakes(tmp_path):
+    with pytest.raises(EvomergeError, match="no study 's' to resume"):
+        open_study(tmp_path, "s", ["maximize"], CONFIG, resume=True)
+    open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    with pytest.raises(EvomergeError, match="already exists"):
+        open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    with pytest.raises(EvomergeError, match="cannot open study storage"):
+        open_study("nosuchdriver://x/y", "s", ["maximize"], CONFIG, resume=False)
+
+
+def test_failed_objective_fails_the_trial_and_search_goes_on(tmp_path):
+    calls = []
+
+    def flaky(params):
+        calls.append(params)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return toy(params)
+
+    study = search(tmp_path, "s", 5, resume=False, objective=flaky)
+    assert len(complete(study)) == 5
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and "CUDA out of memory" in failed[0].user_attrs["error"]
+    rows = status_table(study)
+    assert [r["state"] for r in rows].count("FAIL") == 1
+    assert sum(r["best"] for r in rows) == 1
+
+
+def test_a_broken_objective_stops_after_three_failures(tmp_path):
+    def broken(params):
+        raise KeyError("task 'arith' has no estimator")
+
+    with pytest.raises(EvomergeError, match="first 3 trials all failed.*no estimator"):
+        search(tmp_path, "s", 10, resume=False, objective=broken)
+
+
+def test_wrong_number_of_values_fails_the_trial(tmp_path):
+    with pytest.raises(EvomergeError, match="2 values for 1 objectives"):
+        search(tmp_path, "s", 5, resume=False, objective=lambda p: ([1.0, 2.0], {}))
+
+
+def test_only_dead_workers_of_this_host_are_stale(tmp_path):
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    workers = {
+        "dead": {"host": socket.gethostname(), "pid": int(dead.stdout), "start": None},
+        "alive": {"host": socket.gethostname(), "pid": os.getpid(), "start": None},
+        "elsewhere": {"host": "another-machine", "pid": int(dead.stdout), "start": None},
+    }
+    for kind, worker in workers.items():
+        trial = study.ask({"w0": optuna.distributions.FloatDistribution(0, 1)})
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("kind", kind)
+    assert fail_stale_trials(study) == [0]
+    states = {t.user_attrs["kind"]: t.state for t in study.trials}
+    assert states == {"dead": TrialState.FAIL, "alive": TrialState.RUNNING, "elsewhere": TrialState.RUNNING}
+    assert "died" in study.trials[0].user_attrs["error"]
+
+
+def test_best_trials_multi_objective(tmp_path):
+    study = open_study(tmp_path, "m", ["maximize", "maximize"], CONFIG, resume=False)
+    driver = SearchDriver(study, make_optimizer("random", SPACE, ["maximize", "maximize"], seed=0), progress=False)
+    driver.run(lambda p: ([p["w0"], 1 - p["w0"]], {}), 6)
+    assert len(best_trials(study)) == 6  # every point of this line is Pareto optimal
+
+
+def test_progress_bar_runs(tmp_path):
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    SearchDriver(study, make_optimizer("random", SPACE, "maximize"), progress=True).run(toy, 3)
+    assert len(complete(study)) == 3
+
+
+def _start_worker(run_dir, optimizer, n_trials, mode):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(run_dir), optimizer, str(n_trials), mode, "0.2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["tpe", "ng_cma"])
+def test_kill_9_then_resume_reaches_the_budget(tmp_path, optimizer):
+    budget = 16
+    worker = _start_worker(tmp_path, optimizer, budget, "new")
+    deadline = time.monotonic() + 60
+    log = tmp_path / "evaluated.jsonl"
+    # the 7th genome logged means 6 trials are told and the 7th is inside its objective
+    while not log.exists() or len(log.read_text().splitlines()) < 7:
+        assert worker.poll() is None, worker.stdout.read().decode()
+        assert time.monotonic() < deadline, "the worker completed too few trials"
+        time.sleep(0.02)
+    time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+
+    before = optuna.load_study(study_name="toy", storage=storage_url(tmp_path))
+    before_complete = complete(before)
+    assert 6 <= len(before_complete) < budget
+    best_before = before.best_value
+    evaluated_before = (tmp_path / "evaluated.jsonl").read_text().splitlines()
+
+    resumed = _start_worker(tmp_path, optimizer, budget, "resume")
+    output = resumed.communicate(timeout=120)[0].decode()
+    assert resumed.returncode == 0, output
+
+    study = optuna.load_study(study_name="toy", storage=storage_url(tmp_path))
+    trials = study.trials
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert len(complete(study)) == budget
+    lost = [t for t in trials if t.state != TrialState.COMPLETE]
+    assert len(lost) <= 1  # the one killed mid-objective, unless the kill fell between trials
+    assert all(t.state == TrialState.FAIL and "died" in t.user_attrs["error"] for t in lost)
+    genomes = [tuple(t.params.values()) for t in complete(study)]
+    assert len(genomes) == len(set(genomes))
+    assert study.best_value >= best_before
+    # after the resume the optimizer proposed only new points
+    evaluated_after = (tmp_path / "evaluated.jsonl").read_text().splitlines()[len(evaluated_before):]
+    assert len(evaluated_after) == budget - len(before_complete)
+    assert not set(evaluated_after) & set(evaluated_before)
+    assert {tuple(json.loads(line).values()) for line in evaluated_after}.isdisjoint(
+        tuple(t.params.values()) for t in before_complete
+    )
