@@ -1,0 +1,116 @@
+"""Export a Recipe as a mergekit 0.1.5 YAML config that reproduces the same merge.
+
+Per-layer overrides become one `slices` entry per layer (layer_range [i, i+1]).
+Per-module overrides become mergekit's conditional parameters: a list of
+`{filter, value}` entries, first substring match wins, so the filters are
+emitted in the same precedence as `recipe.module_type_of` (norm before
+self_attn before mlp, then a catch-all). Embeddings, the final norm and lm_head
+are planned by mergekit with the first / last slice's parameters, so those
+slices also carry exact-name filters for them, placed first.
+
+Every parameter is written fully resolved (method defaults included), so the
+YAML does not depend on mergekit's defaults staying the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from evomerge.merge.recipe import Recipe, layer_of, module_type_of
+
+# Filters in the order evomerge classifies layer tensors (see module_type_of).
+_LAYER_FILTERS = (("norm", "norm"), ("attention", "self_attn"), ("mlp", "mlp"))
+_LLAMA_NON_LAYER = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def _non_layer_tensors(base_path) -> tuple[list[str], list[str]]:
+    """Names of tensors outside the layer stack, split into (before layers, after layers)."""
+    names: list[str]
+    try:
+        from evomerge.merge.loading import open_model
+
+        names = [n for n in open_model(base_path).shapes if layer_of(n) is None]
+    except Exception:  # base not readable here: fall back to the Llama layout
+        names = list(_LLAMA_NON_LAYER)
+    pre = sorted(n for n in names if "embed" in n)
+    post = sorted(n for n in names if "embed" not in n)
+    return pre, post
+
+
+def _setting(entries: list[tuple[Optional[str], object]]):
+    """A scalar when every entry agrees, else a mergekit conditional list."""
+    values = [v for _, v in entries]
+    if all(v == values[0] and type(v) is type(values[0]) for v in values):
+        return values[0]
+    result = []
+    for filt, value in entries:
+        entry = {"filter": filt, "value": value} if filt is not None else {"value": value}
+        result.append(entry)
+    return result
+
+
+def recipe_to_mergekit_yaml(
+    recipe: Recipe,
+    base_path,
+    expert_paths,
+    num_layers: int,
+    dtype: str = "float32",
+) -> str:
+    """mergekit-yaml config text for `recipe` merging `expert_paths` onto `base_path`."""
+    expert_paths = [str(p) for p in expert_paths]
+    base = str(base_path)
+    num_experts = len(expert_paths)
+    recipe.validate(num_experts)
+    spec = recipe.spec
+    pre, post = _non_layer_tensors(base_path)
+
+    def positions(layer: int):
+        """(filter, layer, module_type) in first-match order for one slice."""
+        items = []
+        if layer == 0:
+            items += [(name, None, module_type_of(name)) for name in pre]
+        if layer == num_layers - 1:
+            items += [(name, None, module_type_of(name)) for name in post]
+        items += [(filt, layer, module) for module, filt in _LAYER_FILTERS]
+        items.append((None, layer, None))
+        return items
+
+    slices = []
+    for layer in range(num_layers):
+        resolved = [(filt, recipe.resolved_params(lay, mod, num_experts)) for filt, lay, mod in positions(layer)]
+        sources = []
+        for e, path in enumerate(expert_paths):
+            params = {
+                name: _setting([(filt, r[name][e]) for filt, r in resolved])
+                for name in spec.params
+                if name in spec.per_expert
+            }
+            source = {"model": path, "layer_range": [layer, layer + 1]}
+            if params:
+                source["parameters"] = params
+            sources.append(source)
+        if spec.kind != "linear":
+            sources.append({"model": base, "layer_range": [layer, layer + 1]})
+        shared = {
+            name: _setting([(filt, r[name]) for filt, r in resolved])
+            for name in spec.params
+            if name not in spec.per_expert
+        }
+        out_slice = {"sources": sources}
+        if shared:
+            out_slice["parameters"] = shared
+        slices.append(out_slice)
+
+    config = {"merge_method": recipe.method}
+    if spec.kind != "linear":
+        config["base_model"] = base
+    config["dtype"] = dtype
+    config["slices"] = slices
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def write_mergekit_yaml(path, recipe: Recipe, base_path, expert_paths, num_layers: int, dtype: str = "float32"):
+    Path(path).write_text(recipe_to_mergekit_yaml(recipe, base_path, expert_paths, num_layers, dtype))

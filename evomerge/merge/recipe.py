@@ -1,0 +1,337 @@
+"""Merge recipes: which method, which coefficients, and per-layer / per-module overrides.
+
+A recipe is plain data (JSON round-trips through `to_dict`/`from_dict`) because
+studies store one per trial and export turns it into a mergekit YAML later.
+The parameter table below mirrors mergekit 0.1.5's method specs (names,
+defaults, which parameters are per expert) so both sides resolve the same values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from evomerge.errors import EvomergeError
+
+MODULE_TYPES = ("embed", "attention", "mlp", "norm")
+
+REQUIRED = object()  # marker default: the recipe must supply this parameter
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a merge method needs: its kind, its parameters and their defaults.
+
+    `per_expert` parameters may be a scalar or a list with one value per expert;
+    the others are shared by all experts (mergekit's SHARED scope).
+    """
+
+    name: str
+    kind: str  # "linear" | "task_arithmetic" | "slerp" | "model_stock"
+    params: dict
+    per_expert: frozenset = frozenset()
+    consensus: bool = False  # TIES sign election
+    sparsification: Optional[str] = None  # magnitude | random | magnitude_outliers | della
+    min_experts: int = 1
+    max_experts: Optional[int] = None
+
+
+def _task_arithmetic_spec(name, consensus, sparsification, normalize, rescale):
+    params = {
+        "weight": REQUIRED,
+        "density": 1.0,
+        "normalize": normalize,
+        "rescale": rescale,
+        "lambda": 1.0,
+        "int8_mask": False,
+    }
+    per_expert = {"weight", "density"}
+    if sparsification == "magnitude_outliers":
+        params["gamma"] = 0.01
+        per_expert.add("gamma")
+    if sparsification == "della":
+        params["epsilon"] = 0.15
+        per_expert.add("epsilon")
+    return MethodSpec(
+        name=name,
+        kind="task_arithmetic",
+        params=params,
+        per_expert=frozenset(per_expert),
+        consensus=consensus,
+        sparsification=sparsification,
+    )
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            name="linear",
+            kind="linear",
+            params={"weight": REQUIRED, "normalize": True},
+            per_expert=frozenset({"weight"}),
+        ),
+        _task_arithmetic_spec("task_arithmetic", False, None, False, False),
+        _task_arithmetic_spec("ties", True, "magnitude", True, False),
+        _task_arithmetic_spec("dare_ties", True, "random", False, True),
+        _task_arithmetic_spec("dare_linear", False, "random", False, True),
+        _task_arithmetic_spec("breadcrumbs", False, "magnitude_outliers", False, False),
+        _task_arithmetic_spec("breadcrumbs_ties", True, "magnitude_outliers", False, False),
+        _task_arithmetic_spec("della", True, "della", True, True),
+        _task_arithmetic_spec("della_linear", False, "della", False, True),
+        MethodSpec(
+            name="slerp", kind="slerp", params={"t": REQUIRED}, min_experts=1, max_experts=1
+        ),
+        MethodSpec(
+            name="model_stock",
+            kind="model_stock",
+            params={"filter_wise": False},
+            min_experts=2,
+        ),
+    )
+}
+
+_BOOL_PARAMS = {"normalize", "rescale", "int8_mask", "filter_wise"}
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_of(tensor_name: str) -> Optional[int]:
+    """Decoder layer index of a tensor (`...layers.<i>....`), None outside the layer stack."""
+    match = _LAYER_RE.search(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+def module_type_of(tensor_name: str) -> Optional[str]:
+    """Module type used by overrides; checked in this order: embed, norm, attention, mlp.
+
+    A norm inside attention (e.g. q_norm) counts as `norm`; the mergekit YAML
+    export emits its filters in the same order so both agree.
+    """
+    if "embed_tokens" in tensor_name or "lm_head" in tensor_name:
+        return "embed"
+    if "norm" in tensor_name:
+        return "norm"
+    if "self_attn" in tensor_name:
+        return "attention"
+    if "mlp" in tensor_name:
+        return "mlp"
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """Turn numpy scalars / tuples into JSON-native Python values."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool):
+        return value
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        value = value.item()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        return value
+    return value
+
+
+@dataclass
+class Override:
+    """Parameters that replace the recipe's for some layers and/or module types.
+
+    `layers=None` means every tensor (including embeddings and the final norm);
+    a layer list only matches tensors inside those decoder layers.
+    """
+
+    layers: Optional[list[int]] = None
+    modules: Optional[list[str]] = None
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.layers is not None:
+            self.layers = [_plain(v) for v in self.layers]
+            for layer in self.layers:
+                if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+                    raise EvomergeError(f"override layers must be non-negative integers, got {layer!r}")
+        if self.modules is not None:
+            self.modules = list(self.modules)
+            for module in self.modules:
+                if module not in MODULE_TYPES:
+                    raise EvomergeError(
+                        f"unknown module type {module!r} in override; valid: {', '.join(MODULE_TYPES)}"
+                    )
+        self.params = {str(k): _plain(v) for k, v in dict(self.params).items()}
+
+    def matches(self, layer: Optional[int], module_type: Optional[str]) -> bool:
+        if self.layers is not None and layer not in self.layers:
+            return False
+        if self.modules is not None and module_type not in self.modules:
+            return False
+        return True
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "modules": self.modules, "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Override":
+        return cls(layers=data.get("layers"), modules=data.get("modules"), params=data.get("params", {}))
+
+
+@dataclass
+class Recipe:
+    """One candidate merge: method, its parameters, and overrides (later ones win)."""
+
+    method: str
+    params: dict = field(default_factory=dict)
+    overrides: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise EvomergeError(
+                f"unknown merge method {self.method!r}; valid methods: {', '.join(sorted(METHODS))}"
+            )
+        self.params = {str(k): _plain(v) for k, v in dict(self.params).items()}
+        self.overrides = [o if isinstance(o, Override) else Override.from_dict(o) for o in self.overrides]
+        spec = self.spec
+        for where, params in [("recipe", self.params)] + [
+            (f"override {i}", o.params) for i, o in enumerate(self.overrides)
+        ]:
+            for name, value in params.items():
+                _check_value(spec, name, value, where)
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    # -- resolution ---------------------------------------------------------
+    def params_for(self, tensor_name: str) -> dict:
+        """Explicit parameters for one tensor: recipe params updated by each matching override."""
+        return self.params_for_position(layer_of(tensor_name), module_type_of(tensor_name))
+
+    def params_for_position(self, layer: Optional[int], module_type: Optional[str]) -> dict:
+        result = dict(self.params)
+        for override in self.overrides:
+            if override.matches(layer, module_type):
+                result.update(override.params)
+        return result
+
+    def resolved_params(self, layer: Optional[int], module_type: Optional[str], num_experts: int) -> dict:
+        """All parameters with method defaults filled in and per-expert values as lists.
+
+        Raises EvomergeError for missing required parameters, wrong list lengths
+        and combinations that are only invalid together (della density±epsilon).
+        """
+        spec = self.spec
+        explicit = self.params_for_position(layer, module_type)
+        where = f"layer {layer}" if layer is not None else "non-layer tensors"
+        if module_type:
+            where += f", module {module_type}"
+        resolved = {}
+        for name, default in spec.params.items():
+            value = explicit.get(name, default)
+            if value is REQUIRED:
+                raise EvomergeError(f"merge method {spec.name!r} needs parameter {name!r} ({where})")
+            if name in spec.per_expert:
+                if isinstance(value, list):
+                    if len(value) != num_experts:
+                        raise EvomergeError(
+                            f"parameter {name!r} has {len(value)} values but there are "
+                            f"{num_experts} experts ({where})"
+                        )
+                    value = list(value)
+                else:
+                    value = [value] * num_experts
+            resolved[name] = value
+        if spec.kind == "linear" and resolved["normalize"] and sum(resolved["weight"]) == 0:
+            raise EvomergeError(f"linear merge with normalize needs weights that do not sum to 0 ({where})")
+        if spec.sparsification == "della":
+            for i, (density, eps) in enumerate(zip(resolved["density"], resolved["epsilon"])):
+                if density < 1 and not (density - eps > 0 and density + eps < 1):
+                    raise EvomergeError(
+                        f"della needs density±epsilon in (0, 1); expert {i} has density {density} "
+                        f"and epsilon {eps} ({where})"
+                    )
+        return resolved
+
+    def validate(self, num_experts: int) -> None:
+        """Check expert counts and list lengths against the actual number of experts."""
+        spec = self.spec
+        if num_experts < spec.min_experts:
+            raise EvomergeError(
+                f"merge method {spec.name!r} needs at least {spec.min_experts} expert(s), got {num_experts}"
+            )
+        if spec.max_experts is not None and num_experts > spec.max_experts:
+            raise EvomergeError(
+                f"merge method {spec.name!r} needs exactly {spec.max_experts} expert(s), got {num_experts}"
+            )
+        for where, params in [("recipe", self.params)] + [
+            (f"override {i}", o.params) for i, o in enumerate(self.overrides)
+        ]:
+            for name, value in params.items():
+                if isinstance(value, list) and len(value) != num_experts:
+                    raise EvomergeError(
+                        f"parameter {name!r} in {where} has {len(value)} values but there are "
+                        f"{num_experts} experts"
+                    )
+        # Required parameters must resolve everywhere; the base params alone may
+        # omit them only if every position is covered, so check the base position.
+        positions = {(None, m) for m in (*MODULE_TYPES, None)}
+        for override in self.overrides:
+            for layer in override.layers or [None]:
+                for module in override.modules or [*MODULE_TYPES, None]:
+                    positions.add((layer, module))
+        for layer, module in positions:
+            self.resolved_params(layer, module, num_experts)
+
+    # -- serialisation ------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "params": dict(self.params),
+            "overrides": [o.to_dict() for o in self.overrides],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        if not isinstance(data, dict) or "method" not in data:
+            raise EvomergeError(f"a recipe must be a mapping with a 'method' key, got {data!r}")
+        unknown = set(data) - {"method", "params", "overrides"}
+        if unknown:
+            raise EvomergeError(f"unknown recipe key(s): {', '.join(sorted(unknown))}")
+        return cls(
+            method=data["method"],
+            params=data.get("params") or {},
+            overrides=[Override.from_dict(o) for o in data.get("overrides") or []],
+        )
+
+
+def _check_value(spec: MethodSpec, name: str, value: Any, where: str) -> None:
+    """Range / type checks that need no knowledge of the experts."""
+    if name not in spec.params:
+        raise EvomergeError(
+            f"unknown parameter {name!r} for merge method {spec.name!r} in {where}; "
+            f"valid: {', '.join(spec.params)}"
+        )
+    if name in _BOOL_PARAMS:
+        if not isinstance(value, bool):
+            raise EvomergeError(f"parameter {name!r} must be true or false, got {value!r} ({where})")
+        return
+    if isinstance(value, list):
+        if name not in spec.per_expert:
+            raise EvomergeError(
+                f"parameter {name!r} of {spec.name!r} is shared by all experts and cannot be a list ({where})"
+            )
+        values = value
+    else:
+        values = [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise EvomergeError(f"parameter {name!r} must be a finite number, got {v!r} ({where})")
+        if name == "density" and not 0 < v <= 1:
+            raise EvomergeError(f"density must be in (0, 1], got {v} ({where})")
+        if name == "t" and not 0 <= v <= 1:
+            raise EvomergeError(f"t must be in [0, 1], got {v} ({where})")
+        if name == "gamma" and not 0 <= v < 1:
+            raise EvomergeError(f"gamma must be in [0, 1), got {v} ({where})")
+        if name == "epsilon" and not 0 <= v < 1:
+            raise EvomergeError(f"epsilon must be in [0, 1), got {v} ({where})")

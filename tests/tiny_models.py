@@ -1,0 +1,72 @@
+"""Write small random Llama checkpoints (a base and noisy "experts") for merge tests.
+
+Experts are base + Gaussian noise per tensor so task vectors are dense and of
+mixed sign, like real fine-tunes; one can be saved sharded to exercise the
+sharded-index loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_llama_config(num_layers: int = 2, hidden: int = 32, intermediate: int = 64, vocab: int = 64, tied: bool = False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+
+
+def write_tiny_llama(path, config, seed: int = 0, dtype=torch.float32, max_shard_size=None):
+    """Save a randomly initialised LlamaForCausalLM (safetensors) to `path`; returns the path."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    with torch.no_grad():
+        for param in model.parameters():  # norms start at 1; make them vary too
+            param.add_(torch.randn_like(param) * 0.02)
+    _save(model, path, max_shard_size)
+    return Path(path)
+
+
+def write_tiny_expert(base_path, path, seed: int, noise: float = 0.01, max_shard_size=None):
+    """Save base + N(0, noise) per parameter, as a stand-in for a fine-tune."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(base_path))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype) * noise)
+    _save(model, path, max_shard_size)
+    return Path(path)
+
+
+def _save(model, path, max_shard_size):
+    kwargs = {"safe_serialization": True}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(str(path), **kwargs)
+
+
+def write_tiny_family(root, num_experts: int = 3, sharded_expert: int = 1, **config_kwargs):
+    """base + experts under `root`; expert `sharded_expert` is written in several shards."""
+    root = Path(root)
+    config = tiny_llama_config(**config_kwargs)
+    base = write_tiny_llama(root / "base", config, seed=0)
+    experts = []
+    for i in range(num_experts):
+        shard = "20KB" if i == sharded_expert else None
+        experts.append(write_tiny_expert(base, root / f"expert{i}", seed=100 + i, max_shard_size=shard))
+    return base, experts
