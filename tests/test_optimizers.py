@@ -142,3 +142,13 @@ def test_bad_options_are_explained():
 def test_numpy_bounds_accepted():
     optimizer = make_optimizer("random", {"w": (np.float32(0), np.int64(2))}, "maximize")
     assert optimizer.genome_space == {"w": (0.0, 2.0)}
+
+
+def test_nevergrad_keeps_its_first_budget_on_resume():
+    study = optuna.create_study(direction="maximize")
+    SearchDriver(study, make_optimizer("ng_ngopt", SPACE, "maximize", seed=2, budget=10), progress=False).run(
+        lambda p: ([-distance2(p)], {}), 6
+    )
+    resumed = make_optimizer("ng_ngopt", SPACE, "maximize", seed=2, budget=100)
+    resumed.bind(study)
+    assert resumed.budget == 10

@@ -182,7 +182,7 @@ def _start_worker(run_dir, optimizer, n_trials, mode):
 
 @pytest.mark.parametrize("optimizer", ["tpe", "ng_cma"])
 def test_kill_9_then_resume_reaches_the_budget(tmp_path, optimizer):
-    budget = 16
+    budget = 14
     worker = _start_worker(tmp_path, optimizer, budget, "new")
     deadline = time.monotonic() + 60
     log = tmp_path / "evaluated.jsonl"

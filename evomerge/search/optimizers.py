@@ -20,7 +20,10 @@ Values are fitness values in the study's directions (``"maximize"`` or
 from __future__ import annotations
 
 import math
+import os
+import socket
 import warnings
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -121,7 +124,16 @@ class SearchOptimizer(ABC):
                 f"optimizer directions {self.directions} differ from the study's {_study_directions(study)}"
             )
         self._study = study
+        # Trials still RUNNING here belong to live workers (open_study failed the
+        # dead ones): this worker joins them and must not propose their sequence.
+        self.joins_other_workers = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         self._attach(study)
+
+    def _worker_salt(self) -> int:
+        """0 for the only worker (a resume stays reproducible); else unique to this process."""
+        if not self.joins_other_workers:
+            return 0
+        return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
 
     def ask(self) -> Trial:
         """Start a new trial whose params are the next genome to evaluate."""
@@ -151,7 +163,7 @@ class OptunaOptimizer(SearchOptimizer):
         # A resumed run must not replay the first run's random proposals, so the
         # seed moves with the number of trials already there (0 on a fresh study).
         n_existing = len(study.get_trials(deepcopy=False))
-        seed = (self.seed + 1_000_003 * n_existing) % (2**32)
+        seed = (self.seed + 1_000_003 * n_existing + self._worker_salt()) % (2**32)
         study.sampler = self._make_sampler(seed)
 
     def _make_sampler(self, seed: int) -> BaseSampler:
@@ -223,16 +235,18 @@ class NevergradOptimizer(SearchOptimizer):
         self._names = list(self.genome_space)
         self._lows = np.array([lo for lo, _ in self.genome_space.values()])
         self._spans = np.array([hi - lo for lo, hi in self.genome_space.values()])
-        self._optimizer = self._new_nevergrad()
+        self.joins_other_workers = False
+        self._optimizer = self._new_nevergrad()  # checks the options now; rebuilt on bind
         self._asked: dict[int, Any] = {}  # trial number -> nevergrad candidate
         self._told: set[int] = set()  # trial numbers nevergrad already knows
         self._known: dict[tuple, list[float]] = {}  # rounded genome -> losses, for duplicate checks
+        self._in_flight: set[tuple] = set()  # genomes other workers are evaluating now
 
     def _new_nevergrad(self):
         import nevergrad as ng
 
         parametrization = ng.p.Array(shape=(len(self._names),), lower=0.0, upper=1.0)
-        parametrization.random_state.seed(self.seed % (2**32))
+        parametrization.random_state.seed((self.seed ^ self._worker_salt()) % (2**32))
         try:
             with _quiet():
                 return ng.optimizers.registry[self.registry_name](
@@ -259,7 +273,18 @@ class NevergradOptimizer(SearchOptimizer):
         return losses[0] if len(losses) == 1 else losses
 
     # -- ask / tell ------------------------------------------------------------
+    #: Study user attr keeping the budget nevergrad was first built with.
+    BUDGET_ATTR = "evomerge_nevergrad_budget"
+
     def _attach(self, study: Study) -> None:
+        # Replay is exact only for the optimizer first built (NGOpt picks its
+        # algorithm from the budget), so a resume with a larger budget reuses the first one.
+        if self.BUDGET_ATTR in study.user_attrs:
+            self.budget = study.user_attrs[self.BUDGET_ATTR]
+        else:
+            study.set_user_attr(self.BUDGET_ATTR, self.budget)
+        self._optimizer = self._new_nevergrad()
+        self._asked.clear(), self._told.clear(), self._known.clear()
         study.sampler = _ProposalSampler(self)
         self._replay(study.get_trials(deepcopy=False))
 
@@ -273,8 +298,8 @@ class NevergradOptimizer(SearchOptimizer):
         for trial in sorted(trials, key=lambda t: t.number):
             if trial.number in self._told:
                 continue
-            if trial.state == TrialState.RUNNING:
-                continue  # another worker's trial: told when it completes
+            if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+                continue  # in flight elsewhere, or enqueued: told when it completes
             with _quiet():
                 candidate = self._optimizer.ask()
             if trial.state != TrialState.COMPLETE or not self._has_genome(trial):
@@ -302,9 +327,15 @@ class NevergradOptimizer(SearchOptimizer):
             pass  # this optimizer only learns from its own proposals
 
     def _catch_up(self) -> None:
-        """Tell nevergrad the trials other workers completed since the last ask."""
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if trial.number not in self._told and trial.number not in self._asked and self._has_genome(trial):
+        """Tell nevergrad the trials other workers completed; note the ones they are running."""
+        self._in_flight = set()
+        states = (TrialState.COMPLETE, TrialState.RUNNING)
+        for trial in self.study.get_trials(deepcopy=False, states=states):
+            if trial.number in self._told or trial.number in self._asked or not self._has_genome(trial):
+                continue
+            if trial.state == TrialState.RUNNING:
+                self._in_flight.add(self._key(self._to_unit(trial.params)))
+            else:
                 self._tell_nevergrad(trial.number, self._to_unit(trial.params), trial.values)
 
     def _proposal_value(self, trial_number: int, param_name: str) -> float:
@@ -313,15 +344,21 @@ class NevergradOptimizer(SearchOptimizer):
         return self._to_params(self._asked[trial_number].value)[param_name]
 
     def _fresh_candidate(self):
-        """Ask nevergrad, telling it the known value of any genome already evaluated."""
+        """Ask nevergrad for a genome nobody evaluated nor is evaluating.
+
+        A genome already evaluated is told its known value; one in flight on
+        another worker is dropped.
+        """
         for _ in range(self.MAX_DUPLICATE_REASKS):
             with _quiet():
                 candidate = self._optimizer.ask()
-            losses = self._known.get(self._key(candidate.value))
-            if losses is None:
+            key = self._key(candidate.value)
+            losses = self._known.get(key)
+            if losses is None and key not in self._in_flight:
                 return candidate
-            with _quiet():
-                self._optimizer.tell(candidate, losses)
+            if losses is not None:
+                with _quiet():
+                    self._optimizer.tell(candidate, losses)
         return candidate
 
     def ask(self) -> Trial:
