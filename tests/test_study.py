@@ -57,7 +57,7 @@ def test_storage_url(tmp_path):
 
 
 def test_trials_store_genome_values_and_attrs(tmp_path):
-    study = search(tmp_path, "s", 4, resume=False)
+    search(tmp_path, "s", 4, resume=False)
     reloaded = optuna.load_study(study_name="s", storage=storage_url(tmp_path))
     trial = complete(reloaded)[0]
     assert set(trial.params) == set(SPACE)
