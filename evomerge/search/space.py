@@ -6,6 +6,7 @@ before any model is loaded, so a long search never dies on a typo.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from evomerge.errors import EvomergeError
 
 GRANULARITIES = ("global", "layer_group", "layer")
 SPLITTABLE_MODULES = ("attention", "mlp")
-STRATEGIES = ("random", "stratified", "anchor")
+STRATEGIES = ("random", "stratified", "anchor", "anchor-irt", "anchor-correctness")
 ESTIMATORS = ("mean", "anchor", "pirt", "gpirt", "mpirt", "gmpirt")
 OBJECTIVE_MODES = ("mean", "per_task")
 # Which merge parameters each method searches by default, with their ranges.
@@ -62,6 +63,7 @@ class SearchSpace:
     estimator: str
     irt_dims: int
     extra_models: list[str]
+    calibration_merges: int
     optimizer: str
     trials: int
     seed: int
@@ -81,7 +83,7 @@ class SearchSpace:
 
     def study_config(self) -> dict:
         """What must not change between a study and its resume (the budget may)."""
-        config = dict(self.raw)
+        config = copy.deepcopy(self.raw)
         config.get("optimizer", {}).pop("trials", None)
         return config
 
@@ -100,7 +102,35 @@ def load_search_space(path: str | Path, overrides: dict | None = None) -> Search
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         raw.setdefault(section, {})[name] = value
-    return parse_search_space(raw, source=str(path))
+    return parse_search_space(_absolute_paths(raw), source=str(path))
+
+
+def _absolute_paths(raw: dict) -> dict:
+    """Resolve model and benchmark paths against the working directory, once, at load time.
+
+    The run folder keeps this resolved copy, so `evomerge resume` works from any folder.
+    """
+    def resolve(value):
+        return str(Path(value).expanduser().resolve()) if isinstance(value, str) and value else value
+
+    raw = copy.deepcopy(raw)
+    models = raw.get("models")
+    if isinstance(models, dict):
+        models["base"] = resolve(models.get("base"))
+        experts = models.get("experts")
+        if isinstance(experts, dict):
+            models["experts"] = {k: resolve(v) for k, v in experts.items()}
+        elif isinstance(experts, list):
+            models["experts"] = [resolve(v) for v in experts]
+    for entry in raw.get("benchmarks") or []:
+        if isinstance(entry, dict):
+            entry["path"] = resolve(entry.get("path"))
+    estimator = raw.get("estimator")
+    if isinstance(estimator, dict) and isinstance(estimator.get("extra_models"), list):
+        estimator["extra_models"] = [resolve(v) for v in estimator["extra_models"]]
+    if raw.get("zoo"):
+        raw["zoo"] = resolve(raw["zoo"])
+    return raw
 
 
 def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
@@ -183,7 +213,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         raise EvomergeError(f"{source}: benchmark names must be unique, got {names}")
 
     estimator = raw.get("estimator", {}) or {}
-    reader.reject_unknown(estimator, {"method", "subset_size", "strategy", "dims", "extra_models"}, "estimator")
+    reader.reject_unknown(estimator, {"method", "subset_size", "strategy", "dims", "extra_models", "calibration_merges"}, "estimator")
     estimator_name = estimator.get("method", "gmpirt")
     if estimator_name not in ESTIMATORS:
         raise EvomergeError(
@@ -197,6 +227,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     subset_size = reader.integer(estimator, "subset_size", "estimator", default=50, minimum=2)
     irt_dims = reader.integer(estimator, "dims", "estimator", default=2, minimum=1)
     extra_models = [str(p) for p in estimator.get("extra_models", []) or []]
+    calibration_merges = reader.integer(estimator, "calibration_merges", "estimator", default=8, minimum=0)
 
     optimizer = raw.get("optimizer", {}) or {}
     reader.reject_unknown(optimizer, {"name", "trials", "seed", "objectives", "baselines"}, "optimizer")
@@ -225,6 +256,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         estimator=estimator_name,
         irt_dims=irt_dims,
         extra_models=extra_models,
+        calibration_merges=calibration_merges,
         optimizer=str(optimizer.get("name", "nsga2" if objectives == "per_task" else "cmaes")),
         trials=reader.integer(optimizer, "trials", "optimizer", default=50, minimum=1),
         seed=reader.integer(optimizer, "seed", "optimizer", default=0, minimum=0),
@@ -232,7 +264,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         baselines=bool(optimizer.get("baselines", True)),
         device=device,
         zoo=raw.get("zoo"),
-        raw=yaml.safe_load(yaml.safe_dump(raw)),
+        raw=copy.deepcopy(raw),
     )
 
 

@@ -1,0 +1,211 @@
+"""`evomerge` command line: search, resume, status, export, eval, estimate-check, make-zoo, demo.
+
+Input problems (EvomergeError) are printed as one line and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage",
+        help="Optuna RDB URL (e.g. postgresql://user@host/db) shared by several workers; "
+        "default: SQLite file in the run folder",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    search = commands.add_parser("search", help="start a search, or resume it if its run folder exists")
+    search.add_argument("space", help="search-space YAML (see search_spaces/)")
+    search.add_argument("--runs-root", default="runs", help="parent of the run folder (default: runs)")
+    search.add_argument("--run-dir", help="run folder (default: RUNS_ROOT/<space name>)")
+    search.add_argument("--trials", type=int, help="total complete trials wanted (default: the space's budget)")
+    search.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_storage(search)
+
+    resume = commands.add_parser("resume", help="continue a run from its folder")
+    resume.add_argument("run_dir")
+    resume.add_argument("--trials", type=int, help="new total budget (default: the space's budget)")
+    resume.add_argument("--no-progress", action="store_true")
+    _add_storage(resume)
+
+    status = commands.add_parser("status", help="table of a run's best trials")
+    status.add_argument("run_dir")
+    status.add_argument("--top", type=int, default=10)
+    _add_storage(status)
+
+    export = commands.add_parser("export", help="write the best (or a chosen) trial as an HF checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("--trial", type=int, help="trial number (default: the best)")
+    export.add_argument("--out", help="output folder (default: RUN_DIR/export-trial<N>)")
+    export.add_argument("--max-shard-size", default="1GB", help="safetensors shard size (default: 1GB)")
+    _add_storage(export)
+
+    evaluate = commands.add_parser("eval", help="full-benchmark accuracy of a model folder")
+    evaluate.add_argument("model", nargs="+", help="HF model folder(s)")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bench", nargs="+", help="benchmark jsonl files or local datasets")
+    source.add_argument("--space", help="use the benchmarks of this search space YAML or run folder")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+
+    check = commands.add_parser("estimate-check", help="error of each estimator vs subset size on held-out merges")
+    check.add_argument("args", nargs=argparse.REMAINDER, help="passed on (see `evomerge estimate-check -- --help`)")
+
+    zoo = commands.add_parser("make-zoo", help="build the tiny demo model zoo")
+    zoo.add_argument("--out", default="runs/zoo")
+    zoo.add_argument("--seed", type=int, default=0)
+    zoo.add_argument("--quick", action="store_true", help="small, fast profile used by the tests")
+
+    demo = commands.add_parser("demo", help="build the zoo, evolve a merge, export it, compare with baselines")
+    demo.add_argument("--space", default="search_spaces/demo.yaml")
+    demo.add_argument("--trials", type=int)
+    demo.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars say what is happening; per-file bars from transformers only add noise."""
+    import optuna
+    import transformers.utils.logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except EvomergeError as error:
+        print(f"evomerge: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted; run `evomerge resume` to continue", file=sys.stderr)
+        return 130
+
+
+def cmd_search(args) -> int:
+    from evomerge.search.run import start_run
+
+    space, run_dir, resume = start_run(args.space, args.runs_root, args.run_dir)
+    return _run_search(space, run_dir, resume, args)
+
+
+def cmd_resume(args) -> int:
+    from evomerge.search.run import load_run_space
+
+    return _run_search(load_run_space(args.run_dir), Path(args.run_dir), True, args)
+
+
+def _run_search(space, run_dir: Path, resume: bool, args) -> int:
+    from evomerge.search.run import MergeSearch, remember_storage
+
+    storage = remember_storage(run_dir, args.storage)
+    print(f"{'resuming' if resume else 'starting'} search {space.name!r} in {run_dir}", file=sys.stderr)
+    search = MergeSearch(space, run_dir, storage=storage, progress=not args.no_progress)
+    study, summary = search.run(args.trials, resume=resume)
+    _print_status(study, top=5)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from evomerge.search.run import open_existing_study
+
+    _print_status(open_existing_study(args.run_dir, args.storage), args.top)
+    return 0
+
+
+def _print_status(study, top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.search.run import ranked_trials
+
+    trials = ranked_trials(study)
+    counts = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    console = Console(stderr=False)
+    console.print(f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+    if not trials:
+        return
+    tasks = list(trials[0].user_attrs.get("estimates", {}))
+    table = Table(title="best trials (estimated full-benchmark accuracy)")
+    table.add_column("trial", justify="right")
+    table.add_column("fitness", justify="right")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    for trial in trials[:top]:
+        estimates = trial.user_attrs.get("estimates", {})
+        table.add_row(
+            str(trial.number),
+            " ".join(f"{v:.3f}" for v in trial.values),
+            *(f"{estimates.get(t, float('nan')):.3f}" for t in tasks),
+        )
+    console.print(table)
+
+
+def cmd_export(args) -> int:
+    from evomerge.search.run import export_trial
+
+    out = export_trial(args.run_dir, trial_number=args.trial, out_dir=args.out, storage=args.storage,
+                       max_shard_size=args.max_shard_size)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from evomerge.evaluation import benchmarks_for, evaluate_models, print_accuracy_table
+
+    benchmarks = benchmarks_for(args.bench, args.space)
+    results = evaluate_models({Path(m).name: m for m in args.model}, benchmarks, batch_size=args.batch_size)
+    print_accuracy_table(results, list(benchmarks))
+    return 0
+
+
+def cmd_estimate_check(args) -> int:
+    from evomerge.estimate.check import main as check_main
+
+    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    return check_main(rest)
+
+
+def cmd_make_zoo(args) -> int:
+    from evomerge.zoo import ensure_zoo
+
+    path = ensure_zoo(args.out, seed=args.seed, profile="quick" if args.quick else "full")
+    print(f"zoo ready in {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from evomerge.demo import run_demo
+
+    return run_demo(args.space, trials=args.trials, progress=not args.no_progress)
+
+
+COMMANDS = {
+    "search": cmd_search,
+    "resume": cmd_resume,
+    "status": cmd_status,
+    "export": cmd_export,
+    "eval": cmd_eval,
+    "estimate-check": cmd_estimate_check,
+    "make-zoo": cmd_make_zoo,
+    "demo": cmd_demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

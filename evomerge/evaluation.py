@@ -1,0 +1,63 @@
+"""Full-benchmark accuracy of models, for `evomerge eval` and the demo's comparison table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evomerge.benchmarks import Benchmark, accuracy, load_benchmark
+from evomerge.errors import EvomergeError
+
+
+def benchmarks_for(paths: list[str] | None, space: str | None) -> dict[str, Benchmark]:
+    """Benchmarks named on the command line, or those of a search space / run folder."""
+    if space:
+        from evomerge.search.run import SPACE_FILE
+        from evomerge.search.space import load_search_space
+
+        space_path = Path(space) / SPACE_FILE if Path(space).is_dir() else Path(space)
+        parsed = load_search_space(space_path)
+        return {b.name: load_benchmark(b.path, name=b.name) for b in parsed.benchmarks}
+    benchmarks = {}
+    for path in paths or []:
+        bench = load_benchmark(path)
+        benchmarks[bench.name] = bench
+    if not benchmarks:
+        raise EvomergeError("no benchmark given")
+    return benchmarks
+
+
+def load_model(path: str | Path, device: str | None = None):
+    """(model, tokenizer) from a Hugging Face folder, through from_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise EvomergeError(f"{path} is not a Hugging Face model folder (no config.json)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def evaluate_models(models: dict, benchmarks: dict[str, Benchmark], batch_size: int = 128) -> dict[str, dict[str, float]]:
+    """name -> {benchmark: accuracy}; a model is a folder path or a (model, tokenizer) pair."""
+    results = {}
+    for name, source in models.items():
+        model, tokenizer = load_model(source) if isinstance(source, (str, Path)) else source
+        results[name] = {b: accuracy(model, tokenizer, bench, batch_size=batch_size) for b, bench in benchmarks.items()}
+    return results
+
+
+def print_accuracy_table(results: dict[str, dict[str, float]], tasks: list[str], title: str = "full-benchmark accuracy") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("model")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    table.add_column("mean", justify="right")
+    for name, scores in results.items():
+        values = [scores[t] for t in tasks]
+        table.add_row(name, *(f"{v:.3f}" for v in values), f"{sum(values) / len(values):.3f}")
+    Console().print(table)

@@ -1,0 +1,304 @@
+"""A merge search: the merge core, the subset estimators and a study, wired together.
+
+The run folder (`runs/NAME/`) holds a copy of the search space, the Optuna
+SQLite storage (unless an RDB URL is given), the full-benchmark responses of
+the calibration models and the fitted subset estimators. Everything costly is
+cached there, so a resumed search scores the same items with the same
+estimators and starts in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from evomerge.benchmarks import load_benchmark, score_items
+from evomerge.errors import EvomergeError
+from evomerge.estimate import ResponseMatrix, SubsetEstimator, fit_subset_estimator, responses_path
+from evomerge.merge import MergeCore
+from evomerge.search.genome import genome_space, genome_to_recipe, uniform_genome
+from evomerge.search.optimizers import make_optimizer
+from evomerge.search.space import SearchSpace, load_search_space
+from evomerge.search.study import SearchDriver, open_study
+
+SPACE_FILE = "space.yaml"
+STRATEGY_ALIASES = {"anchor": "anchor-irt"}
+
+
+def run_dir_for(space: SearchSpace, runs_root: str | Path = "runs") -> Path:
+    return Path(runs_root) / space.name
+
+
+def candidate_seed(params: dict[str, float], base_seed: int) -> int:
+    """A merge seed derived from the genome, so DARE masks are reproducible at export."""
+    text = json.dumps({k: round(float(v), 12) for k, v in sorted(params.items())}) + f"|{base_seed}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def answers_string(correct: np.ndarray) -> str:
+    """Subset answers stored on a trial as a compact '0101...' string."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+class MergeSearch:
+    """Everything one search process needs, prepared once; `objective` scores one genome."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        run_dir: str | Path,
+        *,
+        storage: str | None = None,
+        progress: bool = True,
+        batch_size: int = 128,
+    ):
+        self.space = space
+        self.run_dir = Path(run_dir)
+        self.storage = storage
+        self.progress = progress
+        self.batch_size = batch_size
+        device = None if space.device == "auto" else space.device
+        self.core = MergeCore(space.base, space.expert_paths, device=device)
+        self.model, self.tokenizer = self.core.new_model()
+        if self.tokenizer is None:
+            raise EvomergeError(f"base model {space.base} has no tokenizer; benchmarks need one")
+        self.num_layers = self.core.num_layers
+        self.genome = genome_space(space, self.num_layers)
+        self.benchmarks = {b.name: load_benchmark(b.path, name=b.name) for b in space.benchmarks}
+        self.weights = np.array([b.weight for b in space.benchmarks], dtype=float)
+        self.estimators: dict[str, SubsetEstimator] = {}
+
+    # ------------------------------------------------------------ calibration
+    def calibration_genomes(self) -> dict[str, dict[str, float]]:
+        """Random in-space merges whose full responses sharpen the IRT item parameters."""
+        rng = np.random.default_rng(self.space.seed + 7919)
+        genomes = {}
+        for i in range(self.space.calibration_merges):
+            genomes[f"calib{i}"] = {n: float(rng.uniform(lo, hi)) for n, (lo, hi) in self.genome.items()}
+        return genomes
+
+    def _calibration_models(self, known: set[str]):
+        """Yield (name, model, tokenizer) for endpoints, extra models and calibration merges."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        for name, path in [("base", self.space.base), *self.space.experts.items()]:
+            if name not in known:
+                yield name, *self._load_hf(path, AutoModelForCausalLM, AutoTokenizer)
+        for path in self.space.extra_models:
+            name = f"extra:{Path(path).name}"
+            if name not in known:
+                yield name, *self._load_hf(path, AutoModelForCausalLM, AutoTokenizer)
+        for name, genome in self.calibration_genomes().items():
+            if name not in known:
+                recipe = genome_to_recipe(self.space, genome, self.num_layers)
+                self.core.merge_into(self.model, recipe, seed=candidate_seed(genome, self.space.seed))
+                yield name, self.model, self.tokenizer
+
+    def _load_hf(self, path, model_cls, tokenizer_cls):
+        if not Path(path).is_dir():
+            raise EvomergeError(f"model folder not found: {path}")
+        model = model_cls.from_pretrained(str(path), dtype=self.core.dtype).to(self.core.device).eval()
+        return model, tokenizer_cls.from_pretrained(str(path))
+
+    def prepare(self) -> None:
+        """Score calibration models fully (cached) and fit or load each benchmark's estimator."""
+        endpoint_names = ["base", *self.space.expert_names]
+        strategy = STRATEGY_ALIASES.get(self.space.strategy, self.space.strategy)
+        for bench_name, bench in self.benchmarks.items():
+            estimator_path = self.run_dir / "estimators" / f"{bench_name}.json"
+            if estimator_path.exists():
+                self.estimators[bench_name] = SubsetEstimator.load(estimator_path)
+                continue
+            path = responses_path(self.run_dir, bench_name)
+            matrix = ResponseMatrix.load(path) if path.exists() else None
+            known = set(matrix.model_names) if matrix is not None else set()
+            for name, model, tokenizer in self._calibration_models(known):
+                correct = score_items(model, tokenizer, bench, batch_size=self.batch_size)
+                if matrix is None:
+                    matrix = ResponseMatrix.empty([item.id for item in bench.items], bench_name)
+                matrix = matrix.with_model(name, np.asarray(correct, dtype=bool))
+                matrix.save(path)
+            estimator = fit_subset_estimator(
+                matrix,
+                None,
+                endpoint_names,
+                n_items=self.space.subset_size,
+                strategy=strategy,
+                seed=self.space.seed,
+                dims=self.space.irt_dims,
+                benchmark=bench_name,
+            )
+            estimator.save(estimator_path)
+            self.estimators[bench_name] = estimator
+
+    # ------------------------------------------------------------ objective
+    def objective(self, params: dict[str, float]) -> tuple[list[float], dict]:
+        """Merge the genome in memory, score each benchmark's subset, return estimated accuracies."""
+        recipe = genome_to_recipe(self.space, params, self.num_layers)
+        seed = candidate_seed(params, self.space.seed)
+        self.core.merge_into(self.model, recipe, seed=seed)
+        estimates, answers = {}, {}
+        for bench_name, bench in self.benchmarks.items():
+            estimator = self.estimators[bench_name]
+            correct = np.asarray(
+                score_items(self.model, self.tokenizer, bench, indices=estimator.indices, batch_size=self.batch_size),
+                dtype=bool,
+            )
+            estimates[bench_name] = float(estimator.predict(correct, method=self.space.estimator))
+            answers[bench_name] = answers_string(correct)
+        per_task = [estimates[b.name] for b in self.space.benchmarks]
+        if self.space.objectives == "per_task":
+            values = per_task
+        else:
+            values = [float(np.dot(self.weights, per_task) / self.weights.sum())]
+        attrs = {"estimates": estimates, "answers": answers, "recipe": recipe.to_dict(), "merge_seed": seed}
+        return values, attrs
+
+    # ------------------------------------------------------------ study
+    @property
+    def directions(self) -> list[str]:
+        count = len(self.space.benchmarks) if self.space.objectives == "per_task" else 1
+        return ["maximize"] * count
+
+    def baseline_genomes(self) -> list[dict[str, float]]:
+        """Uniform merges the search starts from, so it never ends below a plain uniform merge."""
+        points = [{"weight": 1.0, "density": 0.7, "t": 0.5}, {"weight": 0.5, "density": 1.0, "t": 0.3}]
+        return [uniform_genome(self.space, self.num_layers, values) for values in points]
+
+    def open(self, resume: bool):
+        config = {**self.space.study_config(), "genome": {k: list(v) for k, v in self.genome.items()}}
+        study = open_study(self.storage or self.run_dir, self.space.name, self.directions, config, resume=resume)
+        if not resume and self.space.baselines:
+            for genome in self.baseline_genomes():
+                study.enqueue_trial(genome)
+        return study
+
+    def run(self, n_trials: int | None = None, resume: bool = False):
+        """Run (or continue) the search until the study holds the budget of complete trials."""
+        self.prepare()
+        study = self.open(resume)
+        optimizer = make_optimizer(
+            self.space.optimizer, self.genome, self.directions, seed=self.space.seed, budget=n_trials or self.space.trials
+        )
+        driver = SearchDriver(study, optimizer, progress=self.progress)
+        summary = driver.run(self.objective, n_trials or self.space.trials)
+        return study, summary
+
+
+def start_run(space_path: str | Path, runs_root: str | Path = "runs", run_dir: str | Path | None = None) -> tuple[SearchSpace, Path, bool]:
+    """Load the space and find its run folder; returns (space, run_dir, is_resume).
+
+    A run folder holds a copy of the space it was started with: a later start
+    on the same folder resumes, and a changed space is refused by the study.
+    """
+    space = load_search_space(space_path)
+    run_dir = Path(run_dir) if run_dir else run_dir_for(space, runs_root)
+    stored = run_dir / SPACE_FILE
+    resume = stored.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.copyfile(space_path, stored)
+    return space, run_dir, resume
+
+
+def load_run_space(run_dir: str | Path) -> SearchSpace:
+    """The search space a run was started with."""
+    path = Path(run_dir) / SPACE_FILE
+    if not path.exists():
+        raise EvomergeError(f"{run_dir} is not an evomerge run folder (no {SPACE_FILE})")
+    return load_search_space(path)
+
+
+def dump_space(space: SearchSpace) -> str:
+    return yaml.safe_dump(space.raw, sort_keys=False)
+
+
+STORAGE_FILE = "storage.url"
+
+
+def remember_storage(run_dir: str | Path, storage: str | None) -> str | None:
+    """The study's storage URL: the one given now, else the one the run was started with.
+
+    Kept in the run folder so `resume`, `status` and `export` find a PostgreSQL
+    study without the URL being typed again.
+    """
+    path = Path(run_dir) / STORAGE_FILE
+    if storage:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        path.write_text(storage)
+        return storage
+    return path.read_text().strip() if path.exists() else None
+
+
+def open_existing_study(run_dir: str | Path, storage: str | None = None):
+    """Load a run's study read-only-ish (no config check, nothing enqueued)."""
+    import optuna
+
+    from evomerge.search.study import storage_url
+
+    space = load_run_space(run_dir)
+    url = storage_url(remember_storage(run_dir, storage) or run_dir)
+    try:
+        return optuna.load_study(study_name=space.name, storage=url)
+    except KeyError:
+        raise EvomergeError(f"no study {space.name!r} in {url}; start it with `evomerge search`") from None
+
+
+def ranked_trials(study) -> list:
+    """Complete trials, best first (several objectives: by their mean)."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return sorted(trials, key=lambda t: -float(np.mean(t.values)))
+
+
+def export_trial(
+    run_dir: str | Path,
+    trial_number: int | None = None,
+    out_dir: str | Path | None = None,
+    storage: str | None = None,
+    max_shard_size: str = "1GB",
+) -> Path:
+    """Export the best (or a chosen) trial of a run as an HF checkpoint."""
+    from evomerge.export import export_checkpoint
+    from evomerge.merge import Recipe
+
+    space = load_run_space(run_dir)
+    study = open_existing_study(run_dir, storage)
+    trials = ranked_trials(study)
+    if not trials:
+        raise EvomergeError(f"run {run_dir} has no complete trial to export yet")
+    if trial_number is None:
+        trial = trials[0]
+    else:
+        matching = [t for t in trials if t.number == trial_number]
+        if not matching:
+            raise EvomergeError(
+                f"trial {trial_number} is not a complete trial of {run_dir}; complete: {sorted(t.number for t in trials)}"
+            )
+        trial = matching[0]
+    out_dir = Path(out_dir) if out_dir else Path(run_dir) / f"export-trial{trial.number}"
+    device = None if space.device == "auto" else space.device
+    core = MergeCore(space.base, space.expert_paths, device=device)
+    details = {
+        "study": space.name,
+        "trial": trial.number,
+        "estimated accuracy": ", ".join(f"{k} {v:.3f}" for k, v in trial.user_attrs.get("estimates", {}).items()),
+        "estimator": f"{space.estimator}, {space.subset_size} items per benchmark ({space.strategy})",
+    }
+    return export_checkpoint(
+        core,
+        Recipe.from_dict(trial.user_attrs["recipe"]),
+        out_dir,
+        seed=int(trial.user_attrs["merge_seed"]),
+        base_path=space.base,
+        expert_paths=space.expert_paths,
+        expert_names=space.expert_names,
+        details=details,
+        max_shard_size=max_shard_size,
+    )
