@@ -25,7 +25,11 @@ _LOGIT_CLIP = 30.0
 
 @dataclasses.dataclass(frozen=True)
 class IRTPriors:
-    """Prior standard deviations; small values = stronger shrinkage with few models."""
+    """Prior standard deviations; small values = stronger shrinkage with few models.
+
+    b's prior is centred on the mean difficulty (empirical Bayes), so a benchmark
+    that is hard for every model is not pulled towards 50 % accuracy.
+    """
 
     theta_sd: float = 1.0
     a_sd: float = 1.0
@@ -92,7 +96,7 @@ def _solve_spd(h, g):
 
 
 @njit(cache=True)
-def _newton_items(y, mask, theta, a, b, prec_a, prec_b, max_step):
+def _newton_items(y, mask, theta, a, b, prec_a, prec_b, mean_b, max_step):
     """One damped Newton step on every item's (a_j, b_j) with the thetas held fixed."""
     n_models, n_items = y.shape
     d = theta.shape[1]
@@ -121,7 +125,7 @@ def _newton_items(y, mask, theta, a, b, prec_a, prec_b, max_step):
         for k in range(d):
             g[k] -= prec_a * a[j, k]
             h[k, k] += prec_a
-        g[d] -= prec_b * b[j]
+        g[d] -= prec_b * (b[j] - mean_b)
         h[d, d] += prec_b
         for k in range(p):
             for l in range(k):
@@ -175,7 +179,7 @@ def _newton_thetas(y, mask, theta, a, b, prec_theta, max_step):
 
 
 @njit(cache=True)
-def _log_posterior(y, mask, theta, a, b, prec_theta, prec_a, prec_b):
+def _log_posterior(y, mask, theta, a, b, prec_theta, prec_a, prec_b, mean_b):
     n_models, n_items = y.shape
     d = theta.shape[1]
     total = 0.0
@@ -194,8 +198,21 @@ def _log_posterior(y, mask, theta, a, b, prec_theta, prec_a, prec_b):
                 total -= np.log1p(np.exp(z))
     total -= 0.5 * prec_theta * np.sum(theta * theta)
     total -= 0.5 * prec_a * np.sum(a * a)
-    total -= 0.5 * prec_b * np.sum(b * b)
+    total -= 0.5 * prec_b * np.sum((b - mean_b) * (b - mean_b))
     return total
+
+
+def _centre_abilities(theta, a, b):
+    """Shift the fitted abilities to mean 0, moving the shift into b (logits unchanged).
+
+    Without this, with few models and many items the fit prefers to explain overall
+    difficulty by a common ability offset (cheap: few thetas) rather than by b, and
+    a new model's ability -- estimated under the N(0, 1) prior -- lands far from
+    the fitted ones, biasing every prediction.
+    """
+    shift = theta.mean(axis=0)
+    theta -= shift
+    b -= a @ shift
 
 
 # --------------------------------------------------------------------------- public API
@@ -266,12 +283,15 @@ def fit_irt(
         for _ in range(5):
             _newton_thetas(y, m, theta, a, b, 1.0 / priors.theta_sd**2, 2.0)
     prec_t, prec_a, prec_b = 1.0 / priors.theta_sd**2, 1.0 / priors.a_sd**2, 1.0 / priors.b_sd**2
-    previous = _log_posterior(y, m, theta, a, b, prec_t, prec_a, prec_b)
+    mean_b = float(b.mean())
+    previous = _log_posterior(y, m, theta, a, b, prec_t, prec_a, prec_b, mean_b)
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
-        _newton_items(y, m, theta, a, b, prec_a, prec_b, 2.0)
+        _newton_items(y, m, theta, a, b, prec_a, prec_b, mean_b, 2.0)
         _newton_thetas(y, m, theta, a, b, prec_t, 2.0)
-        current = _log_posterior(y, m, theta, a, b, prec_t, prec_a, prec_b)
+        _centre_abilities(theta, a, b)
+        mean_b = float(b.mean())
+        current = _log_posterior(y, m, theta, a, b, prec_t, prec_a, prec_b, mean_b)
         if abs(current - previous) <= tol * max(1.0, abs(previous)):
             previous = current
             break
