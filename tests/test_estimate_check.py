@@ -1,0 +1,49 @@
+"""The estimate check on the (quick) model zoo: runs end to end, writes its table, CLI errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from evomerge.estimate.check import main, run_estimate_check
+from evomerge.estimate.estimators import METHODS, SubsetEstimator
+from evomerge.estimate.responses import ResponseMatrix, responses_path
+
+
+@pytest.fixture
+def zoo(request):
+    try:
+        return request.getfixturevalue("zoo_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("zoo_dir fixture (tests/conftest.py) not available yet")
+
+
+def test_estimate_check_on_the_zoo(zoo, tmp_path):
+    out = tmp_path / "check"
+    table = run_estimate_check(zoo, out, n_heldout=1, sizes=(10,), seed=0, quiet=True)
+    tasks = table.facts["tasks"]
+    assert [r["benchmark"] for r in table.rows] == tasks + ["mean"]
+    for row in table.rows:
+        assert set(row["mae"]) == set(METHODS)
+        assert all(0.0 <= v <= 1.0 for v in row["mae"].values())
+        assert row["item_ratio"] > 1
+    assert table.rows[-1]["time_ratio"] and table.rows[-1]["time_ratio"] > 1
+    assert json.loads((out / "estimate_check.json").read_text())["rows"]
+    assert "| mean |" in (out / "estimate_check.md").read_text()
+    matrix = ResponseMatrix.load(responses_path(out, tasks[0]))
+    assert matrix.model_names[0] == "base" and "heldout00" in matrix.model_names
+    est = SubsetEstimator.load(out / "estimators" / f"{tasks[0]}-n10.json")
+    assert len(est.indices) == 10
+    # the expert endpoint beats the base on its own task (the zoo is meaningful)
+    assert matrix.row(f"expert:{tasks[0]}").mean() >= matrix.row("base").mean()
+    # a rerun reuses the stored responses and gives the same table
+    again = run_estimate_check(zoo, out, n_heldout=1, sizes=(10,), seed=0, quiet=True)
+    assert np.allclose([r["mae"]["gmpirt"] for r in again.rows], [r["mae"]["gmpirt"] for r in table.rows])
+    assert again.rows[-1]["time_ratio"] is not None
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    assert main(["--zoo", str(tmp_path / "nozoo"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a model zoo" in capsys.readouterr().err
+    assert main(["--zoo", str(tmp_path), "--sizes", "ten"]) == 2
+    assert "--sizes" in capsys.readouterr().err
