@@ -1,0 +1,171 @@
+"""End to end on the quick zoo: search, status, export round-trip, kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+
+from evomerge.cli import main
+from evomerge.errors import EvomergeError
+from evomerge.merge import MergeCore, Recipe
+from evomerge.search.run import export_trial, open_existing_study, start_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models merge and score fastest on one thread (no OpenMP spinning on a busy CI box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_space(zoo_dir: Path, path: Path, optimizer: str, trials: int, name: str) -> Path:
+    tasks = json.loads((zoo_dir / "zoo.json").read_text())["tasks"]
+    space = {
+        "name": name,
+        "models": {
+            "base": str(zoo_dir / "base"),
+            "experts": {t: str(zoo_dir / "experts" / t) for t in tasks},
+        },
+        "merge": {
+            "method": "ties",
+            "granularity": "layer_group",
+            "layer_groups": 2,
+            "split_modules": True,
+            "params": {"weight": [0.0, 1.5], "density": [0.3, 1.0]},
+        },
+        "benchmarks": [{"name": t, "path": str(zoo_dir / "bench" / f"{t}.jsonl")} for t in tasks],
+        "estimator": {"method": "gmpirt", "strategy": "anchor", "subset_size": 20, "calibration_merges": 2},
+        "optimizer": {"name": optimizer, "trials": trials, "seed": 0},
+        "device": "cpu",
+    }
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def complete(study) -> list:
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_search_status_export_round_trip(zoo_dir, tmp_path, capsys):
+    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "cmaes", trials=5, name="e2e")
+    runs = tmp_path / "runs"
+    assert main(["search", str(space_file), "--runs-root", str(runs), "--no-progress"]) == 0
+    run_dir = runs / "e2e"
+    study = open_existing_study(run_dir)
+    trials = complete(study)
+    assert len(trials) == 5
+    for trial in trials:
+        attrs = trial.user_attrs
+        assert set(attrs["estimates"]) == set(attrs["answers"])
+        assert all(len(a) == 20 and set(a) <= {"0", "1"} for a in attrs["answers"].values())
+        assert 0.0 <= trial.values[0] <= 1.0
+        Recipe.from_dict(attrs["recipe"]).validate(3)
+    # the first trials are the enqueued uniform baselines
+    assert len({round(v, 6) for k, v in trials[0].params.items() if k.startswith("weight")}) == 1
+
+    # searching again with the budget met resumes and adds nothing
+    assert main(["search", str(space_file), "--runs-root", str(runs), "--no-progress"]) == 0
+    assert len(complete(open_existing_study(run_dir))) == 5
+    assert main(["status", str(run_dir)]) == 0
+    assert "best trials" in capsys.readouterr().out
+
+    best = max(trials, key=lambda t: t.values[0])
+    out = export_trial(run_dir, out_dir=tmp_path / "export", max_shard_size="100KB")
+    assert len(list(out.glob("model-*.safetensors"))) > 1, "export should be sharded at 100KB"
+    for name in ("README.md", "mergekit.yaml", "evomerge_recipe.json", "config.json"):
+        assert (out / name).exists(), name
+    assert f"trial: {best.number}" in (out / "README.md").read_text()
+    yaml.safe_load((out / "mergekit.yaml").read_text())
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    core = MergeCore(str(zoo_dir / "base"), [str(zoo_dir / "experts" / t) for t in ("arith", "reverse", "lang")])
+    model, _ = core.new_model()
+    core.merge_into(model, Recipe.from_dict(best.user_attrs["recipe"]), seed=best.user_attrs["merge_seed"])
+    ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
+    with torch.no_grad():
+        expected, got = model(ids).logits, loaded(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(EvomergeError, match="not a complete trial"):
+        export_trial(run_dir, trial_number=999)
+
+
+def test_bad_space_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodels: {base: /nowhere, experts: {a: /nowhere}}\nmerge: {method: soup}\n")
+    assert main(["search", str(bad), "--runs-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "merge.method 'soup' is unknown" in err and "Traceback" not in err
+
+
+def test_missing_model_is_one_line_error(zoo_dir, tmp_path, capsys):
+    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "tpe", trials=2, name="missing")
+    raw = yaml.safe_load(space_file.read_text())
+    raw["models"]["experts"]["arith"] = str(tmp_path / "no-such-model")
+    space_file.write_text(yaml.safe_dump(raw))
+    assert main(["search", str(space_file), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_kill_minus_nine_then_resume(zoo_dir, tmp_path):
+    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "ng_cma", trials=10, name="killed")
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "evomerge.cli", "search", str(space_file), "--runs-root", str(runs), "--no-progress"]
+    worker = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = runs / "killed" / "study.db"
+    deadline = time.time() + 240
+    done_before = []
+    try:
+        while time.time() < deadline and worker.poll() is None:
+            time.sleep(0.2)
+            if db.exists():
+                try:
+                    done_before = complete(open_existing_study(runs / "killed"))
+                except Exception:  # the database may be mid-creation
+                    continue
+                if len(done_before) >= 4:
+                    break
+        assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
+        assert len(done_before) >= 4, "search did not get going"
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    study = open_existing_study(runs / "killed")
+    before = complete(study)
+    best_before = max(t.values[0] for t in before)
+    assert len(before) < 10
+
+    space, run_dir, resume = start_run(space_file, runs)
+    assert resume
+    assert main(["resume", str(run_dir), "--no-progress"]) == 0
+    trials = open_existing_study(run_dir).get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 10
+    assert len({t.number for t in trials}) == len(trials)
+    genomes = {tuple(round(v, 9) for v in t.params.values()) for t in done}
+    assert len(genomes) == len(done), "a genome was evaluated twice"
+    lost = [t for t in trials if t.state != optuna.trial.TrialState.COMPLETE]
+    assert len(lost) <= 1
+    assert max(t.values[0] for t in done) >= best_before
+    assert np.all([t.number for t in before] == sorted(t.number for t in before))
