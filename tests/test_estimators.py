@@ -41,13 +41,16 @@ def _mae(est, heldout, method):
 
 def test_irt_estimators_beat_or_match_the_subset_mean(world):
     fit_rows, names, endpoints, heldout = world
-    est = fit_subset_estimator(fit_rows, names, endpoints, n_items=40, strategy="anchor-irt", seed=0, dims=2)
+    est = fit_subset_estimator(fit_rows, names, endpoints, n_items=40, strategy="random", seed=0, dims=2)
     errors = {m: _mae(est, heldout, m) for m in METHODS}
     assert errors["gmpirt"] < 0.06
     assert errors["mpirt"] < 0.07
     assert errors["gmpirt"] <= errors["mean"] + 0.01
     assert errors["gpirt"] <= errors["mean"] + 0.01
-    assert 0.0 <= est.anchor_weight_gmpirt <= 1.0 and 0.0 <= est.anchor_weight_gpirt <= 1.0
+    assert 0.0 < est.anchor_weight_gmpirt < 1.0 and 0.0 < est.anchor_weight_gpirt < 1.0
+    anchors = fit_subset_estimator(fit_rows, names, endpoints, n_items=10, strategy="anchor-irt", seed=0, dims=2)
+    # with 10 items the IRT estimators clearly beat the plain subset mean
+    assert _mae(anchors, heldout, "gmpirt") < _mae(anchors, heldout, "mean") - 0.03
 
 
 def test_more_items_means_smaller_error(world):

@@ -173,12 +173,15 @@ def run_estimate_check(
             rows.append({"benchmark": t, "size": size, "mae": {m: float(e) for m, e in zip(METHODS, mae)},
                          "item_ratio": n_total / size, "time_ratio": None,
                          "anchor_weight_gmpirt": est.anchor_weight_gmpirt, "lambda_sd": est.lambda_sd})
-        # time the subset scoring on one held-out merge, as the search would run it
-        merged(heldout[0][1])
-        started = time.perf_counter()
-        for t in tasks:
-            score_model(model, tokenizer, benches[t], indices=estimators[t].indices, batch_size=batch_size)
-        subset_seconds[size] = time.perf_counter() - started
+        # time the subset scoring as the search would run it (median over a few held-out merges)
+        runs = []
+        for _, weights in heldout[:3]:
+            merged(weights)
+            started = time.perf_counter()
+            for t in tasks:
+                score_model(model, tokenizer, benches[t], indices=estimators[t].indices, batch_size=batch_size)
+            runs.append(time.perf_counter() - started)
+        subset_seconds[size] = float(np.median(runs))
         total_items = sum(len(b.items) for b in benches.values())
         rows.append({"benchmark": "mean", "size": size,
                      "mae": {m: float(np.mean(v)) for m, v in errors.items()},

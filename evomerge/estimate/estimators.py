@@ -208,10 +208,18 @@ def _anchor_weight(mse_irt: float | None, mse_anchor: float | None) -> float:
     return float(mse_irt / total)
 
 
-def _cross_validated_errors(y, subset, endpoint_rows, dims, priors, lambda_sds, seed, full_fit, n_folds):
-    """Squared errors of anchor / p-IRT / mp-IRT on held-out fit models (IRT refit per fold).
+def _extract_for(fit: IRTFit, y: np.ndarray, n_items: int, strategy: str, seed: int) -> Subset:
+    return extract_subset(n_items, y.shape[1], strategy, seed, difficulty=fit.b,
+                          item_embedding=np.hstack([fit.a, fit.b[:, None]]), correctness=y)
 
-    mp-IRT is scored for every candidate prior width in ``lambda_sds`` (keys ``("mpirt", sd)``).
+
+def _cross_validated_errors(y, n_items, strategy, endpoint_rows, dims, priors, lambda_sds, seed, full_fit, n_folds):
+    """Squared errors of anchor / p-IRT / mp-IRT on held-out fit models.
+
+    The whole pipeline is redone per fold -- IRT refit *and* subset re-extracted
+    without the held-out models -- so the anchor estimate is not flattered by
+    anchors chosen on the very models it is scored on. mp-IRT is scored for
+    every candidate prior width in ``lambda_sds`` (keys ``("mpirt", sd)``).
     """
     n_models = y.shape[0]
     rng = np.random.default_rng(seed + 7919)
@@ -222,6 +230,7 @@ def _cross_validated_errors(y, subset, endpoint_rows, dims, priors, lambda_sds, 
         if len(train) == 0:
             continue
         fold_fit = fit_irt(y[train], dims, priors=priors, seed=seed, init=full_fit, max_sweeps=100, tol=1e-5)
+        subset = _extract_for(fold_fit, y[train], n_items, strategy, seed)
         train_pos = {int(m): p for p, m in enumerate(train)}
         ends = [train_pos[e] for e in endpoint_rows if e in train_pos]
         ends_theta = fold_fit.theta[ends] if ends else np.zeros((0, dims))
@@ -284,18 +293,13 @@ def fit_subset_estimator(
 
     yf = y.astype(np.float64)
     fit: IRTFit = fit_irt(yf, dims, priors=priors, seed=seed)
-    subset = extract_subset(
-        n_items, n_total, strategy, seed,
-        difficulty=fit.b,
-        item_embedding=np.hstack([fit.a, fit.b[:, None]]),
-        correctness=yf,
-    )
+    subset = _extract_for(fit, yf, n_items, strategy, seed)
     endpoint_rows = [model_names.index(e) for e in endpoint_names]
     grid = [float(lambda_sd)] if np.isscalar(lambda_sd) else [float(v) for v in lambda_sd]
     if not grid or min(grid) <= 0:
         raise EvomergeError(f"lambda_sd must be positive, got {lambda_sd}")
     if y.shape[0] >= 2:
-        cv = _cross_validated_errors(yf, subset, endpoint_rows, dims, priors, grid, seed, fit, n_folds)
+        cv = _cross_validated_errors(yf, n_items, strategy, endpoint_rows, dims, priors, grid, seed, fit, n_folds)
     else:
         cv = {"anchor": None, "pirt": None}
     mp_scores = {sd: cv[("mpirt", sd)] for sd in grid if cv.get(("mpirt", sd)) is not None}
