@@ -1,0 +1,107 @@
+"""The quick model zoo: layout, held-out items, determinism, and experts that beat the base."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from evomerge.benchmarks import load_benchmark, score_items
+from evomerge.errors import EvomergeError
+from evomerge.zoo import (
+    PROFILES,
+    TASKS,
+    TaskSampler,
+    build_zoo,
+    load_zoo_manifest,
+    make_bench_items,
+    state_dict_digest,
+    train_base,
+    zoo_is_complete,
+)
+
+
+def test_layout_and_manifest(zoo_dir):
+    manifest = load_zoo_manifest(zoo_dir)
+    assert manifest["seed"] == 0 and manifest["profile"] == "quick"
+    assert manifest["tasks"] == list(TASKS) and len(TASKS) >= 3
+    assert manifest["base"] == "base"
+    for rel in [manifest["base"], *manifest["experts"].values()]:
+        folder = zoo_dir / rel
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert (folder / name).is_file(), folder / name
+    for task in TASKS:
+        assert manifest["experts"][task] == f"experts/{task}"
+        assert (zoo_dir / "bench" / f"{task}.jsonl").is_file()
+    assert zoo_is_complete(zoo_dir, profile="quick", seed=0)
+
+
+def test_models_and_tokenizer_load_with_auto_classes(zoo_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo_dir / "base")
+    assert None not in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    assert tokenizer.decode(tokenizer("rev abc=", add_special_tokens=False)["input_ids"]) == "rev abc="
+    model = AutoModelForCausalLM.from_pretrained(zoo_dir / "base")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers >= 2 and model.config.vocab_size == len(tokenizer)
+    assert next(model.parameters()).dtype.is_floating_point
+
+
+def test_bench_items_counts_formats_and_difficulty_spread(zoo_dir):
+    kinds = set()
+    for task in TASKS:
+        bench = load_benchmark(zoo_dir / "bench" / f"{task}.jsonl")
+        assert len(bench) >= 500
+        assert len({item.id for item in bench.items}) == len(bench)
+        assert len({item.prompt for item in bench.items}) == len(bench)
+        assert len({len(item.prompt) for item in bench.items}) >= 3  # items vary in difficulty
+        kinds.add(bench.kind)
+    assert kinds == {"exact_match", "multiple_choice"}
+
+
+def test_bench_prompts_never_appear_in_training_draws():
+    import random
+
+    sampler = TaskSampler(seed=0)
+    held_out = {item["prompt"] for task in TASKS for item in make_bench_items(task, sampler, 500, seed=0)}
+    sampler.exclude = held_out
+    rng = random.Random(1)
+    for task in TASKS:
+        assert not any(sampler.task(task, rng).prompt in held_out for _ in range(3000))
+    assert not any(TaskSampler.generic(rng).prompt in held_out for _ in range(3000))
+
+
+def test_same_seed_same_weights_and_items():
+    tiny = dataclasses.replace(PROFILES["quick"], hidden_size=32, intermediate_size=64, num_layers=2, batch_size=8)
+    first, _ = train_base(tiny, seed=3, exclude=set(), steps=4)
+    second, _ = train_base(tiny, seed=3, exclude=set(), steps=4)
+    other, _ = train_base(tiny, seed=4, exclude=set(), steps=4)
+    assert state_dict_digest(first) == state_dict_digest(second) != state_dict_digest(other)
+    assert make_bench_items("lang", TaskSampler(5), 50, 5) == make_bench_items("lang", TaskSampler(5), 50, 5)
+
+
+def test_experts_beat_base_on_their_task(zoo_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo_dir / "base")
+    base = AutoModelForCausalLM.from_pretrained(zoo_dir / "base")
+    for task in TASKS:
+        bench = load_benchmark(zoo_dir / "bench" / f"{task}.jsonl")
+        expert = AutoModelForCausalLM.from_pretrained(zoo_dir / "experts" / task)
+        base_acc = score_items(base, tokenizer, bench).mean()
+        expert_acc = score_items(expert, tokenizer, bench).mean()
+        # The quick profile's 100 expert steps only start arith/reverse (full profile: +0.38 / +0.70);
+        # lang (multiple choice) is learned fully. Raise these margins when the quick recipe improves.
+        margin = 0.15 if task == "lang" else 0.01
+        assert expert_acc >= base_acc + margin, f"{task}: expert {expert_acc:.3f} vs base {base_acc:.3f}"
+
+
+def test_unknown_profile_and_missing_manifest(tmp_path):
+    with pytest.raises(EvomergeError, match="unknown zoo profile"):
+        build_zoo(tmp_path / "z", profile="huge")
+    with pytest.raises(EvomergeError, match="not a model zoo"):
+        load_zoo_manifest(tmp_path)
+    (tmp_path / "zoo.json").write_text(json.dumps({"version": "0"}))
+    assert not zoo_is_complete(tmp_path)
