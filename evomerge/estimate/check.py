@@ -94,12 +94,14 @@ def run_estimate_check(
     batch_size: int = 64,
     device: str | None = None,
     quiet: bool = False,
+    n_timing: int = 3,
 ) -> EstimateCheckTable:
     """Score endpoints + merges of the zoo, fit estimators, report held-out MAE per size.
 
     Responses are cached in ``out_dir/responses/<bench>.npz`` (a rerun only scores
     missing models); estimators go to ``out_dir/estimators/``, the table to
-    ``out_dir/estimate_check.{json,md}``.
+    ``out_dir/estimate_check.{json,md}``. ``n_timing`` held-out merges are re-scored
+    (full and subset) to time both; 0 skips the timing.
     """
     from evomerge.benchmarks import load_benchmark
     from evomerge.merge import MergeCore, Recipe
@@ -129,30 +131,23 @@ def run_estimate_check(
         path = responses_path(out_dir, t)
         matrices[t] = ResponseMatrix.load(path) if path.exists() else ResponseMatrix.empty(
             benchmark_item_ids(benches[t]), t)
-    timings_path = out_dir / "full_eval_seconds.json"
-    timings: dict = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for name, role, weights in specs:
         todo = [t for t in tasks if name not in matrices[t].model_names]
         if not todo:
             continue
         say(f"scoring {name} ({role}, weights {weights}) on {', '.join(todo)}")
         merged(weights)
-        started = time.perf_counter()
         for t in todo:
             row = score_model(model, tokenizer, benches[t], batch_size=batch_size)
             matrices[t] = matrices[t].with_model(name, row)
             matrices[t].save(responses_path(out_dir, t))
-        if len(todo) == len(tasks):  # a model scored on every benchmark: a full evaluation
-            timings[name] = time.perf_counter() - started
-            timings_path.write_text(json.dumps(timings, indent=1))
-    full_seconds = [v for k, v in timings.items() if any(k == n for n, _, _ in specs)]
 
     fit_names = [n for n, role, _ in specs if role != "heldout"]
     endpoint_names = [n for n, role, _ in specs if role == "endpoint"]
     heldout = [(n, w) for n, role, w in specs if role == "heldout"]
 
     # 2. estimators per benchmark and size, and their errors on the held-out merges
-    rows, subset_seconds = [], {}
+    rows, estimators_by_size = [], {}
     for size in sizes:
         errors = {m: [] for m in METHODS}
         estimators: dict[str, SubsetEstimator] = {}
@@ -173,28 +168,42 @@ def run_estimate_check(
             rows.append({"benchmark": t, "size": size, "mae": {m: float(e) for m, e in zip(METHODS, mae)},
                          "item_ratio": n_total / size, "time_ratio": None,
                          "anchor_weight_gmpirt": est.anchor_weight_gmpirt, "lambda_sd": est.lambda_sd})
-        # time the subset scoring as the search would run it (median over a few held-out merges)
-        runs = []
-        for _, weights in heldout[:3]:
-            merged(weights)
-            started = time.perf_counter()
-            for t in tasks:
-                score_model(model, tokenizer, benches[t], indices=estimators[t].indices, batch_size=batch_size)
-            runs.append(time.perf_counter() - started)
-        subset_seconds[size] = float(np.median(runs))
+        estimators_by_size[size] = estimators
         total_items = sum(len(b.items) for b in benches.values())
         rows.append({"benchmark": "mean", "size": size,
                      "mae": {m: float(np.mean(v)) for m, v in errors.items()},
-                     "item_ratio": total_items / (size * len(tasks)),
-                     "time_ratio": (float(np.median(full_seconds)) / subset_seconds[size])
-                     if full_seconds else None})
+                     "item_ratio": total_items / (size * len(tasks)), "time_ratio": None})
+
+    # 3. wall time of a full vs. a subset evaluation, measured back to back on the same
+    #    merges (median of a few) so machine load affects both alike
+    full_runs, subset_runs = [], {size: [] for size in sizes}
+    mismatches = 0  # subset scoring must reproduce the full scoring's answers on those items
+    for name, weights in heldout[:max(0, n_timing)]:
+        merged(weights)
+        started = time.perf_counter()
+        for t in tasks:
+            score_model(model, tokenizer, benches[t], batch_size=batch_size)
+        full_runs.append(time.perf_counter() - started)
+        for size in sizes:
+            started = time.perf_counter()
+            answers = {t: score_model(model, tokenizer, benches[t], indices=estimators_by_size[size][t].indices,
+                                      batch_size=batch_size) for t in tasks}
+            subset_runs[size].append(time.perf_counter() - started)
+            mismatches += sum(int((answers[t] != matrices[t].row(name)[estimators_by_size[size][t].indices]).sum())
+                              for t in tasks)
+    full_seconds = float(np.median(full_runs)) if full_runs else float("nan")
+    subset_seconds = {size: float(np.median(v)) for size, v in subset_runs.items() if v}
+    for row in rows:
+        if row["benchmark"] == "mean" and row["size"] in subset_seconds:
+            row["time_ratio"] = full_seconds / subset_seconds[row["size"]]
 
     facts = {
         "zoo": str(zoo_dir), "profile": manifest.get("profile"), "tasks": tasks,
         "fit_models": len(fit_names), "endpoints": len(endpoint_names), "heldout_models": len(heldout),
         "strategy": strategy, "dims": dims, "seed": seed,
-        "full_eval_seconds_per_model": round(float(np.median(full_seconds)), 3) if full_seconds else None,
+        "full_eval_seconds": round(full_seconds, 3) if full_runs else None,
         "subset_eval_seconds": {str(k): round(v, 3) for k, v in subset_seconds.items()},
+        "subset_vs_full_answer_mismatches": mismatches,
         "heldout_accuracy_range": {t: [round(float(min(matrices[t].row(n).mean() for n, _ in heldout)), 3),
                                        round(float(max(matrices[t].row(n).mean() for n, _ in heldout)), 3)]
                                    for t in tasks},
