@@ -135,12 +135,21 @@ class SearchOptimizer(ABC):
             return 0
         return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
 
-    def ask(self) -> Trial:
-        """Start a new trial whose params are the next genome to evaluate."""
+    def ask(self, user_attrs: Mapping[str, Any] | None = None) -> Trial:
+        """Start a new trial whose params are the next genome to evaluate.
+
+        ``user_attrs`` are stored before any param is sampled, so a worker killed
+        while its sampler works still leaves a trial that names its worker.
+        """
         with warnings.catch_warnings():
             # We keep the heartbeat ourselves (evomerge.search.study), not through Study.optimize.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            return self.study.ask(self.distributions)
+            trial = self.study.ask()
+        for key, value in (user_attrs or {}).items():
+            trial.set_user_attr(key, value)
+        for name, distribution in self.distributions.items():
+            trial._suggest(name, distribution)  # what Study.ask(fixed_distributions) does
+        return trial
 
     def tell(self, trial: Trial, values: Sequence[float] | None) -> FrozenTrial:
         """Finish ``trial`` as COMPLETE with ``values``, or as FAIL when ``values`` is None."""
@@ -361,9 +370,9 @@ class NevergradOptimizer(SearchOptimizer):
                     self._optimizer.tell(candidate, losses)
         return candidate
 
-    def ask(self) -> Trial:
+    def ask(self, user_attrs: Mapping[str, Any] | None = None) -> Trial:
         self._catch_up()
-        return super().ask()
+        return super().ask(user_attrs)
 
     def tell(self, trial: Trial, values: Sequence[float] | None) -> FrozenTrial:
         frozen = super().tell(trial, values)

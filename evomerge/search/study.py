@@ -343,8 +343,7 @@ class SearchDriver:
         return SearchSummary(len(complete_trials(self.study)), new_complete, new_failed, best_trials(self.study))
 
     def _run_one(self, objective_fn: ObjectiveFn) -> FrozenTrial:
-        trial = self.optimizer.ask()
-        trial.set_user_attr(WORKER_ATTR, _worker_identity())
+        trial = self.optimizer.ask({WORKER_ATTR: _worker_identity()})
         started = time.perf_counter()
         try:
             with _Heartbeat(self.study, trial):
