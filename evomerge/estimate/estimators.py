@@ -21,13 +21,13 @@ two roughly independent estimates, which is tinyBenchmarks' bias/variance rule.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.jsonfile import read_json, write_json
 from evomerge.estimate.extract import STRATEGIES, Subset, check_subset_size, extract_subset
 from evomerge.estimate.irt import IRTFit, IRTPriors, estimate_theta, fit_irt, fit_logistic_weights, item_probabilities
 from evomerge.estimate.responses import as_correctness
@@ -139,19 +139,11 @@ class SubsetEstimator:
 
     def save(self, path: str | Path) -> Path:
         """Write json (subset, item parameters, endpoint abilities, mix weights) for resuming."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "SubsetEstimator":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EvomergeError(f"cannot read estimator file {path}: {exc}") from exc
+        data = read_json(path, "estimator file")
         return cls.from_dict(data)
 
 

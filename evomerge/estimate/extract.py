@@ -17,12 +17,12 @@ scores candidates on exactly the same items.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.jsonfile import read_json, write_json
 
 STRATEGIES = ("random", "stratified", "anchor-irt", "anchor-correctness")
 
@@ -62,15 +62,11 @@ class Subset:
         return subset
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Subset":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EvomergeError(f"cannot read subset file {path}: {exc}") from exc
+        data = read_json(path, "subset file")
         return cls.from_dict(data)
 
 

@@ -96,6 +96,23 @@ def _solve_spd(h, g):
 
 
 @njit(cache=True)
+def _clipped_logit(a, theta, b, i, j):
+    """a_j . theta_i - b_j, clipped so exp() never overflows."""
+    z = -b[j]
+    for k in range(theta.shape[1]):
+        z += a[j, k] * theta[i, k]
+    return min(max(z, -30.0), 30.0)
+
+
+@njit(cache=True)
+def _damped_newton_step(h, g, max_step):
+    """Newton step solving h x = g, shortened to at most ``max_step`` in norm."""
+    step = _solve_spd(h, g)
+    norm = np.sqrt(np.sum(step * step))
+    return step if norm <= max_step else step * (max_step / norm)
+
+
+@njit(cache=True)
 def _newton_items(y, mask, theta, a, b, prec_a, prec_b, mean_b, max_step):
     """One damped Newton step on every item's (a_j, b_j) with the thetas held fixed."""
     n_models, n_items = y.shape
@@ -107,10 +124,7 @@ def _newton_items(y, mask, theta, a, b, prec_a, prec_b, mean_b, max_step):
         for i in range(n_models):
             if mask[i, j] == 0:
                 continue
-            z = -b[j]
-            for k in range(d):
-                z += a[j, k] * theta[i, k]
-            z = min(max(z, -30.0), 30.0)
+            z = _clipped_logit(a, theta, b, i, j)
             s = 1.0 / (1.0 + np.exp(-z))
             r = y[i, j] - s
             w = s * (1.0 - s)
@@ -130,15 +144,10 @@ def _newton_items(y, mask, theta, a, b, prec_a, prec_b, mean_b, max_step):
         for k in range(p):
             for l in range(k):
                 h[l, k] = h[k, l]
-        step = _solve_spd(h, g)
-        norm = 0.0
-        for k in range(p):
-            norm += step[k] * step[k]
-        norm = np.sqrt(norm)
-        scale = 1.0 if norm <= max_step else max_step / norm
+        step = _damped_newton_step(h, g, max_step)
         for k in range(d):
-            a[j, k] += scale * step[k]
-        b[j] += scale * step[d]
+            a[j, k] += step[k]
+        b[j] += step[d]
 
 
 @njit(cache=True)
@@ -152,10 +161,7 @@ def _newton_thetas(y, mask, theta, a, b, prec_theta, max_step):
         for j in range(n_items):
             if mask[i, j] == 0:
                 continue
-            z = -b[j]
-            for k in range(d):
-                z += a[j, k] * theta[i, k]
-            z = min(max(z, -30.0), 30.0)
+            z = _clipped_logit(a, theta, b, i, j)
             s = 1.0 / (1.0 + np.exp(-z))
             r = y[i, j] - s
             w = s * (1.0 - s)
@@ -168,14 +174,9 @@ def _newton_thetas(y, mask, theta, a, b, prec_theta, max_step):
             h[k, k] += prec_theta
             for l in range(k):
                 h[l, k] = h[k, l]
-        step = _solve_spd(h, g)
-        norm = 0.0
+        step = _damped_newton_step(h, g, max_step)
         for k in range(d):
-            norm += step[k] * step[k]
-        norm = np.sqrt(norm)
-        scale = 1.0 if norm <= max_step else max_step / norm
-        for k in range(d):
-            theta[i, k] += scale * step[k]
+            theta[i, k] += step[k]
 
 
 @njit(cache=True)
@@ -187,10 +188,7 @@ def _log_posterior(y, mask, theta, a, b, prec_theta, prec_a, prec_b, mean_b):
         for j in range(n_items):
             if mask[i, j] == 0:
                 continue
-            z = -b[j]
-            for k in range(d):
-                z += a[j, k] * theta[i, k]
-            z = min(max(z, -30.0), 30.0)
+            z = _clipped_logit(a, theta, b, i, j)
             # log sigmoid(z) if y else log sigmoid(-z), computed stably
             if y[i, j] > 0.5:
                 total -= np.log1p(np.exp(-z))
