@@ -7,7 +7,6 @@ uniform task arithmetic and TIES, all scored on every benchmark item.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
@@ -23,7 +22,7 @@ BASELINE_RECIPES = {
 def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | None = None, progress: bool = True) -> int:
     from evomerge.evaluation import evaluate_models, print_accuracy_table
     from evomerge.merge import MergeCore, Recipe
-    from evomerge.search.run import MergeSearch, export_trial, start_run
+    from evomerge.search.run import MergeSearch, export_trial, say, start_run
     from evomerge.search.space import load_search_space
     from evomerge.zoo import ensure_zoo
 
@@ -64,7 +63,3 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
     verdict = "beats" if evolved > rivals[best_rival] else "does NOT beat"
     say(f"evolved merge mean accuracy {evolved:.3f} {verdict} the best other model ({best_rival}: {rivals[best_rival]:.3f})")
     return 0
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

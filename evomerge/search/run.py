@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,10 @@ from evomerge.search.study import SearchDriver, open_study
 
 SPACE_FILE = "space.yaml"
 STRATEGY_ALIASES = {"anchor": "anchor-irt"}
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def run_dir_for(space: SearchSpace, runs_root: str | Path = "runs") -> Path:
@@ -117,8 +122,12 @@ class MergeSearch:
             path = responses_path(self.run_dir, bench_name)
             matrix = ResponseMatrix.load(path) if path.exists() else None
             known = set(matrix.model_names) if matrix is not None else set()
+            if self.progress:
+                n_models = 1 + len(self.space.experts) + len(self.space.extra_models) + self.space.calibration_merges
+                say(f"calibrating the {bench_name} estimator: scoring {n_models - len(known)} of "
+                    f"{n_models} models on all {len(bench.items)} items (cached in {self.run_dir})")
             for name, model, tokenizer in self._calibration_models(known):
-                correct = score_items(model, tokenizer, bench, batch_size=self.batch_size)
+                correct = score_items(model, tokenizer, bench, batch_size=self.batch_size, progress=self.progress)
                 if matrix is None:
                     matrix = ResponseMatrix.empty([item.id for item in bench.items], bench_name)
                 matrix = matrix.with_model(name, np.asarray(correct, dtype=bool))
