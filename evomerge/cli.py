@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=128)
 
     check = commands.add_parser("estimate-check", help="error of each estimator vs subset size on held-out merges")
-    check.add_argument("args", nargs=argparse.REMAINDER, help="passed on (see `evomerge estimate-check -- --help`)")
+    check.add_argument("args", nargs=argparse.REMAINDER, help="its own options (see `evomerge estimate-check --help`)")
 
     zoo = commands.add_parser("make-zoo", help="build the tiny demo model zoo")
     zoo.add_argument("--out", default="runs/zoo")
@@ -84,6 +84,9 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["estimate-check"]:  # its options are its own parser's, with or without `--`
+        argv = ["estimate-check", "--", *argv[1:]] if argv[1:2] != ["--"] else argv
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:

@@ -48,3 +48,11 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "not a model zoo" in capsys.readouterr().err
     assert main(["--zoo", str(tmp_path), "--sizes", "ten"]) == 2
     assert "--sizes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("separator", [[], ["--"]])
+def test_evomerge_cli_passes_options_through(tmp_path, capsys, separator):
+    from evomerge.cli import main as evomerge_main
+
+    assert evomerge_main(["estimate-check", *separator, "--zoo", str(tmp_path / "nozoo")]) == 2
+    assert "not a model zoo" in capsys.readouterr().err
