@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from evomerge.errors import EvomergeError
 from evomerge.search.optimizers import make_optimizer
+import evomerge.search.study as study_module
 from evomerge.search.study import (
     SearchDriver,
     best_trials,
@@ -157,6 +158,21 @@ def test_only_dead_workers_of_this_host_are_stale(tmp_path):
     states = {t.user_attrs["kind"]: t.state for t in study.trials}
     assert states == {"dead": TrialState.FAIL, "alive": TrialState.RUNNING, "elsewhere": TrialState.RUNNING}
     assert "died" in study.trials[0].user_attrs["error"]
+
+
+def test_a_trial_orphaned_before_naming_its_worker_is_failed_after_a_grace(tmp_path, monkeypatch):
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    study.ask({"w0": optuna.distributions.FloatDistribution(0, 1)})  # no worker attr: died right after ask
+    assert fail_stale_trials(study) == []  # could still be a live worker about to name itself
+    monkeypatch.setattr(study_module, "UNNAMED_GRACE_S", -1.0)
+    assert fail_stale_trials(study) == [0]
+    assert "before naming itself" in study.trials[0].user_attrs["error"]
+
+
+def test_the_driver_records_its_worker_on_each_trial(tmp_path):
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    SearchDriver(study, make_optimizer("random", SPACE, "maximize"), progress=False).run(toy, 1)
+    assert study.trials[0].user_attrs["worker"]["pid"] == os.getpid()
 
 
 def test_best_trials_multi_objective(tmp_path):

@@ -12,6 +12,7 @@ trials of workers that died on other machines.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -40,6 +41,9 @@ WALL_TIME_ATTR = "wall_time_s"
 RESUMABLE_KEYS = ("n_trials", "budget")
 HEARTBEAT_INTERVAL_S = 60
 HEARTBEAT_GRACE_S = 300
+UNNAMED_GRACE_S = 60
+"""A RUNNING trial still naming no worker this long after its start was orphaned between
+its creation and the (immediately following) write of its worker: fail it."""
 
 ObjectiveFn = Callable[[dict[str, float]], tuple[Sequence[float], Mapping[str, Any]]]
 
@@ -193,12 +197,16 @@ def fail_stale_trials(study: Study) -> list[int]:
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR)
-        if not isinstance(worker, Mapping) or worker.get("host") != host or _is_alive(worker):
+        if isinstance(worker, Mapping):
+            if worker.get("host") != host or _is_alive(worker):
+                continue
+            reason = f"stale: worker pid {worker.get('pid')} on {host} died"
+        elif _age_seconds(trial) > UNNAMED_GRACE_S:
+            reason = "stale: its worker died before naming itself"
+        else:
             continue
         try:
-            storage.set_trial_user_attr(
-                trial._trial_id, ERROR_ATTR, f"stale: worker pid {worker.get('pid')} on {host} died"
-            )
+            storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR, reason)
             if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                 failed.append(trial.number)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -211,6 +219,11 @@ def fail_stale_trials(study: Study) -> list[int]:
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
         failed.extend(sorted(after - before - set(failed)))
     return failed
+
+
+def _age_seconds(trial: FrozenTrial) -> float:
+    started = trial.datetime_start
+    return float("inf") if started is None else (datetime.datetime.now() - started).total_seconds()
 
 
 def _heartbeat_interval(storage) -> int | None:
