@@ -105,6 +105,13 @@ def _clipped_logit(a, theta, b, i, j):
 
 
 @njit(cache=True)
+def _residual_and_weight(y, a, theta, b, i, j):
+    """(y_ij - p, p (1 - p)) for p = P(model i answers item j): gradient and Hessian terms."""
+    p = 1.0 / (1.0 + np.exp(-_clipped_logit(a, theta, b, i, j)))
+    return y[i, j] - p, p * (1.0 - p)
+
+
+@njit(cache=True)
 def _damped_newton_step(h, g, max_step):
     """Newton step solving h x = g, shortened to at most ``max_step`` in norm."""
     step = _solve_spd(h, g)
@@ -124,10 +131,7 @@ def _newton_items(y, mask, theta, a, b, prec_a, prec_b, mean_b, max_step):
         for i in range(n_models):
             if mask[i, j] == 0:
                 continue
-            z = _clipped_logit(a, theta, b, i, j)
-            s = 1.0 / (1.0 + np.exp(-z))
-            r = y[i, j] - s
-            w = s * (1.0 - s)
+            r, w = _residual_and_weight(y, a, theta, b, i, j)
             # features x = (theta_i, -1)
             for k in range(d):
                 g[k] += r * theta[i, k]
@@ -161,10 +165,7 @@ def _newton_thetas(y, mask, theta, a, b, prec_theta, max_step):
         for j in range(n_items):
             if mask[i, j] == 0:
                 continue
-            z = _clipped_logit(a, theta, b, i, j)
-            s = 1.0 / (1.0 + np.exp(-z))
-            r = y[i, j] - s
-            w = s * (1.0 - s)
+            r, w = _residual_and_weight(y, a, theta, b, i, j)
             for k in range(d):
                 g[k] += r * a[j, k]
                 for l in range(k + 1):
