@@ -1,4 +1,4 @@
-"""End to end on the quick zoo: search, status, export round-trip, kill -9 and resume."""
+"""End to end on the quick zoo: search, status, export round-trip, kill -9 and resume, the demo command."""
 
 from __future__ import annotations
 
@@ -169,3 +169,13 @@ def test_kill_minus_nine_then_resume(zoo_dir, tmp_path):
     assert len(lost) <= 1
     assert max(t.values[0] for t in done) >= best_before
     assert np.all([t.number for t in before] == sorted(t.number for t in before))
+
+
+def test_demo_command_searches_exports_and_compares(zoo_dir, tmp_path, monkeypatch, capsys):
+    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "tpe", trials=3, name="demo")
+    monkeypatch.chdir(tmp_path)  # the demo writes runs/demo/ under the working directory
+    assert main(["demo", "--space", str(space_file), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert (tmp_path / "runs" / "demo" / "best" / "mergekit.yaml").is_file()
+    assert "evolved merge mean accuracy" in captured.err
+    assert "evolved (exported)" in captured.out + captured.err  # the comparison table
