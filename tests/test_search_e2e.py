@@ -179,3 +179,16 @@ def test_demo_command_searches_exports_and_compares(zoo_dir, tmp_path, monkeypat
     assert (tmp_path / "runs" / "demo" / "best" / "mergekit.yaml").is_file()
     assert "evolved merge mean accuracy" in captured.err
     assert "evolved (exported)" in captured.out + captured.err  # the comparison table
+
+
+def test_per_task_objectives_search_and_export(zoo_dir, tmp_path):
+    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "nsga2", trials=4, name="multi")
+    raw = yaml.safe_load(space_file.read_text())
+    raw["optimizer"]["objectives"] = "per_task"
+    space_file.write_text(yaml.safe_dump(raw))
+    assert main(["search", str(space_file), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 0
+    study = open_existing_study(tmp_path / "runs" / "multi")
+    assert len(study.directions) == len(raw["benchmarks"])
+    assert len(complete(study)) == 4
+    exported = export_trial(tmp_path / "runs" / "multi", out_dir=tmp_path / "best")
+    assert (exported / "evomerge_recipe.json").is_file()
