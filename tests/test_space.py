@@ -40,6 +40,8 @@ def test_demo_space_is_valid():
         (lambda r: r["optimizer"].update(trials="many"), "optimizer.trials"),
         (lambda r: r.update(colour="blue"), "unknown key colour"),
         (lambda r: r["merge"].update(method="slerp"), "exactly one expert"),
+        (lambda r: r["optimizer"].update(name="cmaex"), "optimizer.name: unknown optimizer 'cmaex'"),
+        (lambda r: r["optimizer"].update(objectives="per_task", name="cmaes"), "handles one objective only"),
     ],
 )
 def test_bad_space_names_the_key(mutate, message):

@@ -400,22 +400,34 @@ def make_optimizer(
     """
     space = validate_genome_space(genome_space)
     dirs = validate_directions(directions)
+    registry_name = check_optimizer(name, len(dirs))
+    key = str(name).lower()
+    if registry_name is None:
+        return OptunaOptimizer(key, space, dirs, seed, options)
+    return NevergradOptimizer(key if key in NEVERGRAD_ALIASES else name, space, dirs, seed,
+                              registry_name, budget=budget, options=options)
+
+
+def check_optimizer(name: str, n_objectives: int = 1) -> str | None:
+    """Fail early (before any calibration) on an unknown optimizer or one that can't take n objectives.
+
+    Returns the nevergrad registry name, or None for an Optuna sampler.
+    """
     key = str(name).lower()
     if key in OPTUNA_OPTIMIZERS:
-        if len(dirs) > 1 and not OPTUNA_OPTIMIZERS[key]:
+        if n_objectives > 1 and not OPTUNA_OPTIMIZERS[key]:
             multi = [n for n, ok in OPTUNA_OPTIMIZERS.items() if ok]
             raise EvomergeError(
-                f"optimizer {name!r} handles one objective only, but {len(dirs)} were given; "
+                f"optimizer {name!r} handles one objective only, but {n_objectives} were given; "
                 f"use one of {multi} or a nevergrad optimizer (ng_*)"
             )
-        return OptunaOptimizer(key, space, dirs, seed, options)
+        return None
     if key.startswith("ng_"):
         import nevergrad as ng
 
         registry_name = NEVERGRAD_ALIASES.get(key) or _registry_name(ng.optimizers.registry, name[3:])
         if registry_name is not None:
-            return NevergradOptimizer(key if key in NEVERGRAD_ALIASES else name, space, dirs, seed,
-                                      registry_name, budget=budget, options=options)
+            return registry_name
     raise EvomergeError(
         f"unknown optimizer {name!r}; valid names: {', '.join(available_optimizers())}, "
         f"or ng_<Name> for any name in nevergrad.optimizers.registry"

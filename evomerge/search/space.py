@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.search.optimizers import check_optimizer
 
 GRANULARITIES = ("global", "layer_group", "layer")
 SPLITTABLE_MODULES = ("attention", "mlp")
@@ -236,6 +237,11 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         raise EvomergeError(
             f"{source}: optimizer.objectives {objectives!r} is unknown; choose one of {', '.join(OBJECTIVE_MODES)}"
         )
+    optimizer_name = str(optimizer.get("name", "nsga2" if objectives == "per_task" else "cmaes"))
+    try:
+        check_optimizer(optimizer_name, len(benchmarks) if objectives == "per_task" else 1)
+    except EvomergeError as error:
+        raise EvomergeError(f"{source}: optimizer.name: {error}") from None
     device = str(raw.get("device", "auto"))
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise EvomergeError(f"{source}: device must be auto, cpu or cuda[:N], got {device!r}")
@@ -257,7 +263,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         irt_dims=irt_dims,
         extra_models=extra_models,
         calibration_merges=calibration_merges,
-        optimizer=str(optimizer.get("name", "nsga2" if objectives == "per_task" else "cmaes")),
+        optimizer=optimizer_name,
         trials=reader.integer(optimizer, "trials", "optimizer", default=50, minimum=1),
         seed=reader.integer(optimizer, "seed", "optimizer", default=0, minimum=0),
         objectives=objectives,
