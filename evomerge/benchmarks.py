@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -70,34 +70,91 @@ class Benchmark:
 # --------------------------------------------------------------------------- loading
 
 
-def _item_from_record(record: dict, index: int, bench_name: str, where: str) -> Item:
-    """Validate one raw record; errors name the benchmark, the item and the bad key."""
-    item_id = str(record.get("id") if record.get("id") is not None else f"{bench_name}-{index:04d}")
+ITEM_KEYS = ("id", "prompt", "answer", "choices", "label")
+TABULAR_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+
+
+def check_item_format(fields: Mapping[str, str] | None, template: str | None, where: str) -> dict[str, str]:
+    """A benchmark's column mapping and prompt template, checked before any data is read."""
+    fields = dict(fields or {})
+    unknown = sorted(set(fields) - set(ITEM_KEYS))
+    if unknown:
+        raise EvomergeError(f"{where}: fields maps unknown item key {unknown[0]!r}; item keys are {', '.join(ITEM_KEYS)}")
+    if not all(isinstance(v, str) and v for v in fields.values()):
+        raise EvomergeError(f"{where}: fields must map item keys to column names (strings)")
+    if template is not None and not isinstance(template, str):
+        raise EvomergeError(f"{where}: template must be a string such as 'Question: {{question}} Answer:'")
+    return fields
+
+
+def _label_index(label):
+    """An int label, or a digit / letter label ("2", "C") as many datasets store it."""
+    if isinstance(label, str):
+        text = label.strip()
+        if text.isdigit():
+            return int(text)
+        if len(text) == 1 and "A" <= text.upper() <= "Z":
+            return ord(text.upper()) - ord("A")
+    return label
+
+
+def _column(key: str, fields: Mapping[str, str]) -> str:
+    """How an error names an item key: 'label', or 'label' (column 'answerKey') when mapped."""
+    return f"'{key}' (column {fields[key]!r})" if key in fields else f"'{key}'"
+
+
+def _item_from_record(record: dict, index: int, bench_name: str, where: str,
+                      fields: Mapping[str, str], template: str | None) -> Item:
+    """Validate one raw record; errors name the benchmark, the item and the bad key.
+
+    ``fields`` maps item keys to the dataset's column names; ``template`` builds
+    the prompt from the record's columns (``str.format`` syntax).
+    """
+    def value(key):
+        return record.get(fields.get(key, key))
+
+    raw_id = value("id")
+    item_id = str(raw_id if raw_id is not None else f"{bench_name}-{index:04d}")
     at = f"benchmark {bench_name!r} ({where}), item {item_id!r}"
-    prompt = record.get("prompt")
+    if template is not None:
+        try:
+            prompt = template.format_map(record)
+        except KeyError as exc:
+            raise EvomergeError(f"{at}: template names column {exc.args[0]!r}, which the item lacks; "
+                                f"columns: {', '.join(map(str, record))}") from None
+        except (IndexError, ValueError) as exc:
+            raise EvomergeError(f"{at}: bad template ({exc})") from None
+    else:
+        prompt = value("prompt")
     if not isinstance(prompt, str):
-        raise EvomergeError(f"{at}: missing or non-string 'prompt'")
-    answer = record.get("answer")
-    choices = record.get("choices")
-    label = record.get("label")
+        raise EvomergeError(f"{at}: missing or non-string {_column('prompt', fields)}")
+    choices = value("choices")
+    # A mapped label may live in a column called "answer" (MMLU): then there is no exact-match answer.
+    answer = value("answer") if fields.get("label") != fields.get("answer", "answer") else None
+    label = value("label")
+    if isinstance(choices, dict) and isinstance(choices.get("text"), list):
+        choices = choices["text"]  # {"text": [...], "label": ["A", ...]} as in ARC
     if choices is not None:
         if answer is not None:
             raise EvomergeError(f"{at}: has both 'answer' and 'choices'; use one format per item")
         if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise EvomergeError(f"{at}: 'choices' must be a list of at least two strings")
+            raise EvomergeError(f"{at}: {_column('choices', fields)} must be a list of at least two strings")
         if label is None:
-            raise EvomergeError(f"{at}: multiple-choice item has no 'label'")
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= int(label) < len(choices):
-            raise EvomergeError(f"{at}: 'label' {label!r} is not an index into its {len(choices)} choices")
+            raise EvomergeError(f"{at}: multiple-choice item has no {_column('label', fields)}")
+        index_ = _label_index(label)
+        if isinstance(index_, bool) or not isinstance(index_, (int, np.integer)) or not 0 <= int(index_) < len(choices):
+            raise EvomergeError(f"{at}: {_column('label', fields)} {label!r} is not an index into its "
+                                f"{len(choices)} choices")
         if any(c == "" for c in choices):
-            raise EvomergeError(f"{at}: empty string among 'choices'")
-        return Item(item_id, prompt, choices=tuple(choices), label=int(label))
+            raise EvomergeError(f"{at}: empty string among {_column('choices', fields)}")
+        return Item(item_id, prompt, choices=tuple(choices), label=int(index_))
     if answer is None:
-        raise EvomergeError(f"{at}: no 'answer' (exact match) or 'choices' + 'label' (multiple choice)")
+        raise EvomergeError(f"{at}: no {_column('answer', fields)} (exact match) or "
+                            f"{_column('choices', fields)} + {_column('label', fields)} (multiple choice)")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str) or answer == "":
-        raise EvomergeError(f"{at}: 'answer' must be a non-empty string")
+        raise EvomergeError(f"{at}: {_column('answer', fields)} must be a non-empty string")
     return Item(item_id, prompt, answer=answer)
 
 
@@ -131,40 +188,69 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
-def _records_from_dataset(dataset, where: str) -> list[dict]:
-    """Rows of a ``datasets.Dataset`` (or the single / ``test`` split of a ``DatasetDict``)."""
+def _records_from_dataset(dataset, where: str, split: str | None = None) -> list[dict]:
+    """Rows of a ``datasets.Dataset``, or of one split of a ``DatasetDict`` (``split``, else
+    ``test``, else its only split)."""
     import datasets
 
     if isinstance(dataset, datasets.DatasetDict):
         splits = list(dataset.keys())
-        if "test" in dataset:
+        if split is not None:
+            if split not in dataset:
+                raise EvomergeError(f"{where}: no split {split!r}; the dataset has {splits}")
+            dataset = dataset[split]
+        elif "test" in dataset:
             dataset = dataset["test"]
         elif len(splits) == 1:
             dataset = dataset[splits[0]]
         else:
-            raise EvomergeError(f"{where}: dataset has splits {splits}; keep only one or name one 'test'")
+            raise EvomergeError(f"{where}: dataset has splits {splits}; choose one with split: NAME")
     return [dict(row) for row in dataset]
 
 
-def _records_from_directory(path: Path) -> list[dict]:
+def _records_from_files(files: list[str], where: str) -> list[dict]:
+    """parquet / csv / json(l) files of one kind, read through ``datasets`` (local only)."""
+    import datasets
+
+    kinds = {TABULAR_SUFFIXES.get(Path(f).suffix, "json") for f in files}
+    if len(kinds) > 1:
+        raise EvomergeError(f"{where}: mixes file types {sorted(kinds)}; keep one per benchmark")
+    try:
+        dataset = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    except Exception as exc:  # a malformed file: one clear line, not a deep traceback
+        raise EvomergeError(f"{where}: could not read {', '.join(Path(f).name for f in files)} ({exc})") from None
+    return [dict(row) for row in dataset]
+
+
+def _records_from_directory(path: Path, split: str | None = None) -> list[dict]:
     import datasets
 
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         try:
-            return _records_from_dataset(datasets.load_from_disk(str(path)), str(path))
+            return _records_from_dataset(datasets.load_from_disk(str(path)), str(path), split)
         except (FileNotFoundError, ValueError) as exc:
             raise EvomergeError(f"{path}: could not load saved dataset ({exc})") from None
-    files = sorted(str(p) for p in path.iterdir() if p.suffix in {".jsonl", ".json"})
+    suffixes = {".jsonl", ".json", *TABULAR_SUFFIXES}
+    files = sorted(str(p) for p in path.iterdir() if p.suffix in suffixes)
+    if split is not None:
+        files = [f for f in files if Path(f).name.startswith(split)]
     if not files:
-        raise EvomergeError(f"{path}: no saved dataset and no .jsonl/.json files in this folder")
-    dataset = datasets.load_dataset("json", data_files=files, split="train")
-    return [dict(row) for row in dataset]
+        named = f" named {split}*" if split is not None else ""
+        raise EvomergeError(f"{path}: no saved dataset and no .jsonl/.json/.parquet/.csv files{named} in this folder")
+    return _records_from_files(files, str(path))
 
 
-def load_benchmark(source, name: str | None = None) -> Benchmark:
-    """Load items from a ``.jsonl``/``.json`` file, a local ``datasets`` folder, or a ``Dataset``.
+def load_benchmark(source, name: str | None = None, *, fields: Mapping[str, str] | None = None,
+                   template: str | None = None, split: str | None = None) -> Benchmark:
+    """Load items from a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a local ``datasets``
+    folder (``save_to_disk`` output, or a folder of such files), or a ``Dataset``.
 
-    ``name`` defaults to the file or folder stem. No hub access: local data only.
+    Items have ``prompt`` and ``answer`` (exact match) or ``choices`` and ``label``
+    (multiple choice; an int, a digit or a letter). ``fields`` maps those keys to
+    other column names (e.g. ``{"prompt": "question", "label": "answerKey"}``),
+    ``template`` builds the prompt from columns (``"Q: {question} A:"``) and
+    ``split`` picks a split (default ``test``, or the only one). ``name``
+    defaults to the file or folder stem. No hub access: local data only.
     """
     try:
         import datasets
@@ -172,23 +258,24 @@ def load_benchmark(source, name: str | None = None) -> Benchmark:
         dataset_types: tuple = (datasets.Dataset, datasets.DatasetDict)
     except ImportError:  # pragma: no cover - datasets is a dependency
         dataset_types = ()
-    if dataset_types and isinstance(source, dataset_types):
-        bench_name = name or "dataset"
-        where = "in-memory dataset"
-        records = _records_from_dataset(source, where)
+    in_memory = bool(dataset_types) and isinstance(source, dataset_types)
+    path = None if in_memory else Path(os.fspath(source))
+    bench_name = name or ("dataset" if in_memory else path.name.split(".")[0])
+    where = "in-memory dataset" if in_memory else str(path)
+    fields = check_item_format(fields, template, f"benchmark {bench_name!r}")
+    if in_memory:
+        records = _records_from_dataset(source, where, split)
+    elif not path.exists():
+        raise EvomergeError(f"benchmark {bench_name!r}: {path} does not exist")
+    elif path.is_dir():
+        records = _records_from_directory(path, split)
+    elif path.suffix in TABULAR_SUFFIXES:
+        records = _records_from_files([str(path)], where)
+    elif path.suffix == ".json":
+        records = _read_json(path)
     else:
-        path = Path(os.fspath(source))
-        bench_name = name or path.name.split(".")[0]
-        where = str(path)
-        if not path.exists():
-            raise EvomergeError(f"benchmark {bench_name!r}: {path} does not exist")
-        if path.is_dir():
-            records = _records_from_directory(path)
-        elif path.suffix == ".json":
-            records = _read_json(path)
-        else:
-            records = _read_jsonl(path)
-    items = [_item_from_record(record, i, bench_name, where) for i, record in enumerate(records)]
+        records = _read_jsonl(path)
+    items = [_item_from_record(record, i, bench_name, where, fields, template) for i, record in enumerate(records)]
     return Benchmark(bench_name, items, source=where)
 
 

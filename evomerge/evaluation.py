@@ -16,7 +16,7 @@ def benchmarks_for(paths: list[str] | None, space: str | None) -> dict[str, Benc
 
         space_path = Path(space) / SPACE_FILE if Path(space).is_dir() else Path(space)
         parsed = load_search_space(space_path)
-        return {b.name: load_benchmark(b.path, name=b.name) for b in parsed.benchmarks}
+        return {b.name: b.load() for b in parsed.benchmarks}
     benchmarks = {}
     for path in paths or []:
         bench = load_benchmark(path)

@@ -66,6 +66,45 @@ def test_load_from_disk_dataset_and_json_folder(tmp_path):
     assert in_memory.kind == MULTIPLE_CHOICE
 
 
+def test_column_mapping_template_and_letter_labels(tmp_path):
+    """Datasets as they come (MMLU / ARC / GSM8K-like columns) load without preprocessing."""
+    import datasets
+
+    mmlu = datasets.Dataset.from_list([{"question": "2+2?", "choices": ["3", "4"], "answer": 1}])
+    mmlu.to_parquet(str(tmp_path / "mmlu.parquet"))
+    bench = load_benchmark(tmp_path / "mmlu.parquet", fields={"label": "answer"}, template="Q: {question}\nA:")
+    assert bench.items[0] == Item("mmlu-0000", "Q: 2+2?\nA:", choices=("3", "4"), label=1)
+
+    arc = [{"id": "arc-1", "question": "Sky?", "choices": {"text": ["blue", "red", "green"], "label": ["A", "B", "C"]},
+            "answerKey": "C"}]
+    bench = load_benchmark(write_jsonl(tmp_path / "arc.jsonl", arc), fields={"prompt": "question", "label": "answerKey"})
+    assert bench.items[0].choices == ("blue", "red", "green") and bench.items[0].label == 2
+
+    (tmp_path / "gsm.csv").write_text("q,a\n1+1=,2\n2+3=,5\n")
+    bench = load_benchmark(tmp_path / "gsm.csv", fields={"prompt": "q", "answer": "a"})
+    assert [(i.prompt, i.answer) for i in bench.items] == [("1+1=", "2"), ("2+3=", "5")]
+
+
+def test_split_choice_and_format_errors(tmp_path):
+    import datasets
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(EM_ROWS),
+                                   "validation": datasets.Dataset.from_list(EM_ROWS[:1])})
+    splits.save_to_disk(str(tmp_path / "dd"))
+    assert len(load_benchmark(tmp_path / "dd", split="validation")) == 1
+    with pytest.raises(EvomergeError, match="no split 'test'; the dataset has"):
+        load_benchmark(tmp_path / "dd", split="test")
+    with pytest.raises(EvomergeError, match="choose one with split"):
+        load_benchmark(tmp_path / "dd")
+    rows = write_jsonl(tmp_path / "r.jsonl", EM_ROWS)
+    with pytest.raises(EvomergeError, match="unknown item key 'question'"):
+        load_benchmark(rows, fields={"question": "q"})
+    with pytest.raises(EvomergeError, match="template names column 'question'.*columns: id, prompt, answer"):
+        load_benchmark(rows, template="{question}")
+    with pytest.raises(EvomergeError, match=r"'answer' \(column 'a'\)"):
+        load_benchmark(rows, fields={"answer": "a"})
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [

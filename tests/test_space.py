@@ -25,6 +25,18 @@ def test_demo_space_is_valid():
     assert [b.name for b in space.benchmarks] == ["arith", "reverse", "lang"]
 
 
+def test_benchmark_entry_with_columns_and_template_loads(tmp_path):
+    import datasets
+
+    rows = [{"question": f"{i}+1?", "options": ["no", "yes"], "gold": "B"} for i in range(3)]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "quiz"))
+    raw = demo_raw()
+    raw["benchmarks"] = [{"name": "quiz", "path": str(tmp_path / "quiz"), "split": "validation",
+                          "fields": {"choices": "options", "label": "gold"}, "template": "Q: {question} A:"}]
+    bench = parse_search_space(raw, source="demo.yaml").benchmarks[0].load()
+    assert len(bench) == 3 and bench.items[0].prompt == "Q: 0+1? A:" and bench.items[0].label == 1
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -41,6 +53,8 @@ def test_demo_space_is_valid():
         (lambda r: r.update(colour="blue"), "unknown key colour"),
         (lambda r: r["merge"].update(method="slerp"), "exactly one expert"),
         (lambda r: r["optimizer"].update(name="cmaex"), "optimizer.name: unknown optimizer 'cmaex'"),
+        (lambda r: r["benchmarks"][0].update(fields={"question": "q"}), r"benchmarks\[0\]: fields maps unknown item key"),
+        (lambda r: r["benchmarks"][0].update(template=3), r"benchmarks\[0\]: template must be a string"),
         (lambda r: r["optimizer"].update(objectives="per_task", name="cmaes"), "handles one objective only"),
     ],
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from evomerge.benchmarks import load_benchmark, score_items
+from evomerge.benchmarks import score_items
 from evomerge.errors import EvomergeError
 from evomerge.estimate import ResponseMatrix, SubsetEstimator, fit_subset_estimator, responses_path
 from evomerge.merge import MergeCore
@@ -74,7 +74,7 @@ class MergeSearch:
             raise EvomergeError(f"base model {space.base} has no tokenizer; benchmarks need one")
         self.num_layers = self.core.num_layers
         self.genome = genome_space(space, self.num_layers)
-        self.benchmarks = {b.name: load_benchmark(b.path, name=b.name) for b in space.benchmarks}
+        self.benchmarks = {b.name: b.load() for b in space.benchmarks}
         self.weights = np.array([b.weight for b in space.benchmarks], dtype=float)
         self.estimators: dict[str, SubsetEstimator] = {}
 

@@ -43,6 +43,15 @@ class BenchmarkSpec:
     name: str
     path: str
     weight: float = 1.0
+    fields: dict[str, str] = field(default_factory=dict)   # item key -> dataset column
+    template: str | None = None                             # prompt built from columns
+    split: str | None = None
+
+    def load(self):
+        """The benchmark's items (`evomerge.benchmarks.load_benchmark` with this entry's format)."""
+        from evomerge.benchmarks import load_benchmark
+
+        return load_benchmark(self.path, name=self.name, fields=self.fields, template=self.template, split=self.split)
 
 
 @dataclass
@@ -202,13 +211,21 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         where = f"benchmarks[{index}]"
         if not isinstance(entry, dict):
             raise EvomergeError(f"{source}: {where} must be a mapping with name and path")
-        reader.reject_unknown(entry, {"name", "path", "weight"}, where)
+        reader.reject_unknown(entry, {"name", "path", "weight", "fields", "template", "split"}, where)
         weight = entry.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or weight <= 0:
             raise EvomergeError(f"{source}: {where}.weight must be a positive number, got {weight!r}")
-        benchmarks.append(
-            BenchmarkSpec(reader.string(entry, "name", where), reader.string(entry, "path", where), float(weight))
-        )
+        fields = entry.get("fields", {}) or {}
+        if not isinstance(fields, dict):
+            raise EvomergeError(f"{source}: {where}.fields must map item keys to column names")
+        if entry.get("split") is not None and not isinstance(entry["split"], str):
+            raise EvomergeError(f"{source}: {where}.split must be a string")
+        from evomerge.benchmarks import check_item_format
+
+        check_item_format(fields, entry.get("template"), f"{source}: {where}")
+        benchmarks.append(BenchmarkSpec(
+            reader.string(entry, "name", where), reader.string(entry, "path", where), float(weight),
+            fields=dict(fields), template=entry.get("template"), split=entry.get("split")))
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
         raise EvomergeError(f"{source}: benchmark names must be unique, got {names}")
