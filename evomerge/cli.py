@@ -119,24 +119,25 @@ def _run_search(space, run_dir: Path, resume: bool, args) -> int:
     print(f"{'resuming' if resume else 'starting'} search {space.name!r} in {run_dir}", file=sys.stderr)
     search = MergeSearch(space, run_dir, storage=storage, progress=not args.no_progress)
     study, summary = search.run(args.trials, resume=resume)
-    _print_status(study, top=5)
+    _print_status(study, top=5, weights=[b.weight for b in space.benchmarks])
     return 0
 
 
 def cmd_status(args) -> int:
-    from evomerge.search.run import open_existing_study
+    from evomerge.search.run import load_run_space, open_existing_study
 
-    _print_status(open_existing_study(args.run_dir, args.storage), args.top)
+    weights = [b.weight for b in load_run_space(args.run_dir).benchmarks]
+    _print_status(open_existing_study(args.run_dir, args.storage), args.top, weights)
     return 0
 
 
-def _print_status(study, top: int) -> None:
+def _print_status(study, top: int, weights: list[float] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from evomerge.search.run import ranked_trials
 
-    trials = ranked_trials(study)
+    trials = ranked_trials(study, weights)
     counts = {}
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1

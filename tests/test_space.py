@@ -37,6 +37,15 @@ def test_benchmark_entry_with_columns_and_template_loads(tmp_path):
     assert len(bench) == 3 and bench.items[0].prompt == "Q: 0+1? A:" and bench.items[0].label == 1
 
 
+@pytest.mark.parametrize("path", sorted(DEMO.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_is_valid(path):
+    space = load_search_space(path)
+    genes = genome_space(space, num_layers=4)
+    assert genes and all(lo < hi for lo, hi in genes.values())
+    recipe = genome_to_recipe(space, {n: (lo + hi) / 2 for n, (lo, hi) in genes.items()}, 4)
+    recipe.validate(len(space.experts))
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

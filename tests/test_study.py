@@ -239,3 +239,13 @@ def test_kill_9_then_resume_reaches_the_budget(tmp_path, optimizer):
     assert {tuple(json.loads(line).values()) for line in evaluated_after}.isdisjoint(
         tuple(t.params.values()) for t in before_complete
     )
+
+
+def test_per_task_ranking_uses_benchmark_weights():
+    from evomerge.search.run import ranked_trials
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for values in ([0.9, 0.1], [0.2, 0.7]):
+        study.add_trial(optuna.trial.create_trial(values=values))
+    assert [t.number for t in ranked_trials(study)] == [0, 1]            # plain mean: 0.50 vs 0.45
+    assert [t.number for t in ranked_trials(study, [1.0, 2.0])] == [1, 0]  # weighted: 0.37 vs 0.53

@@ -14,6 +14,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import yaml
@@ -258,12 +259,22 @@ def open_existing_study(run_dir: str | Path, storage: str | None = None):
         raise EvomergeError(f"no study {space.name!r} in {url}; start it with `evomerge search`") from None
 
 
-def ranked_trials(study) -> list:
-    """Complete trials, best first (several objectives: by their mean)."""
+def ranked_trials(study, weights: Sequence[float] | None = None) -> list:
+    """Complete trials, best first.
+
+    Several objectives (one per benchmark) rank by their mean, weighted by the
+    benchmarks' ``weights`` from the search space when given.
+    """
     from optuna.trial import TrialState
 
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    return sorted(trials, key=lambda t: -float(np.mean(t.values)))
+
+    def score(trial) -> float:
+        if weights is not None and len(weights) == len(trial.values) > 1:
+            return float(np.dot(weights, trial.values) / np.sum(weights))
+        return float(np.mean(trial.values))
+
+    return sorted(trials, key=lambda t: -score(t))
 
 
 def export_trial(
@@ -279,7 +290,7 @@ def export_trial(
 
     space = load_run_space(run_dir)
     study = open_existing_study(run_dir, storage)
-    trials = ranked_trials(study)
+    trials = ranked_trials(study, [b.weight for b in space.benchmarks])
     if not trials:
         raise EvomergeError(f"run {run_dir} has no complete trial to export yet")
     if trial_number is None:
