@@ -5,8 +5,9 @@ predicts the full accuracy. MERGE^3 / Mergenetic instead write every
 candidate to disk and reload it before scoring; the "disk round trip" row
 times that (save_pretrained + from_pretrained of the merged model), and the
 "full benchmarks" row what scoring every item would cost without the estimator.
-Finally a short real search into a temporary run folder gives the wall time per
-trial including the optimizer and the storage writes.
+Then a short real search into a temporary run folder gives the time per trial
+including the optimizer and the storage writes, and the cost of `ask` (sample
+and store a genome) is compared with Optuna's one commit per gene.
 
     python tools/bench_search.py                         # demo space on the zoo (built if missing)
     python tools/bench_search.py --space my.yaml --candidates 10 --trials 20
@@ -106,6 +107,37 @@ def component_times(search: MergeSearch, genomes, full_every: int) -> dict[str, 
     return times
 
 
+def bench_ask(gene_counts: list[int], trials: int = 15) -> None:
+    """Sampling + storing a genome with Optuna's CMA-ES into SQLite: per-gene commits vs one commit."""
+    import contextlib
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.search.batched_params import batched_param_writes
+
+    print(f"\nask (CMA-ES sample + store the genome in SQLite), median of {trials} trials")
+    print(f"{'genes':>6} {'per-gene commits s':>18} {'one commit s':>12}")
+    for genes in gene_counts:
+        genome = {f"g{i}": FloatDistribution(0.0, 1.0) for i in range(genes)}
+        row = []
+        for batched in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                study = optuna.create_study(storage=f"sqlite:///{tmp}/ask.db",
+                                            sampler=optuna.samplers.CmaEsSampler(seed=0))
+                times = []
+                for _ in range(trials):
+                    start = time.perf_counter()
+                    trial = study.ask()
+                    with batched_param_writes(trial) if batched else contextlib.nullcontext():
+                        for name, distribution in genome.items():
+                            trial._suggest(name, distribution)
+                    times.append(time.perf_counter() - start)
+                    study.tell(trial, sum(trial.params.values()))
+                row.append(statistics.median(times))
+        print(f"{genes:>6} {row[0]:>18.3f} {row[1]:>12.3f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", default=str(ROOT / "search_spaces" / "demo.yaml"))
@@ -113,6 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--full-every", type=int, default=4, help="score the full benchmarks on every k-th candidate")
     parser.add_argument("--trials", type=int, default=20, help="trials of the real search timed end to end")
     parser.add_argument("--round-trip-model", help="also time save + load of this (bigger) checkpoint")
+    parser.add_argument("--ask-genes", default="30,384", help="genome sizes for the ask timing ('' to skip)")
     args = parser.parse_args(argv)
     quiet_libraries()
 
@@ -152,14 +185,18 @@ def main(argv=None) -> int:
               f"full scoring in memory: {full_s + merge:.3f} s ({(full_s + merge) / ours:.1f}x ours)")
 
         start = time.perf_counter()
-        search.run(args.trials)
+        study, _ = search.run(args.trials)
         wall = time.perf_counter() - start
-        print(f"\nreal search, {args.trials} trials into {work / 'study.db'}: {wall:.1f} s, "
-              f"{wall / args.trials:.3f} s per trial (optimizer + storage + the steps above)")
+        per_trial = statistics.median(t.duration.total_seconds() for t in study.trials if t.duration)
+        print(f"\nreal search, {args.trials} trials into SQLite: {wall:.1f} s in all (with optimizer "
+              f"start-up); median trial {per_trial:.3f} s = ask (sampling, genome commit) + the steps "
+              f"above + tell, vs {ours:.3f} s in memory")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.round_trip_model:
         bigger_model_round_trip(args.round_trip_model)
+    if args.ask_genes:
+        bench_ask([int(g) for g in args.ask_genes.split(",")])
     return 0
 
 

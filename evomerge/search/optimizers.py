@@ -37,6 +37,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from evomerge.errors import EvomergeError
+from evomerge.search.batched_params import batched_param_writes
 
 GenomeSpace = Mapping[str, tuple[float, float]]
 
@@ -147,8 +148,9 @@ class SearchOptimizer(ABC):
             trial = self.study.ask()
         for key, value in (user_attrs or {}).items():
             trial.set_user_attr(key, value)
-        for name, distribution in self.distributions.items():
-            trial._suggest(name, distribution)  # what Study.ask(fixed_distributions) does
+        with batched_param_writes(trial):  # one commit for the whole genome
+            for name, distribution in self.distributions.items():
+                trial._suggest(name, distribution)  # what Study.ask(fixed_distributions) does
         return trial
 
     def tell(self, trial: Trial, values: Sequence[float] | None) -> FrozenTrial:
