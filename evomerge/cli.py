@@ -1,4 +1,4 @@
-"""`evomerge` command line: search, resume, status, export, eval, estimate-check, make-zoo, demo.
+"""`evomerge` command line: search, resume, status, validate, export, eval, estimate-check, make-zoo, demo.
 
 Input problems (EvomergeError) are printed as one line and exit with status 2;
 anything else is a bug and keeps its traceback.
@@ -49,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trial", type=int, help="trial number (default: the best)")
     export.add_argument("--out", help="output folder (default: RUN_DIR/export-trial<N>)")
     export.add_argument("--max-shard-size", default="1GB", help="safetensors shard size (default: 1GB)")
+    export.add_argument("--validate-top", type=int, default=0, metavar="K",
+                        help="score the K best-estimated trials on all items and export the best measured one")
     _add_storage(export)
+
+    validate = commands.add_parser("validate", help="score a run's top trials on the full benchmarks (estimate vs measured)")
+    validate.add_argument("run_dir")
+    validate.add_argument("--top", type=int, default=5, help="how many of the best-estimated trials (default: 5)")
+    _add_storage(validate)
 
     evaluate = commands.add_parser("eval", help="full-benchmark accuracy of a model folder")
     evaluate.add_argument("model", nargs="+", help="HF model folder(s)")
@@ -165,8 +172,15 @@ def cmd_export(args) -> int:
     from evomerge.search.run import export_trial
 
     out = export_trial(args.run_dir, trial_number=args.trial, out_dir=args.out, storage=args.storage,
-                       max_shard_size=args.max_shard_size)
+                       max_shard_size=args.max_shard_size, validate_top=args.validate_top)
     print(f"exported to {out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from evomerge.search.validate import print_validation_table, validate_top_trials
+
+    print_validation_table(validate_top_trials(args.run_dir, args.top, args.storage))
     return 0
 
 
@@ -205,6 +219,7 @@ COMMANDS = {
     "resume": cmd_resume,
     "status": cmd_status,
     "export": cmd_export,
+    "validate": cmd_validate,
     "eval": cmd_eval,
     "estimate-check": cmd_estimate_check,
     "make-zoo": cmd_make_zoo,

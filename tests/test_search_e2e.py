@@ -192,3 +192,28 @@ def test_per_task_objectives_search_and_export(zoo_dir, tmp_path):
     assert len(complete(study)) == 4
     exported = export_trial(tmp_path / "runs" / "multi", out_dir=tmp_path / "best")
     assert (exported / "evomerge_recipe.json").is_file()
+
+
+def test_validate_top_trials_then_export_the_best_measured(zoo_dir, tmp_path, capsys):
+    from evomerge.benchmarks import accuracy, load_benchmark
+    from evomerge.search.validate import stored_full_accuracies
+
+    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "random", trials=4, name="val")
+    run_dir = tmp_path / "runs" / "val"
+    assert main(["search", str(space_file), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 0
+    assert main(["validate", str(run_dir), "--top", "3"]) == 0
+    assert "estimated vs measured" in capsys.readouterr().out
+    measured = stored_full_accuracies(open_existing_study(run_dir))
+    assert len(measured) == 3
+
+    exported = export_trial(run_dir, out_dir=tmp_path / "best", validate_top=3, progress=False)
+    best = max(measured, key=lambda n: sum(measured[n].values()))
+    card = (exported / "README.md").read_text()
+    assert f"trial: {best}" in card and "measured accuracy (all items)" in card
+    # the stored figure is what the exported checkpoint scores
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(exported)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(exported))
+    bench = load_benchmark(zoo_dir / "bench" / "lang.jsonl", name="lang")
+    assert accuracy(model, tokenizer, bench) == pytest.approx(measured[best]["lang"], abs=1e-9)

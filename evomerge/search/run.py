@@ -283,12 +283,21 @@ def export_trial(
     out_dir: str | Path | None = None,
     storage: str | None = None,
     max_shard_size: str = "1GB",
+    validate_top: int = 0,
+    progress: bool = True,
 ) -> Path:
-    """Export the best (or a chosen) trial of a run as an HF checkpoint."""
+    """Export the best (or a chosen) trial of a run as an HF checkpoint.
+
+    ``validate_top=K`` scores the K best-estimated trials on the full benchmarks
+    first and exports the best measured one (see `evomerge.search.validate`).
+    """
     from evomerge.export import export_checkpoint
     from evomerge.merge import Recipe
+    from evomerge.search.validate import stored_full_accuracies, validate_top_trials
 
     space = load_run_space(run_dir)
+    if trial_number is None and validate_top:
+        trial_number = validate_top_trials(run_dir, validate_top, storage, progress=progress)[0].number
     study = open_existing_study(run_dir, storage)
     trials = ranked_trials(study, [b.weight for b in space.benchmarks])
     if not trials:
@@ -311,6 +320,9 @@ def export_trial(
         "estimated accuracy": ", ".join(f"{k} {v:.3f}" for k, v in trial.user_attrs.get("estimates", {}).items()),
         "estimator": f"{space.estimator}, {space.subset_size} items per benchmark ({space.strategy})",
     }
+    measured = stored_full_accuracies(study).get(trial.number)
+    if measured:
+        details["measured accuracy (all items)"] = ", ".join(f"{k} {v:.3f}" for k, v in measured.items())
     return export_checkpoint(
         core,
         Recipe.from_dict(trial.user_attrs["recipe"]),
