@@ -126,7 +126,10 @@ def test_missing_model_is_one_line_error(zoo_dir, tmp_path, capsys):
 
 
 def test_kill_minus_nine_then_resume(zoo_dir, tmp_path):
-    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "ng_cma", trials=10, name="killed")
+    # a budget well above the kill point: a quick-zoo trial takes ~0.1 s, so the worker
+    # must not be able to finish while the test polls the study
+    budget = 30
+    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "ng_cma", trials=budget, name="killed")
     runs = tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "evomerge.cli", "search", str(space_file), "--runs-root", str(runs), "--no-progress"]
@@ -154,14 +157,15 @@ def test_kill_minus_nine_then_resume(zoo_dir, tmp_path):
     study = open_existing_study(runs / "killed")
     before = complete(study)
     best_before = max(t.values[0] for t in before)
-    assert len(before) < 10
+    assert len(before) < budget
 
     space, run_dir, resume = start_run(space_file, runs)
     assert resume
     assert main(["resume", str(run_dir), "--no-progress"]) == 0
     trials = open_existing_study(run_dir).get_trials(deepcopy=False)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 10
+    assert len(done) == budget, [(t.number, t.state.name, t.params == {}, dict(t.user_attrs)) for t in trials
+                             if t.state != optuna.trial.TrialState.COMPLETE]
     assert len({t.number for t in trials}) == len(trials)
     genomes = {tuple(round(v, 9) for v in t.params.values()) for t in done}
     assert len(genomes) == len(done), "a genome was evaluated twice"

@@ -169,6 +169,16 @@ def test_a_trial_orphaned_before_naming_its_worker_is_failed_after_a_grace(tmp_p
     assert "before naming itself" in study.trials[0].user_attrs["error"]
 
 
+def test_a_trial_orphaned_before_naming_its_worker_holds_no_budget(tmp_path):
+    """A kill between creating a trial and naming its worker must not end the resume one trial short."""
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    SearchDriver(study, make_optimizer("random", SPACE, "maximize"), progress=False).run(toy, 2)
+    study.ask({"w0": optuna.distributions.FloatDistribution(0, 1)})  # the orphan, younger than the grace
+    resumed = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=True)
+    SearchDriver(resumed, make_optimizer("random", SPACE, "maximize"), progress=False).run(toy, 3)
+    assert len(complete(resumed)) == 3
+
+
 def test_the_driver_records_its_worker_on_each_trial(tmp_path):
     study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
     SearchDriver(study, make_optimizer("random", SPACE, "maximize"), progress=False).run(toy, 1)

@@ -326,9 +326,16 @@ class SearchDriver:
         optimizer.bind(study)
 
     def _budget_left(self, n_trials: int) -> int:
-        """Trials still to start: COMPLETE and in-flight (other workers') ones count."""
+        """Trials still to start: COMPLETE ones and other workers' in-flight ones count.
+
+        A RUNNING trial that names no worker was either created an instant ago or
+        orphaned by a kill in that instant (it is failed after UNNAMED_GRACE_S).
+        It does not hold budget: at worst one extra trial runs, where counting it
+        would end a resumed search one trial short.
+        """
         states = (TrialState.COMPLETE, TrialState.RUNNING)
-        return n_trials - len(self.study.get_trials(deepcopy=False, states=states))
+        trials = self.study.get_trials(deepcopy=False, states=states)
+        return n_trials - sum(1 for t in trials if t.state == TrialState.COMPLETE or WORKER_ATTR in t.user_attrs)
 
     def run(self, objective_fn: ObjectiveFn, n_trials: int,
             callbacks: Sequence[Callable[[Study, FrozenTrial], None]] = ()) -> SearchSummary:
