@@ -141,13 +141,14 @@ def _item_from_record(record: dict, index: int, bench_name: str, where: str,
             raise EvomergeError(f"{at}: {_column('choices', fields)} must be a list of at least two strings")
         if label is None:
             raise EvomergeError(f"{at}: multiple-choice item has no {_column('label', fields)}")
-        index_ = _label_index(label)
-        if isinstance(index_, bool) or not isinstance(index_, (int, np.integer)) or not 0 <= int(index_) < len(choices):
+        label_index = _label_index(label)
+        if (isinstance(label_index, bool) or not isinstance(label_index, (int, np.integer))
+                or not 0 <= int(label_index) < len(choices)):
             raise EvomergeError(f"{at}: {_column('label', fields)} {label!r} is not an index into its "
                                 f"{len(choices)} choices")
         if any(c == "" for c in choices):
             raise EvomergeError(f"{at}: empty string among {_column('choices', fields)}")
-        return Item(item_id, prompt, choices=tuple(choices), label=int(index_))
+        return Item(item_id, prompt, choices=tuple(choices), label=int(label_index))
     if answer is None:
         raise EvomergeError(f"{at}: no {_column('answer', fields)} (exact match) or "
                             f"{_column('choices', fields)} + {_column('label', fields)} (multiple choice)")

@@ -1,8 +1,9 @@
 """`evomerge demo`: the whole product on the tiny zoo, on CPU, in a few minutes.
 
 Builds the zoo if missing, runs (or resumes) the demo search, exports the
-best of its top trials re-scored on every item, and prints its full-benchmark accuracy next to the base, each expert,
-uniform task arithmetic and TIES, all scored on every benchmark item.
+best of its top trials re-scored on every item, and prints its full-benchmark
+accuracy next to the base, each expert, uniform task arithmetic and TIES, all
+scored on every benchmark item.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ DEMO_VALIDATE_TOP = 5
 
 def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | None = None, progress: bool = True) -> int:
     from evomerge.evaluation import evaluate_models, print_accuracy_table
-    from evomerge.merge import MergeCore, Recipe
+    from evomerge.merge import Recipe
     from evomerge.search.run import MergeSearch, export_trial, say, start_run
     from evomerge.search.space import load_search_space
     from evomerge.zoo import ensure_zoo
@@ -43,17 +44,17 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
     study, _ = search.run(trials, resume=resume)
     # The top estimate is biased upwards (winner's curse): re-score the 5 best-estimated
     # trials on every item and export the best measured one.
-    exported = export_trial(run_dir, out_dir=run_dir / "best", validate_top=DEMO_VALIDATE_TOP, progress=progress)
+    exported = export_trial(run_dir, out_dir=run_dir / "best", validate_top=DEMO_VALIDATE_TOP, progress=progress,
+                            core=search.core)
     say(f"best merge exported to {exported}")
 
     say("scoring every model on the full benchmarks ...")
     benchmarks = search.benchmarks
     models: dict = {"base": space.base, **{f"expert {n}": p for n, p in space.experts.items()}}
     results = evaluate_models(models, benchmarks)
-    core = MergeCore(space.base, space.expert_paths)
-    model, tokenizer = core.new_model()
+    model, tokenizer = search.model, search.tokenizer  # the search's merge core, already loaded
     for name, recipe in BASELINE_RECIPES.items():
-        core.merge_into(model, Recipe.from_dict(recipe), seed=space.seed)
+        search.core.merge_into(model, Recipe.from_dict(recipe), seed=space.seed)
         results.update(evaluate_models({name: (model, tokenizer)}, benchmarks))
     results.update(evaluate_models({"evolved (exported)": exported}, benchmarks))
     tasks = list(benchmarks)

@@ -165,7 +165,7 @@ class MergeSearch:
         if self.space.objectives == "per_task":
             values = per_task
         else:
-            values = [float(np.dot(self.weights, per_task) / self.weights.sum())]
+            values = [weighted_mean(per_task, self.weights)]
         attrs = {"estimates": estimates, "answers": answers, "recipe": recipe.to_dict(), "merge_seed": seed}
         return values, attrs
 
@@ -259,6 +259,11 @@ def open_existing_study(run_dir: str | Path, storage: str | None = None):
         raise EvomergeError(f"no study {space.name!r} in {url}; start it with `evomerge search`") from None
 
 
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """The fitness over several benchmarks: their accuracies weighted by the space's benchmark weights."""
+    return float(np.dot(weights, values) / np.sum(weights))
+
+
 def ranked_trials(study, weights: Sequence[float] | None = None) -> list:
     """Complete trials, best first.
 
@@ -271,7 +276,7 @@ def ranked_trials(study, weights: Sequence[float] | None = None) -> list:
 
     def score(trial) -> float:
         if weights is not None and len(weights) == len(trial.values) > 1:
-            return float(np.dot(weights, trial.values) / np.sum(weights))
+            return weighted_mean(trial.values, weights)
         return float(np.mean(trial.values))
 
     return sorted(trials, key=lambda t: -score(t))
@@ -285,35 +290,34 @@ def export_trial(
     max_shard_size: str = "1GB",
     validate_top: int = 0,
     progress: bool = True,
+    core: MergeCore | None = None,
 ) -> Path:
     """Export the best (or a chosen) trial of a run as an HF checkpoint.
 
     ``validate_top=K`` scores the K best-estimated trials on the full benchmarks
     first and exports the best measured one (see `evomerge.search.validate`).
+    ``core``: a merge core already holding the run's models (else they are loaded).
     """
     from evomerge.export import export_checkpoint
     from evomerge.merge import Recipe
     from evomerge.search.validate import stored_full_accuracies, validate_top_trials
 
     space = load_run_space(run_dir)
-    if trial_number is None and validate_top:
-        trial_number = validate_top_trials(run_dir, validate_top, storage, progress=progress)[0].number
     study = open_existing_study(run_dir, storage)
     trials = ranked_trials(study, [b.weight for b in space.benchmarks])
     if not trials:
         raise EvomergeError(f"run {run_dir} has no complete trial to export yet")
-    if trial_number is None:
-        trial = trials[0]
-    else:
-        matching = [t for t in trials if t.number == trial_number]
-        if not matching:
-            raise EvomergeError(
-                f"trial {trial_number} is not a complete trial of {run_dir}; complete: {sorted(t.number for t in trials)}"
-            )
-        trial = matching[0]
+    by_number = {t.number: t for t in trials}
+    if trial_number is not None and trial_number not in by_number:
+        raise EvomergeError(
+            f"trial {trial_number} is not a complete trial of {run_dir}; complete: {sorted(by_number)}"
+        )
+    if core is None:
+        core = MergeCore(space.base, space.expert_paths, device=None if space.device == "auto" else space.device)
+    if trial_number is None and validate_top:
+        trial_number = validate_top_trials(run_dir, validate_top, storage, progress=progress, core=core)[0].number
+    trial = trials[0] if trial_number is None else by_number[trial_number]
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / f"export-trial{trial.number}"
-    device = None if space.device == "auto" else space.device
-    core = MergeCore(space.base, space.expert_paths, device=device)
     details = {
         "study": space.name,
         "trial": trial.number,

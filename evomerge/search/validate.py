@@ -37,10 +37,12 @@ class ValidatedTrial:
 
 
 def _weighted_mean(scores: dict[str, float], weights: dict[str, float]) -> float:
+    from evomerge.search.run import weighted_mean
+
     names = [n for n in weights if n in scores]
     if not names:
         return float("nan")
-    return float(np.dot([weights[n] for n in names], [scores[n] for n in names]) / sum(weights[n] for n in names))
+    return weighted_mean([scores[n] for n in names], [weights[n] for n in names])
 
 
 def stored_full_accuracies(study) -> dict[int, dict[str, float]]:
@@ -50,10 +52,11 @@ def stored_full_accuracies(study) -> dict[int, dict[str, float]]:
 
 
 def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = None,
-                        progress: bool = True, batch_size: int = 128) -> list[ValidatedTrial]:
+                        progress: bool = True, batch_size: int = 128, core=None) -> list[ValidatedTrial]:
     """Score the ``top`` best-estimated trials on every benchmark item (cached in the study).
 
-    Returns them best measured first.
+    Returns them best measured first. ``core``: a merge core already holding the
+    run's models (else they are loaded when a trial needs scoring).
     """
     from evomerge.benchmarks import score_items
     from evomerge.merge import MergeCore, Recipe
@@ -71,7 +74,8 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
     missing = [t for t in candidates if t.number not in measured]
     if missing:
         benchmarks = {b.name: b.load() for b in space.benchmarks}
-        core = MergeCore(space.base, space.expert_paths, device=None if space.device == "auto" else space.device)
+        if core is None:
+            core = MergeCore(space.base, space.expert_paths, device=None if space.device == "auto" else space.device)
         model, tokenizer = core.new_model()
         for i, trial in enumerate(missing, 1):
             if progress:
