@@ -45,16 +45,16 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
     # The top estimate is biased upwards (winner's curse): re-score the 5 best-estimated
     # trials on every item and export the best measured one.
     exported = export_trial(run_dir, out_dir=run_dir / "best", validate_top=DEMO_VALIDATE_TOP, progress=progress,
-                            core=search.core)
+                            builder=search.builder)
     say(f"best merge exported to {exported}")
 
     say("scoring every model on the full benchmarks ...")
     benchmarks = search.benchmarks
     models: dict = {"base": space.base, **{f"expert {n}": p for n, p in space.experts.items()}}
     results = evaluate_models(models, benchmarks)
-    model, tokenizer = search.model, search.tokenizer  # the search's merge core, already loaded
+    core, model, tokenizer = search.builder.core, search.builder.model, search.tokenizer  # already loaded
     for name, recipe in BASELINE_RECIPES.items():
-        search.core.merge_into(model, Recipe.from_dict(recipe), seed=space.seed)
+        core.merge_into(model, Recipe.from_dict(recipe), seed=space.seed)
         results.update(evaluate_models({name: (model, tokenizer)}, benchmarks))
     results.update(evaluate_models({"evolved (exported)": exported}, benchmarks))
     tasks = list(benchmarks)

@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge.benchmarks import score_items  # noqa: E402
-from evomerge.search.genome import genome_to_recipe  # noqa: E402
-from evomerge.search.run import MergeSearch, candidate_seed, load_search_space  # noqa: E402
+from evomerge.search.run import MergeSearch, load_search_space  # noqa: E402
 
 
 def quiet_libraries() -> None:
@@ -85,23 +84,23 @@ def component_times(search: MergeSearch, genomes, full_every: int) -> dict[str, 
                                      "full benchmarks": []}
     tmp = Path(tempfile.mkdtemp(prefix="bench_search_"))
     for i, genome in enumerate(genomes):
-        recipe = genome_to_recipe(search.space, genome, search.num_layers)
-        seconds, _ = timed(lambda: search.core.merge_into(search.model, recipe, seed=candidate_seed(genome, 0)))
+        seconds, candidate = timed(lambda: search.builder.candidate(genome))   # merge in place / assemble a path
+        model = candidate.model
         times["merge"].append(seconds)
         scoring = estimating = 0.0
         for name, bench in search.benchmarks.items():
             estimator = search.estimators[name]
-            seconds, correct = timed(lambda: score_items(search.model, search.tokenizer, bench,
+            seconds, correct = timed(lambda: score_items(model, search.tokenizer, bench,
                                                          indices=estimator.indices, batch_size=search.batch_size))
             scoring += seconds
             seconds, _ = timed(lambda: estimator.predict(np.asarray(correct, bool), method=search.space.estimator))
             estimating += seconds
         times["subset scoring"].append(scoring)
         times["estimate"].append(estimating)
-        times["disk round trip"].append(timed(lambda: disk_round_trip(search.model, tmp / f"c{i}"))[0])
+        times["disk round trip"].append(timed(lambda: disk_round_trip(model, tmp / f"c{i}"))[0])
         if i % full_every == 0:
             times["full benchmarks"].append(sum(
-                timed(lambda: score_items(search.model, search.tokenizer, bench, batch_size=search.batch_size))[0]
+                timed(lambda: score_items(model, search.tokenizer, bench, batch_size=search.batch_size))[0]
                 for bench in search.benchmarks.values()))
     shutil.rmtree(tmp, ignore_errors=True)
     return times
@@ -163,8 +162,8 @@ def main(argv=None) -> int:
         seconds, _ = timed(search.prepare)
         subset = {n: len(e.indices) for n, e in search.estimators.items()}
         full = {n: len(b.items) for n, b in search.benchmarks.items()}
-        print(f"space {args.space}: {len(search.genome)} genes, device {search.core.device}, "
-              f"dtype {search.core.dtype}; calibration {seconds:.1f} s")
+        print(f"space {args.space}: {len(search.genome)} genes, device {search.builder.device}, "
+              f"dtype {search.builder.dtype}; calibration {seconds:.1f} s")
         print("items per benchmark, subset / full: " + ", ".join(f"{n} {subset[n]}/{full[n]}" for n in full))
 
         genomes = random_genomes(search, args.candidates, seed=1)

@@ -9,8 +9,6 @@ estimators and starts in seconds.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -22,8 +20,7 @@ import yaml
 from evomerge.benchmarks import score_items
 from evomerge.errors import EvomergeError
 from evomerge.estimate import ResponseMatrix, SubsetEstimator, fit_subset_estimator, responses_path
-from evomerge.merge import MergeCore
-from evomerge.search.genome import genome_space, genome_to_recipe, uniform_genome
+from evomerge.search.candidates import CandidateBuilder, candidate_seed, make_builder  # noqa: F401 (candidate_seed re-exported)
 from evomerge.search.optimizers import make_optimizer
 from evomerge.search.space import SearchSpace, load_search_space
 from evomerge.search.study import SearchDriver, open_study
@@ -40,19 +37,17 @@ def run_dir_for(space: SearchSpace, runs_root: str | Path = "runs") -> Path:
     return Path(runs_root) / space.name
 
 
-def candidate_seed(params: dict[str, float], base_seed: int) -> int:
-    """A merge seed derived from the genome, so DARE masks are reproducible at export."""
-    text = json.dumps({k: round(float(v), 12) for k, v in sorted(params.items())}) + f"|{base_seed}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
-
-
 def answers_string(correct: np.ndarray) -> str:
     """Subset answers stored on a trial as a compact '0101...' string."""
     return "".join("1" if c else "0" for c in correct)
 
 
 class MergeSearch:
-    """Everything one search process needs, prepared once; `objective` scores one genome."""
+    """Everything one search process needs, prepared once; `objective` scores one genome.
+
+    The candidate builder (`evomerge.search.candidates`) holds the loaded weights and
+    makes the model of a genome: a parameter-space merge or a data-flow path.
+    """
 
     def __init__(
         self,
@@ -68,13 +63,11 @@ class MergeSearch:
         self.storage = storage
         self.progress = progress
         self.batch_size = batch_size
-        device = None if space.device == "auto" else space.device
-        self.core = MergeCore(space.base, space.expert_paths, device=device)
-        self.model, self.tokenizer = self.core.new_model()
+        self.builder: CandidateBuilder = make_builder(space)
+        self.tokenizer = self.builder.tokenizer
         if self.tokenizer is None:
             raise EvomergeError(f"base model {space.base} has no tokenizer; benchmarks need one")
-        self.num_layers = self.core.num_layers
-        self.genome = genome_space(space, self.num_layers)
+        self.genome = self.builder.genome
         self.benchmarks = {b.name: b.load() for b in space.benchmarks}
         self.weights = np.array([b.weight for b in space.benchmarks], dtype=float)
         self.estimators: dict[str, SubsetEstimator] = {}
@@ -101,14 +94,12 @@ class MergeSearch:
                 yield name, *self._load_hf(path, AutoModelForCausalLM, AutoTokenizer)
         for name, genome in self.calibration_genomes().items():
             if name not in known:
-                recipe = genome_to_recipe(self.space, genome, self.num_layers)
-                self.core.merge_into(self.model, recipe, seed=candidate_seed(genome, self.space.seed))
-                yield name, self.model, self.tokenizer
+                yield name, self.builder.candidate(genome).model, self.tokenizer
 
     def _load_hf(self, path, model_cls, tokenizer_cls):
         if not Path(path).is_dir():
             raise EvomergeError(f"model folder not found: {path}")
-        model = model_cls.from_pretrained(str(path), dtype=self.core.dtype).to(self.core.device).eval()
+        model = model_cls.from_pretrained(str(path), dtype=self.builder.dtype).to(self.builder.device).eval()
         return model, tokenizer_cls.from_pretrained(str(path))
 
     def prepare(self) -> None:
@@ -148,15 +139,13 @@ class MergeSearch:
 
     # ------------------------------------------------------------ objective
     def objective(self, params: dict[str, float]) -> tuple[list[float], dict]:
-        """Merge the genome in memory, score each benchmark's subset, return estimated accuracies."""
-        recipe = genome_to_recipe(self.space, params, self.num_layers)
-        seed = candidate_seed(params, self.space.seed)
-        self.core.merge_into(self.model, recipe, seed=seed)
+        """Build the genome's model in memory, score each benchmark's subset, return estimated accuracies."""
+        candidate = self.builder.candidate(params)
         estimates, answers = {}, {}
         for bench_name, bench in self.benchmarks.items():
             estimator = self.estimators[bench_name]
             correct = np.asarray(
-                score_items(self.model, self.tokenizer, bench, indices=estimator.indices, batch_size=self.batch_size),
+                score_items(candidate.model, self.tokenizer, bench, indices=estimator.indices, batch_size=self.batch_size),
                 dtype=bool,
             )
             estimates[bench_name] = float(estimator.predict(correct, method=self.space.estimator))
@@ -166,7 +155,7 @@ class MergeSearch:
             values = per_task
         else:
             values = [weighted_mean(per_task, self.weights)]
-        attrs = {"estimates": estimates, "answers": answers, "recipe": recipe.to_dict(), "merge_seed": seed}
+        attrs = {"estimates": estimates, "answers": answers, **candidate.attrs}
         return values, attrs
 
     # ------------------------------------------------------------ study
@@ -176,12 +165,12 @@ class MergeSearch:
         return ["maximize"] * count
 
     def baseline_genomes(self) -> list[dict[str, float]]:
-        """Uniform merges the search starts from, so it never ends below a plain uniform merge."""
-        points = [{"weight": 1.0, "density": 0.7, "t": 0.5}, {"weight": 0.5, "density": 1.0, "t": 0.3}]
-        return [uniform_genome(self.space, self.num_layers, values) for values in points]
+        """Genomes the search starts from, so it never ends below them (see the builder)."""
+        return self.builder.baseline_genomes()
 
     def open(self, resume: bool):
-        config = {**self.space.study_config(), "genome": {k: list(v) for k, v in self.genome.items()}}
+        config = {**self.space.study_config(), **self.builder.study_config(),
+                  "genome": {k: list(v) for k, v in self.genome.items()}}
         study = open_study(self.storage or self.run_dir, self.space.name, self.directions, config, resume=resume)
         if not resume and self.space.baselines:
             for genome in self.baseline_genomes():
@@ -290,16 +279,14 @@ def export_trial(
     max_shard_size: str = "1GB",
     validate_top: int = 0,
     progress: bool = True,
-    core: MergeCore | None = None,
+    builder: CandidateBuilder | None = None,
 ) -> Path:
     """Export the best (or a chosen) trial of a run as an HF checkpoint.
 
     ``validate_top=K`` scores the K best-estimated trials on the full benchmarks
     first and exports the best measured one (see `evomerge.search.validate`).
-    ``core``: a merge core already holding the run's models (else they are loaded).
+    ``builder``: a candidate builder already holding the run's models (else they are loaded).
     """
-    from evomerge.export import export_checkpoint
-    from evomerge.merge import Recipe
     from evomerge.search.validate import stored_full_accuracies, validate_top_trials
 
     space = load_run_space(run_dir)
@@ -312,10 +299,10 @@ def export_trial(
         raise EvomergeError(
             f"trial {trial_number} is not a complete trial of {run_dir}; complete: {sorted(by_number)}"
         )
-    if core is None:
-        core = MergeCore(space.base, space.expert_paths, device=None if space.device == "auto" else space.device)
+    if builder is None:
+        builder = make_builder(space)
     if trial_number is None and validate_top:
-        trial_number = validate_top_trials(run_dir, validate_top, storage, progress=progress, core=core)[0].number
+        trial_number = validate_top_trials(run_dir, validate_top, storage, progress=progress, builder=builder)[0].number
     trial = trials[0] if trial_number is None else by_number[trial_number]
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / f"export-trial{trial.number}"
     details = {
@@ -327,14 +314,4 @@ def export_trial(
     measured = stored_full_accuracies(study).get(trial.number)
     if measured:
         details["measured accuracy (all items)"] = ", ".join(f"{k} {v:.3f}" for k, v in measured.items())
-    return export_checkpoint(
-        core,
-        Recipe.from_dict(trial.user_attrs["recipe"]),
-        out_dir,
-        seed=int(trial.user_attrs["merge_seed"]),
-        base_path=space.base,
-        expert_paths=space.expert_paths,
-        expert_names=space.expert_names,
-        details=details,
-        max_shard_size=max_shard_size,
-    )
+    return builder.export(trial.user_attrs, out_dir, details=details, max_shard_size=max_shard_size)

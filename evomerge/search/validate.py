@@ -52,14 +52,14 @@ def stored_full_accuracies(study) -> dict[int, dict[str, float]]:
 
 
 def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = None,
-                        progress: bool = True, batch_size: int = 128, core=None) -> list[ValidatedTrial]:
+                        progress: bool = True, batch_size: int = 128, builder=None) -> list[ValidatedTrial]:
     """Score the ``top`` best-estimated trials on every benchmark item (cached in the study).
 
-    Returns them best measured first. ``core``: a merge core already holding the
-    run's models (else they are loaded when a trial needs scoring).
+    Returns them best measured first. ``builder``: a candidate builder already holding
+    the run's models (else they are loaded when a trial needs scoring).
     """
     from evomerge.benchmarks import score_items
-    from evomerge.merge import MergeCore, Recipe
+    from evomerge.search.candidates import make_builder
     from evomerge.search.run import load_run_space, open_existing_study, ranked_trials, say
 
     if top < 1:
@@ -74,14 +74,14 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
     missing = [t for t in candidates if t.number not in measured]
     if missing:
         benchmarks = {b.name: b.load() for b in space.benchmarks}
-        if core is None:
-            core = MergeCore(space.base, space.expert_paths, device=None if space.device == "auto" else space.device)
-        model, tokenizer = core.new_model()
+        if builder is None:
+            builder = make_builder(space)
+        tokenizer = builder.tokenizer
         for i, trial in enumerate(missing, 1):
             if progress:
                 say(f"validating trial {trial.number} ({i}/{len(missing)}) on all "
                     f"{sum(len(b.items) for b in benchmarks.values())} benchmark items")
-            core.merge_into(model, Recipe.from_dict(trial.user_attrs["recipe"]), seed=int(trial.user_attrs["merge_seed"]))
+            model = builder.rebuild(trial.user_attrs)
             scores = {name: float(np.mean(score_items(model, tokenizer, bench, batch_size=batch_size, progress=progress)))
                       for name, bench in benchmarks.items()}
             study.set_user_attr(f"{FULL_ACCURACY_ATTR}{trial.number}", scores)  # kept at once: resumable

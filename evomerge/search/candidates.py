@@ -1,0 +1,121 @@
+"""What a trial evaluates: the candidate builder turns a genome into a model to score.
+
+The search loop, calibration, validation and export ask their builder for the
+model of a genome and never ask which kind it holds: a parameter-space merge
+(`ParameterMerge`, the merge core writing merged weights in place) or a
+data-flow path through already-loaded layers (`DataFlowMerge`, see
+`evomerge.dataflow`). A trial stores the candidate's `attrs` (recipe and merge
+seed, or the layer path); `rebuild(attrs)` and `export(attrs, ...)` re-make the
+same model from them, without the genome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from evomerge.search.space import SearchSpace
+
+
+def candidate_seed(params: Mapping[str, float], base_seed: int) -> int:
+    """A merge seed derived from the genome, so DARE masks are reproducible at export."""
+    text = json.dumps({k: round(float(v), 12) for k, v in sorted(params.items())}) + f"|{base_seed}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+@dataclass
+class Candidate:
+    """A model ready to score, and the JSON attrs a trial keeps to re-make it."""
+
+    model: Any
+    attrs: dict
+
+
+class CandidateBuilder(ABC):
+    """Holds the loaded source weights of one search; makes the model of any genome.
+
+    Subclasses set ``genome`` (name -> (low, high)), ``tokenizer``, ``device`` and ``dtype``.
+    """
+
+    genome: dict[str, tuple[float, float]]
+    tokenizer: Any
+
+    @abstractmethod
+    def candidate(self, genome: Mapping[str, float]) -> Candidate:
+        """The model this genome stands for (valid until the next call)."""
+
+    @abstractmethod
+    def rebuild(self, attrs: Mapping[str, Any]):
+        """The model a trial with these stored attrs scored (valid until the next call)."""
+
+    @abstractmethod
+    def export(self, attrs: Mapping[str, Any], out_dir: str | Path, *, details: dict | None = None,
+               max_shard_size: str = "1GB") -> Path:
+        """Write the trial's model as a Hugging Face checkpoint folder; returns it."""
+
+    @abstractmethod
+    def baseline_genomes(self) -> list[dict[str, float]]:
+        """Genomes enqueued before the optimizer's own, so the search never ends below them."""
+
+    def study_config(self) -> dict:
+        """Resolved inputs a resumed study must find unchanged (besides the space file)."""
+        return {}
+
+
+class ParameterMerge(CandidateBuilder):
+    """Parameter-space merges: the genome becomes a `Recipe`, merged in place into one model."""
+
+    def __init__(self, space: SearchSpace, core=None):
+        from evomerge.merge import MergeCore
+        from evomerge.search.genome import genome_space
+
+        self.space = space
+        self.core = core or MergeCore(space.base, space.expert_paths, device=space_device(space))
+        self.model, self.tokenizer = self.core.new_model()
+        self.device, self.dtype = self.core.device, self.core.dtype
+        self.num_layers = self.core.num_layers
+        self.genome = genome_space(space, self.num_layers)
+
+    def candidate(self, genome):
+        from evomerge.search.genome import genome_to_recipe
+
+        recipe = genome_to_recipe(self.space, genome, self.num_layers)
+        seed = candidate_seed(genome, self.space.seed)
+        self.core.merge_into(self.model, recipe, seed=seed)
+        return Candidate(self.model, {"recipe": recipe.to_dict(), "merge_seed": seed})
+
+    def rebuild(self, attrs):
+        from evomerge.merge import Recipe
+
+        return self.core.merge_into(self.model, Recipe.from_dict(attrs["recipe"]), seed=int(attrs["merge_seed"]))
+
+    def export(self, attrs, out_dir, *, details=None, max_shard_size="1GB"):
+        from evomerge.export import export_checkpoint
+        from evomerge.merge import Recipe
+
+        return export_checkpoint(
+            self.core, Recipe.from_dict(attrs["recipe"]), out_dir, seed=int(attrs["merge_seed"]),
+            base_path=self.space.base, expert_paths=self.space.expert_paths,
+            expert_names=self.space.expert_names, details=details, max_shard_size=max_shard_size,
+        )
+
+    def baseline_genomes(self):
+        """Uniform merges, so the search never ends below a plain uniform merge."""
+        from evomerge.search.genome import uniform_genome
+
+        points = [{"weight": 1.0, "density": 0.7, "t": 0.5}, {"weight": 0.5, "density": 1.0, "t": 0.3}]
+        return [uniform_genome(self.space, self.num_layers, values) for values in points]
+
+
+def space_device(space: SearchSpace) -> str | None:
+    """The device a space asks for; None lets the loader pick (CUDA when present)."""
+    return None if space.device == "auto" else space.device
+
+
+def make_builder(space: SearchSpace) -> CandidateBuilder:
+    """The builder for a space: a data-flow path when it has a `dfs` section, else a merge."""
+    return ParameterMerge(space)
