@@ -1,0 +1,32 @@
+"""The tiny model zoo: a Llama base, task experts fine-tuned from it, and benchmark items.
+
+Everything is synthetic and trained on CPU so the whole product can be demonstrated
+and tested without a model hub. The zoo is designed so that merging matters:
+
+* the base learns the prompt *formats* (copying strings and digits, ``a+0=``,
+  one-character ``rev``) but not the tasks;
+* each expert is a short, low-learning-rate fine-tune of that base on one task
+  (with a little generic replay), so task vectors are small and combinable;
+* benchmark items are held out from all training data and span a range of
+  difficulty (operand digits, string length, number of corrupted letters), so
+  accuracies are neither 0 nor 1 and item-response models see variance.
+
+| module | concept |
+|---|---|
+| `tasks.py` | the synthetic tasks: training draws and held-out benchmark items |
+| `model.py` | character tokenizer and Llama architecture |
+| `profiles.py` | model size and training budget per profile (`full`, `quick`) |
+| `training.py` | reproducible CPU training of the base and the experts |
+| `build.py` | the zoo folder and its manifest; `ensure_zoo` reuses a complete one |
+"""
+
+from evomerge.zoo.build import ZOO_VERSION, build_zoo, ensure_zoo, load_zoo_manifest, zoo_is_complete
+from evomerge.zoo.profiles import PROFILES, ZooProfile
+from evomerge.zoo.tasks import TASKS, Example, TaskSampler, make_bench_items, make_cipher
+from evomerge.zoo.training import state_dict_digest, train_base, train_expert
+
+__all__ = [
+    "ZOO_VERSION", "build_zoo", "ensure_zoo", "load_zoo_manifest", "zoo_is_complete",
+    "PROFILES", "ZooProfile", "TASKS", "Example", "TaskSampler", "make_bench_items", "make_cipher",
+    "state_dict_digest", "train_base", "train_expert",
+]

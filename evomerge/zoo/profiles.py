@@ -1,0 +1,38 @@
+"""Zoo profiles: model size and training budget (``full`` for the demo, ``quick`` for tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ZooProfile:
+    """Model size and training budget; ``full`` for the demo, ``quick`` for tests."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    base_steps: int
+    base_lr: float
+    expert_steps: int
+    expert_lr: float
+    batch_size: int
+    bench_items: int
+    replay_fraction: float = 0.25
+    warmup_steps: int = 30
+
+
+PROFILES: dict[str, ZooProfile] = {
+    "full": ZooProfile(
+        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
+        base_steps=1000, base_lr=3e-3, expert_steps=250, expert_lr=1e-3,
+        batch_size=64, bench_items=600,
+    ),
+    "quick": ZooProfile(
+        hidden_size=64, num_layers=4, num_heads=4, intermediate_size=192,
+        base_steps=300, base_lr=4e-3, expert_steps=100, expert_lr=2e-3,
+        batch_size=64, bench_items=500,
+    ),
+}
+
