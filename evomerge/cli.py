@@ -139,10 +139,11 @@ def cmd_status(args) -> int:
 
 
 def _print_status(study, top: int, weights: list[float] | None = None) -> None:
+    """The best trials, then the baseline trials (uniform merges, base, experts alone) not among them."""
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.search.run import ranked_trials
+    from evomerge.search.run import BASELINE_ATTR, ranked_trials
 
     trials = ranked_trials(study, weights)
     counts = {}
@@ -154,17 +155,29 @@ def _print_status(study, top: int, weights: list[float] | None = None) -> None:
         return
     tasks = list(trials[0].user_attrs.get("estimates", {}))
     table = Table(title="best trials (estimated full-benchmark accuracy)")
+    table.add_column("rank", justify="right")
     table.add_column("trial", justify="right")
     table.add_column("fitness", justify="right")
     for task in tasks:
         table.add_column(task, justify="right")
-    for trial in trials[:top]:
+    table.add_column("baseline")
+
+    def add(rank: int, trial) -> None:
         estimates = trial.user_attrs.get("estimates", {})
         table.add_row(
-            str(trial.number),
+            str(rank), str(trial.number),
             " ".join(f"{v:.3f}" for v in trial.values),
             *(f"{estimates.get(t, float('nan')):.3f}" for t in tasks),
+            trial.user_attrs.get(BASELINE_ATTR, ""),
         )
+
+    for rank, trial in enumerate(trials[:top], 1):
+        add(rank, trial)
+    baselines = [(rank, t) for rank, t in enumerate(trials, 1) if rank > top and BASELINE_ATTR in t.user_attrs]
+    if baselines:
+        table.add_section()
+        for rank, trial in baselines:
+            add(rank, trial)
     console.print(table)
 
 

@@ -75,14 +75,18 @@ def test_search_status_export_round_trip(zoo_dir, tmp_path, capsys):
         assert all(len(a) == 20 and set(a) <= {"0", "1"} for a in attrs["answers"].values())
         assert 0.0 <= trial.values[0] <= 1.0
         Recipe.from_dict(attrs["recipe"]).validate(3)
-    # the first trials are the enqueued uniform baselines
+    # the first trials are the enqueued baselines: uniform merges, then the base and each expert alone
     assert len({round(v, 6) for k, v in trials[0].params.items() if k.startswith("weight")}) == 1
+    labels = [t.user_attrs.get("baseline") for t in sorted(trials, key=lambda t: t.number)]
+    assert labels == ["uniform weight 1, density 0.7", "uniform weight 0.5, density 1", "base",
+                      "expert arith", "expert reverse"]
 
     # searching again with the budget met resumes and adds nothing
     assert main(["search", str(space_file), "--runs-root", str(runs), "--no-progress"]) == 0
     assert len(complete(open_existing_study(run_dir))) == 5
-    assert main(["status", str(run_dir)]) == 0
-    assert "best trials" in capsys.readouterr().out
+    assert main(["status", str(run_dir), "--top", "2"]) == 0
+    status = capsys.readouterr().out
+    assert "best trials" in status and "expert reverse" in status and "base" in status  # baselines listed too
 
     best = max(trials, key=lambda t: t.values[0])
     out = export_trial(run_dir, out_dir=tmp_path / "export", max_shard_size="100KB")

@@ -58,8 +58,11 @@ class CandidateBuilder(ABC):
         """Write the trial's model as a Hugging Face checkpoint folder; returns it."""
 
     @abstractmethod
-    def baseline_genomes(self) -> list[dict[str, float]]:
-        """Genomes enqueued before the optimizer's own, so the search never ends below them."""
+    def baseline_genomes(self) -> dict[str, dict[str, float]]:
+        """Named genomes enqueued before the optimizer's own, so the search never ends below them.
+
+        The name is kept on the trial (user attr ``baseline``) and shown by ``evomerge status``.
+        """
 
     def study_config(self) -> dict:
         """Resolved inputs a resumed study must find unchanged (besides the space file)."""
@@ -104,11 +107,27 @@ class ParameterMerge(CandidateBuilder):
         )
 
     def baseline_genomes(self):
-        """Uniform merges, so the search never ends below a plain uniform merge."""
-        from evomerge.search.genome import uniform_genome
+        """Uniform merges, the base and every expert alone, wherever the space can express them.
+
+        So a finished search is never below a plain uniform merge or any endpoint it merges
+        (an expert alone is weight 1 for it, 0 for the others, density 1; see `endpoint_genome`).
+        """
+        from evomerge.search.genome import endpoint_genome, uniform_genome
 
         points = [{"weight": 1.0, "density": 0.7, "t": 0.5}, {"weight": 0.5, "density": 1.0, "t": 0.3}]
-        return [uniform_genome(self.space, self.num_layers, values) for values in points]
+        genomes = {}
+        for values in points:
+            label = "uniform " + ", ".join(f"{p} {v:g}" for p, v in values.items() if p in self.space.ranges)
+            genomes[label] = uniform_genome(self.space, self.num_layers, values)
+        for expert in [None, *self.space.expert_names]:
+            genome = endpoint_genome(self.space, self.num_layers, expert)
+            if genome is not None:
+                genomes["base" if expert is None else f"expert {expert}"] = genome
+        unique = {}
+        for label, genome in genomes.items():
+            if genome not in unique.values():
+                unique[label] = genome
+        return unique
 
 
 def space_device(space: SearchSpace) -> str | None:

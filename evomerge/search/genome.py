@@ -92,3 +92,59 @@ def uniform_genome(space: SearchSpace, num_layers: int, values: dict[str, float]
         value = values.get(param, (low + high) / 2)
         genome[name] = min(max(float(value), low), high)
     return genome
+
+
+def _within(value: float, bounds: tuple[float, float]) -> bool:
+    low, high = bounds
+    return low - 1e-9 <= value <= high + 1e-9
+
+
+def _matches(value, target) -> bool:
+    """A fixed value (scalar or per-expert list) agrees with a target (per-expert entries None = any)."""
+    if isinstance(target, list):
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * len(target)
+        return len(values) == len(target) and all(t is None or float(v) == t for v, t in zip(values, target))
+    return not isinstance(value, (list, tuple)) and float(value) == target
+
+
+def endpoint_genome(space: SearchSpace, num_layers: int, expert: str | None) -> dict[str, float] | None:
+    """A genome whose merge is exactly one endpoint: ``expert`` alone, or the base (``None``).
+
+    Task-arithmetic methods (TIES, DARE, ...): weight 1 for the expert and 0 for the
+    others with the expert's density 1 (nothing dropped; a sign election among one
+    expert keeps everything), or all weights 0 for the base. Linear: one-hot weights
+    (no base). SLERP: t = 0 is the base, t = 1 the expert. Returns None where the space
+    cannot express the point: a bound excludes the value (density capped below 1), a
+    fixed parameter contradicts it (lambda 0.8), or the method has no such point.
+    """
+    from evomerge.merge.recipe import METHODS
+
+    kind = METHODS[space.method].kind
+    names = space.expert_names
+    if kind == "slerp":
+        targets: dict = {"t": 0.0 if expert is None else 1.0}
+    elif kind == "linear" and expert is not None:
+        targets = {"weight": [1.0 if name == expert else 0.0 for name in names]}
+    elif kind == "task_arithmetic":
+        targets = {"weight": [1.0 if name == expert else 0.0 for name in names]}
+        if expert is not None:
+            targets["density"] = [1.0 if name == expert else None for name in names]
+            targets["lambda"] = 1.0
+    else:
+        return None  # linear cannot give the base back; model_stock has no coefficients
+    if any(param in space.fixed and not _matches(space.fixed[param], target) for param, target in targets.items()):
+        return None
+    genome = uniform_genome(space, num_layers, {})
+    for name in genome:
+        param, *rest = name.split(".")
+        target = targets.get(param)
+        if isinstance(target, list):
+            target = target[names.index(rest[0])]
+        if target is None:
+            if param == "density" and _within(1.0, space.ranges[param]):
+                genome[name] = 1.0  # keep everything where the value does not matter
+            continue
+        if not _within(target, space.ranges[param]):
+            return None
+        genome[name] = float(target)
+    return genome

@@ -26,6 +26,8 @@ from evomerge.search.space import SearchSpace, load_search_space
 from evomerge.search.study import SearchDriver, open_study
 
 SPACE_FILE = "space.yaml"
+BASELINE_ATTR = "baseline"
+"""User attr naming an enqueued baseline trial ("expert arith", "base", "uniform weight 1, density 0.7")."""
 STRATEGY_ALIASES = {"anchor": "anchor-irt"}
 
 
@@ -164,8 +166,8 @@ class MergeSearch:
         count = len(self.space.benchmarks) if self.space.objectives == "per_task" else 1
         return ["maximize"] * count
 
-    def baseline_genomes(self) -> list[dict[str, float]]:
-        """Genomes the search starts from, so it never ends below them (see the builder)."""
+    def baseline_genomes(self) -> dict[str, dict[str, float]]:
+        """Named genomes the search starts from, so it never ends below them (see the builder)."""
         return self.builder.baseline_genomes()
 
     def open(self, resume: bool):
@@ -173,8 +175,8 @@ class MergeSearch:
                   "genome": {k: list(v) for k, v in self.genome.items()}}
         study = open_study(self.storage or self.run_dir, self.space.name, self.directions, config, resume=resume)
         if not resume and self.space.baselines:
-            for genome in self.baseline_genomes():
-                study.enqueue_trial(genome)
+            for label, genome in self.baseline_genomes().items():
+                study.enqueue_trial(genome, user_attrs={BASELINE_ATTR: label})
         return study
 
     def run(self, n_trials: int | None = None, resume: bool = False):
