@@ -68,6 +68,10 @@ class CandidateBuilder(ABC):
         """Resolved inputs a resumed study must find unchanged (besides the space file)."""
         return {}
 
+    def extra_endpoints(self) -> dict:
+        """In-memory source models (name -> model) that calibration scores beside base and experts."""
+        return {}
+
 
 class ParameterMerge(CandidateBuilder):
     """Parameter-space merges: the genome becomes a `Recipe`, merged in place into one model."""
@@ -130,6 +134,111 @@ class ParameterMerge(CandidateBuilder):
         return unique
 
 
+class DataFlowMerge(CandidateBuilder):
+    """Data-flow merges: the genome becomes a layer path through loaded source models (no weight copies).
+
+    Sources are loaded once: model folders with ``from_pretrained``, a
+    parameter-space run's trial merged by the merge core (which is then freed).
+    """
+
+    def __init__(self, space: SearchSpace):
+        from transformers import AutoTokenizer
+
+        from evomerge.dataflow import LayerPool
+        from evomerge.merge.core import default_device
+        from evomerge.search.dfs_genome import dfs_genome_space
+
+        self.space, self.dfs = space, space.dfs
+        self.device = space_device(space) or default_device()
+        self.dtype = None
+        models = {}
+        for source in self.dfs.sources:
+            models[source.name] = self._load(source)
+            self.dtype = self.dtype or models[source.name].dtype
+        self.run_models = {f"source:{s.name}": models[s.name] for s in self.dfs.sources if s.run is not None}
+        self.pool = LayerPool(models)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(space.base))
+        except (OSError, ValueError, TypeError):
+            self.tokenizer = None
+        self.genome = dfs_genome_space(self.dfs)
+
+    def _load(self, source):
+        if source.run is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=self.dtype or "auto")
+            return model.to(self.device).eval()
+        from evomerge.merge import MergeCore, Recipe
+
+        core = MergeCore(source.run_base, source.run_experts, device=self.device, dtype=self.dtype)
+        model, _ = core.new_model()
+        core.merge_into(model, Recipe.from_dict(source.recipe), seed=source.merge_seed)
+        return model.eval()  # the core (base + task vectors) is freed here; the merged model stays
+
+    def _sources(self) -> dict:
+        return {s.name: s.identity() for s in self.dfs.sources}
+
+    def candidate(self, genome):
+        from evomerge.search.dfs_genome import genome_to_path
+
+        path = genome_to_path(self.dfs, genome)
+        return Candidate(self.pool.assemble(path),
+                         {"path": path.to_dict(), "path_text": path.describe(), "dfs_sources": self._sources()})
+
+    def _path(self, attrs):
+        from evomerge.dataflow import DataFlowPath
+        from evomerge.errors import EvomergeError
+
+        stored = attrs.get("dfs_sources", {})
+        for name, identity in self._sources().items():
+            if name in stored and stored[name] != identity:
+                raise EvomergeError(
+                    f"this trial's source {name!r} was {stored[name]} but the space now gives {identity}; "
+                    f"pin the source in the space (e.g. trial: {stored[name].get('trial')})")
+        return DataFlowPath.from_dict(attrs["path"])
+
+    def rebuild(self, attrs):
+        return self.pool.assemble(self._path(attrs))
+
+    def export(self, attrs, out_dir, *, details=None, max_shard_size="1GB"):
+        from evomerge.dataflow.export import export_path
+        from evomerge.merge import Recipe, recipe_to_mergekit_yaml
+
+        dtype = str(self.dtype).removeprefix("torch.")
+        refs, intermediates = {}, {}
+        for source in self.dfs.sources:
+            if source.run is None:
+                refs[source.name] = str(source.path)
+            else:
+                intermediates[source.name] = recipe_to_mergekit_yaml(
+                    Recipe.from_dict(source.recipe), source.run_base, source.run_experts, source.num_layers, dtype=dtype)
+        return export_path(self.pool, self._path(attrs), out_dir, tokenizer=self.tokenizer, model_refs=refs,
+                           intermediates=intermediates, sources=self._sources(), details=details,
+                           max_shard_size=max_shard_size)
+
+    def baseline_genomes(self):
+        """Every source alone (when it fits the budgets), then the space's hand-written paths."""
+        from evomerge.search.dfs_genome import path_genome, path_slots
+
+        genomes = {}
+        for source in self.dfs.sources:
+            layers = [(source.name, i) for i in range(source.num_layers)]
+            fits = len(layers) <= self.dfs.max_layers and (
+                self.dfs.max_params is None or self.dfs.path_params(layers) <= self.dfs.max_params)
+            if fits and path_slots(self.dfs, layers) is not None:
+                genomes[f"source {source.name}"] = path_genome(self.dfs, layers)
+        for path in self.dfs.paths:
+            genomes.setdefault(f"path {path.describe()}", path_genome(self.dfs, path.layers))
+        return genomes
+
+    def extra_endpoints(self):
+        return dict(self.run_models)
+
+    def study_config(self):
+        return {"dfs_sources": self._sources()}
+
+
 def space_device(space: SearchSpace) -> str | None:
     """The device a space asks for; None lets the loader pick (CUDA when present)."""
     return None if space.device == "auto" else space.device
@@ -137,4 +246,4 @@ def space_device(space: SearchSpace) -> str | None:
 
 def make_builder(space: SearchSpace) -> CandidateBuilder:
     """The builder for a space: a data-flow path when it has a `dfs` section, else a merge."""
-    return ParameterMerge(space)
+    return DataFlowMerge(space) if space.dfs is not None else ParameterMerge(space)

@@ -94,6 +94,9 @@ class MergeSearch:
             name = f"extra:{Path(path).name}"
             if name not in known:
                 yield name, *self._load_hf(path, AutoModelForCausalLM, AutoTokenizer)
+        for name, model in self.builder.extra_endpoints().items():
+            if name not in known:
+                yield name, model, self.tokenizer
         for name, genome in self.calibration_genomes().items():
             if name not in known:
                 yield name, self.builder.candidate(genome).model, self.tokenizer
@@ -106,7 +109,7 @@ class MergeSearch:
 
     def prepare(self) -> None:
         """Score calibration models fully (cached) and fit or load each benchmark's estimator."""
-        endpoint_names = ["base", *self.space.expert_names]
+        endpoint_names = ["base", *self.space.expert_names, *self.builder.extra_endpoints()]
         strategy = STRATEGY_ALIASES.get(self.space.strategy, self.space.strategy)
         for bench_name, bench in self.benchmarks.items():
             estimator_path = self.run_dir / "estimators" / f"{bench_name}.json"
@@ -117,7 +120,8 @@ class MergeSearch:
             matrix = ResponseMatrix.load(path) if path.exists() else None
             known = set(matrix.model_names) if matrix is not None else set()
             if self.progress:
-                n_models = 1 + len(self.space.experts) + len(self.space.extra_models) + self.space.calibration_merges
+                n_models = (1 + len(self.space.experts) + len(self.space.extra_models)
+                            + len(self.builder.extra_endpoints()) + self.space.calibration_merges)
                 say(f"calibrating the {bench_name} estimator: scoring {n_models - len(known)} of "
                     f"{n_models} models on all {len(bench.items)} items (cached in {self.run_dir})")
             for name, model, tokenizer in self._calibration_models(known):

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.search.dfs_space import DataFlowSpace, parse_dfs_section
 from evomerge.search.optimizers import check_optimizer
 
 GRANULARITIES = ("global", "layer_group", "layer")
@@ -81,6 +82,7 @@ class SearchSpace:
     baselines: bool = True
     device: str = "auto"
     zoo: str | None = None
+    dfs: DataFlowSpace | None = None    # a data-flow (layer path) search instead of a parameter merge
     raw: dict = field(default_factory=dict)
 
     @property
@@ -140,13 +142,18 @@ def _absolute_paths(raw: dict) -> dict:
         estimator["extra_models"] = [resolve(v) for v in estimator["extra_models"]]
     if raw.get("zoo"):
         raw["zoo"] = resolve(raw["zoo"])
+    dfs = raw.get("dfs")
+    if isinstance(dfs, dict) and isinstance(dfs.get("sources"), list):
+        for entry in dfs["sources"]:
+            if isinstance(entry, dict) and isinstance(entry.get("source"), str):
+                entry["source"] = resolve(entry["source"])
     return raw
 
 
 def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     """Validate the parsed YAML mapping, naming the offending key in every error."""
     reader = _Reader(raw, source)
-    known_sections = {"name", "zoo", "models", "merge", "benchmarks", "estimator", "optimizer", "device"}
+    known_sections = {"name", "zoo", "models", "merge", "dfs", "benchmarks", "estimator", "optimizer", "device"}
     reader.reject_unknown(raw, known_sections, "")
 
     models = reader.mapping("models")
@@ -159,49 +166,15 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         raise EvomergeError(f"{source}: models.experts must name at least one expert (name: path)")
     experts = {str(k): str(v) for k, v in experts.items()}
 
-    merge = reader.mapping("merge")
-    reader.reject_unknown(
-        merge, {"method", "granularity", "layer_groups", "split_modules", "params", "fixed"}, "merge"
-    )
-    method = reader.string(merge, "method", "merge")
-    if method not in DEFAULT_RANGES:
-        raise EvomergeError(
-            f"{source}: merge.method {method!r} is unknown; choose one of {', '.join(DEFAULT_RANGES)}"
-        )
-    if method == "slerp" and len(experts) != 1:
-        raise EvomergeError(f"{source}: slerp merges the base with exactly one expert, got {len(experts)}")
-    if method == "model_stock" and len(experts) < 2:
-        raise EvomergeError(f"{source}: model_stock needs at least two experts")
-    granularity = merge.get("granularity", "layer_group")
-    if granularity not in GRANULARITIES:
-        raise EvomergeError(
-            f"{source}: merge.granularity {granularity!r} is unknown; choose one of {', '.join(GRANULARITIES)}"
-        )
-    layer_groups = reader.integer(merge, "layer_groups", "merge", default=2, minimum=1)
-    split_modules = bool(merge.get("split_modules", False))
-    ranges = dict(DEFAULT_RANGES[method])
-    user_ranges = merge.get("params", {}) or {}
-    if not isinstance(user_ranges, dict):
-        raise EvomergeError(f"{source}: merge.params must map a parameter to [low, high]")
-    for name, bounds in user_ranges.items():
-        if name not in PER_EXPERT_PARAMS + SHARED_PARAMS:
-            raise EvomergeError(
-                f"{source}: merge.params.{name} is not a searchable parameter; "
-                f"choose from {', '.join(PER_EXPERT_PARAMS + SHARED_PARAMS)}"
-            )
-        if (
-            not isinstance(bounds, (list, tuple))
-            or len(bounds) != 2
-            or not all(isinstance(b, (int, float)) for b in bounds)
-            or not bounds[0] < bounds[1]
-        ):
-            raise EvomergeError(f"{source}: merge.params.{name} must be [low, high] with low < high, got {bounds!r}")
-        ranges[name] = (float(bounds[0]), float(bounds[1]))
-    fixed = dict(merge.get("fixed", {}) or {})
-    for name in set(fixed) & set(ranges):
-        ranges.pop(name)  # a fixed value is not searched
-    if not ranges:
-        raise EvomergeError(f"{source}: merge method {method} leaves no parameter to search")
+    if "dfs" in raw:
+        if "merge" in raw:
+            raise EvomergeError(f"{source}: a space searches either merge (parameter space) or dfs (data-flow "
+                                "space), not both; for PS+DFS name a finished merge run as a dfs source")
+        dfs = parse_dfs_section(raw["dfs"], {"base": base, **experts}, source)
+        method, granularity, layer_groups, split_modules, ranges, fixed = "passthrough", "layer", 1, False, {}, {}
+    else:
+        dfs = None
+        method, granularity, layer_groups, split_modules, ranges, fixed = _merge_section(reader, source, experts)
 
     benchmarks_raw = raw.get("benchmarks")
     if not isinstance(benchmarks_raw, list) or not benchmarks_raw:
@@ -287,8 +260,57 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         baselines=bool(optimizer.get("baselines", True)),
         device=device,
         zoo=raw.get("zoo"),
+        dfs=dfs,
         raw=copy.deepcopy(raw),
     )
+
+
+def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]):
+    """The `merge` section: (method, granularity, layer_groups, split_modules, ranges, fixed)."""
+    merge = reader.mapping("merge")
+    reader.reject_unknown(
+        merge, {"method", "granularity", "layer_groups", "split_modules", "params", "fixed"}, "merge"
+    )
+    method = reader.string(merge, "method", "merge")
+    if method not in DEFAULT_RANGES:
+        raise EvomergeError(
+            f"{source}: merge.method {method!r} is unknown; choose one of {', '.join(DEFAULT_RANGES)}"
+        )
+    if method == "slerp" and len(experts) != 1:
+        raise EvomergeError(f"{source}: slerp merges the base with exactly one expert, got {len(experts)}")
+    if method == "model_stock" and len(experts) < 2:
+        raise EvomergeError(f"{source}: model_stock needs at least two experts")
+    granularity = merge.get("granularity", "layer_group")
+    if granularity not in GRANULARITIES:
+        raise EvomergeError(
+            f"{source}: merge.granularity {granularity!r} is unknown; choose one of {', '.join(GRANULARITIES)}"
+        )
+    layer_groups = reader.integer(merge, "layer_groups", "merge", default=2, minimum=1)
+    split_modules = bool(merge.get("split_modules", False))
+    ranges = dict(DEFAULT_RANGES[method])
+    user_ranges = merge.get("params", {}) or {}
+    if not isinstance(user_ranges, dict):
+        raise EvomergeError(f"{source}: merge.params must map a parameter to [low, high]")
+    for name, bounds in user_ranges.items():
+        if name not in PER_EXPERT_PARAMS + SHARED_PARAMS:
+            raise EvomergeError(
+                f"{source}: merge.params.{name} is not a searchable parameter; "
+                f"choose from {', '.join(PER_EXPERT_PARAMS + SHARED_PARAMS)}"
+            )
+        if (
+            not isinstance(bounds, (list, tuple))
+            or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) for b in bounds)
+            or not bounds[0] < bounds[1]
+        ):
+            raise EvomergeError(f"{source}: merge.params.{name} must be [low, high] with low < high, got {bounds!r}")
+        ranges[name] = (float(bounds[0]), float(bounds[1]))
+    fixed = dict(merge.get("fixed", {}) or {})
+    for name in set(fixed) & set(ranges):
+        ranges.pop(name)  # a fixed value is not searched
+    if not ranges:
+        raise EvomergeError(f"{source}: merge method {method} leaves no parameter to search")
+    return method, granularity, layer_groups, split_modules, ranges, fixed
 
 
 class _Reader:
