@@ -1,4 +1,4 @@
-"""`evomerge` command line: search, resume, status, validate, export, eval, estimate-check, make-zoo, demo.
+"""`evomerge` command line: search, resume, status, validate, export, plan, eval, estimate-check, make-zoo, demo.
 
 Input problems (EvomergeError) are printed as one line and exit with status 2;
 anything else is a bug and keeps its traceback.
@@ -21,6 +21,23 @@ def _add_storage(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-memory", metavar="SIZE",
+                        help="bytes the merge core may use on the merge device, e.g. 20GiB (default: the space's "
+                        "memory.device, else free GPU memory minus a scoring headroom)")
+    parser.add_argument("--host-memory", metavar="SIZE",
+                        help="bytes of RAM for blocks that do not fit the device, e.g. 60GiB (default: the space's "
+                        "memory.host, else available RAM minus a margin); the rest streams from the safetensors files")
+
+
+def _with_memory(space, args):
+    """The space with --device-memory / --host-memory applied (they override its memory: block)."""
+    from evomerge.merge.memory import parse_bytes
+
+    return space.with_memory(parse_bytes(args.device_memory, "--device-memory"),
+                             parse_bytes(args.host_memory, "--host-memory"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,12 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--trials", type=int, help="total complete trials wanted (default: the space's budget)")
     search.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_storage(search)
+    _add_memory(search)
 
     resume = commands.add_parser("resume", help="continue a run from its folder")
     resume.add_argument("run_dir")
     resume.add_argument("--trials", type=int, help="new total budget (default: the space's budget)")
     resume.add_argument("--no-progress", action="store_true")
     _add_storage(resume)
+    _add_memory(resume)
 
     status = commands.add_parser("status", help="table of a run's best trials")
     status.add_argument("run_dir")
@@ -52,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--validate-top", type=int, default=0, metavar="K",
                         help="score the K best-estimated trials on all items and export the best measured one")
     _add_storage(export)
+    _add_memory(export)
+
+    plan = commands.add_parser("plan", help="where a search's weights would live in memory, from configs and headers only")
+    plan.add_argument("space", help="search-space YAML or run folder")
+    plan.add_argument("--device", help="plan for this device instead of the space's (e.g. cuda on a machine without one)")
+    plan.add_argument("--host-bandwidth", type=float, default=25.0, metavar="GB/S",
+                      help="host->device copy rate for the projected time (default: 25, pinned PCIe 4.0 x16)")
+    plan.add_argument("--disk-bandwidth", type=float, default=3.0, metavar="GB/S",
+                      help="disk read rate for the projected time (default: 3, one NVMe SSD)")
+    _add_memory(plan)
 
     validate = commands.add_parser("validate", help="score a run's top trials on the full benchmarks (estimate vs measured)")
     validate.add_argument("run_dir")
@@ -110,13 +139,13 @@ def cmd_search(args) -> int:
     from evomerge.search.run import start_run
 
     space, run_dir, resume = start_run(args.space, args.runs_root, args.run_dir)
-    return _run_search(space, run_dir, resume, args)
+    return _run_search(_with_memory(space, args), run_dir, resume, args)
 
 
 def cmd_resume(args) -> int:
     from evomerge.search.run import load_run_space
 
-    return _run_search(load_run_space(args.run_dir), Path(args.run_dir), True, args)
+    return _run_search(_with_memory(load_run_space(args.run_dir), args), Path(args.run_dir), True, args)
 
 
 def _run_search(space, run_dir: Path, resume: bool, args) -> int:
@@ -184,9 +213,29 @@ def _print_status(study, top: int, weights: list[float] | None = None) -> None:
 def cmd_export(args) -> int:
     from evomerge.search.run import export_trial
 
+    from evomerge.merge.memory import parse_bytes
+
+    memory = {"device_memory": parse_bytes(args.device_memory, "--device-memory"),
+              "host_memory": parse_bytes(args.host_memory, "--host-memory")}
     out = export_trial(args.run_dir, trial_number=args.trial, out_dir=args.out, storage=args.storage,
-                       max_shard_size=args.max_shard_size, validate_top=args.validate_top)
+                       max_shard_size=args.max_shard_size, validate_top=args.validate_top, memory=memory)
     print(f"exported to {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import dataclasses
+
+    from evomerge.search.plan import plan_space
+    from evomerge.search.run import SPACE_FILE, load_run_space
+    from evomerge.search.space import load_search_space
+
+    space = load_run_space(args.space) if Path(args.space, SPACE_FILE).is_file() else load_search_space(args.space)
+    space = _with_memory(space, args)
+    if args.device:
+        space = dataclasses.replace(space, device=args.device)
+    _plan, text = plan_space(space, host_bandwidth=args.host_bandwidth * 1e9, disk_bandwidth=args.disk_bandwidth * 1e9)
+    print(text)
     return 0
 
 
@@ -232,6 +281,7 @@ COMMANDS = {
     "resume": cmd_resume,
     "status": cmd_status,
     "export": cmd_export,
+    "plan": cmd_plan,
     "validate": cmd_validate,
     "eval": cmd_eval,
     "estimate-check": cmd_estimate_check,

@@ -28,11 +28,17 @@ def export_checkpoint(
     expert_names: list[str] | None = None,
     details: dict | None = None,
     max_shard_size: str = "1GB",
+    model=None,
+    tokenizer=None,
 ) -> Path:
-    """Merge `recipe` into a fresh model and save it with its card; returns the folder."""
+    """Merge `recipe` into `model` (a fresh one from the core if None) and save it with its card.
+
+    Passing the model a search already holds keeps one copy of the weights on the device.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = core.new_model()
+    if model is None:
+        model, tokenizer = core.new_model()
     core.merge_into(model, recipe, seed=seed)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out_dir)

@@ -27,14 +27,11 @@ from evomerge.merge import MergeCore, Override, Recipe, recipe_to_mergekit_yaml
 from evomerge.merge import methods as M
 
 sys.path.insert(0, str(Path(__file__).parent))
+from mergekit_run import assert_same, run_mergekit  # noqa: E402
 from tiny_models import tiny_llama_config, write_tiny_expert, write_tiny_family, write_tiny_llama  # noqa: E402
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit (test extra, ==0.1.5) is not installed")
-from mergekit.config import MergeConfiguration  # noqa: E402
-from mergekit.merge import run_merge  # noqa: E402
-from mergekit.options import MergeOptions  # noqa: E402
 
-ATOL, RTOL = 1e-6, 1e-5
 WEIGHTS = [0.5, 0.3, 0.7]
 
 
@@ -49,21 +46,6 @@ def family(tmp_path_factory):
 def core(family):
     base, experts = family
     return MergeCore(base, experts, device="cpu")
-
-
-def run_mergekit(recipe, base, experts, num_layers, out_dir):
-    text = recipe_to_mergekit_yaml(recipe, base, experts, num_layers)
-    config = MergeConfiguration.model_validate(yaml.safe_load(text))
-    run_merge(config, str(out_dir), MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
-    from evomerge.merge.loading import open_model
-
-    return open_model(out_dir).load()
-
-
-def assert_same(ours: dict, theirs: dict, label: str):
-    assert set(ours) == set(theirs), f"{label}: tensor names differ: {set(ours) ^ set(theirs)}"
-    for name, tensor in theirs.items():
-        torch.testing.assert_close(ours[name], tensor, atol=ATOL, rtol=RTOL, msg=lambda m: f"{label} {name}: {m}")
 
 
 DETERMINISTIC = {

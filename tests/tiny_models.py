@@ -44,7 +44,7 @@ def write_tiny_expert(base_path, path, seed: int, noise: float = 0.01, max_shard
     """Save base + N(0, noise) per parameter, as a stand-in for a fine-tune."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(base_path))
+    model = LlamaForCausalLM.from_pretrained(str(base_path), dtype="auto")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -60,11 +60,11 @@ def _save(model, path, max_shard_size):
     model.save_pretrained(str(path), **kwargs)
 
 
-def write_tiny_family(root, num_experts: int = 3, sharded_expert: int = 1, **config_kwargs):
-    """base + experts under `root`; expert `sharded_expert` is written in several shards."""
+def write_tiny_family(root, num_experts: int = 3, sharded_expert: int = 1, dtype=torch.float32, **config_kwargs):
+    """base + experts under `root` (in `dtype`); expert `sharded_expert` is written in several shards."""
     root = Path(root)
     config = tiny_llama_config(**config_kwargs)
-    base = write_tiny_llama(root / "base", config, seed=0)
+    base = write_tiny_llama(root / "base", config, seed=0, dtype=dtype)
     experts = []
     for i in range(num_experts):
         shard = "20KB" if i == sharded_expert else None

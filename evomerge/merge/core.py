@@ -1,26 +1,38 @@
-"""In-memory merge core: load base + experts once, merge many candidates fast.
+"""In-memory merge core: load base + experts once, merge many candidates fast, within memory budgets.
 
-Layout: every floating tensor of the base gets a slice of one flat buffer
-(`base_flat`, shape [N]); task vectors (expert - base) share the same layout in
-`task_vectors` ([experts, N]). Flat storage lets elementwise merges process many
-small tensors (norms, per-layer groups with equal coefficients) as one slice,
-and lets `new_model()` rebind a model's parameters onto one flat output buffer
-so `merge_into` writes the merge straight into the model, with no copy and no
-allocation per candidate beyond small temporaries.
+Layout (`evomerge.merge.layout`): every floating tensor of the base gets a
+slice of one flat index space, grouped into per-layer blocks. The memory plan
+(`evomerge.merge.planner`) puts each block of the base and of every task
+vector (expert - base) on the device, in host memory or leaves it on disk,
+within `device_memory` / `host_memory`. A merge walks the blocks in order
+(`evomerge.merge.streaming`): resident blocks are read in place, the others
+are copied into staging while the previous block merges. Every path gives the
+same bits: the same per-block units and the same math run on identical inputs.
+
+`new_model()` builds the model on its device with its parameters rebound onto
+one flat buffer laid out like the core, so `merge_into` writes the merge
+straight into the model, with no copy and no allocation per candidate beyond
+small temporaries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge import methods as M
+from evomerge.merge.layout import DEFAULT_BLOCK_ELEMENTS, Layout, TensorSlot  # noqa: F401 (TensorSlot re-exported)
 from evomerge.merge.loading import check_compatible, open_model
-from evomerge.merge.recipe import Recipe, layer_of, module_type_of
+from evomerge.merge.memory import Budgets, Ledger
+from evomerge.merge.methods import get_method
+from evomerge.merge.planner import BASE, DEVICE, DISK, HOST, plan_memory
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.streaming import Stager
+from evomerge.merge.tiers import BlockStore, DiskSource
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -46,23 +58,6 @@ def default_device() -> str:
 
 
 @dataclass
-class TensorSlot:
-    """Where one tensor lives in the flat buffers and which overrides can reach it."""
-
-    index: int
-    name: str
-    shape: tuple
-    offset: int
-    numel: int
-    layer: Optional[int]
-    module_type: Optional[str]
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.numel
-
-
-@dataclass
 class _Unit:
     """Contiguous slots merged in one call: several (elementwise) or one (per-tensor)."""
 
@@ -71,21 +66,95 @@ class _Unit:
     elementwise: bool
     start: int = 0
     end: int = 0
-    names: list = field(default_factory=list)
 
 
-def _slot_order(name: str):
-    layer = layer_of(name)
-    if layer is not None:
-        return (1, layer, name)
-    return (0 if "embed" in name else 2, 0, name)
+class SideData:
+    """Side data of the methods (orders, norms, angles), with a device allowance for per-element caches."""
+
+    def __init__(self, ledger: Ledger, room: int, caches: bool):
+        self.ledger = ledger
+        self.room = room if caches else 0
+        self.values: dict = {}
+        self.cached_bytes = 0
+
+    def get(self, key):
+        return self.values.get(key)
+
+    def put(self, key, value, nbytes: int = 0) -> None:
+        self.values[key] = value
+
+    def reserve(self, nbytes: int) -> bool:
+        """Take `nbytes` of device room for a per-element cache, if the plan left that much."""
+        if self.cached_bytes + nbytes > self.room:
+            return False
+        self.cached_bytes += nbytes
+        self.ledger.add(DEVICE, "side data", nbytes)
+        return True
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.ledger.remove(DEVICE, "side data", self.cached_bytes)
+        self.cached_bytes = 0
+
+
+class Workspace:
+    """Reusable [experts, n] and [n] scratch buffers, allocated once at their largest size."""
+
+    def __init__(self, num_experts: int, dtype: torch.dtype, device, size: int):
+        self.num_experts, self.dtype, self.device, self.size = num_experts, dtype, device, size
+        self._rows: Optional[torch.Tensor] = None
+        self._row: Optional[torch.Tensor] = None
+
+    def rows(self, n: int) -> torch.Tensor:
+        if self._rows is None or self._rows.shape[1] < n:
+            self._rows = torch.empty((self.num_experts, max(n, self.size)), dtype=self.dtype, device=self.device)
+        return self._rows[:, :n]
+
+    def row(self, n: int) -> torch.Tensor:
+        if self._row is None or self._row.shape[0] < n:
+            self._row = torch.empty(max(n, self.size), dtype=self.dtype, device=self.device)
+        return self._row[:n]
+
+
+@dataclass
+class _Context:
+    """What a method's per-block calls may use."""
+
+    side: SideData
+    work: Workspace
+    num_experts: int
+    device: torch.device
+    prepared: set = field(default_factory=set)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with parameters on the meta device (buffers stay real): no weights allocated."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
 
 
 class MergeCore:
-    """Merge a base with experts for many recipes without touching the disk.
+    """Merge a base with experts for many recipes without touching the disk (unless the plan says so).
 
-    `cache_orderings` keeps magnitude ranks (4 bytes/element/expert) after the
-    first TIES / breadcrumbs / DELLA merge so later candidates skip the sort.
+    `device_memory` / `host_memory` (bytes or strings like "20GiB") bound what
+    the core accounts on the merge device and in host memory; blocks that do
+    not fit are streamed from host memory or from the safetensors files (see
+    `memory_report()`). `cache_orderings` allows int32 magnitude-rank caches
+    (4 bytes/element/expert) where the plan has device room; elsewhere TIES and
+    breadcrumbs use exact threshold tables and DELLA recomputes its ranks.
+    `methods` (names) prepares their side data now, in one pass, instead of
+    at the first merge, and sizes the workspace for them.
     """
 
     def __init__(
@@ -97,6 +166,11 @@ class MergeCore:
         *,
         cache_orderings: bool = True,
         chunk_elements: int = 1 << 24,
+        device_memory=None,
+        host_memory=None,
+        scoring_headroom=None,
+        methods: Sequence[str] = (),
+        block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     ):
         self.device = torch.device(device or default_device())
         self.base_path = base_path
@@ -111,80 +185,139 @@ class MergeCore:
         self.num_experts = len(self.expert_files)
         self.cache_orderings = cache_orderings
         self.chunk_elements = int(chunk_elements)
-
-        float_names = [n for n, d in self.base_files.dtypes.items() if d.is_floating_point]
-        self.passthrough_names = [n for n, d in self.base_files.dtypes.items() if not d.is_floating_point]
-        self.dtype = resolve_dtype(dtype) or self._checkpoint_dtype(float_names)
-
-        self.slots: list[TensorSlot] = []
-        offset = 0
-        for index, name in enumerate(sorted(float_names, key=_slot_order)):
-            shape = tuple(self.base_files.shapes[name])
-            numel = 1
-            for s in shape:
-                numel *= s
-            self.slots.append(TensorSlot(index, name, shape, offset, numel, layer_of(name), module_type_of(name)))
-            offset += numel
-        self.numel = offset
+        self.layout = Layout.from_files(self.base_files, resolve_dtype(dtype), block_elements)
+        self.dtype = self.layout.dtype
+        self.slots = self.layout.slots
+        self.numel = self.layout.numel
         self.slot_by_name = {s.name: s for s in self.slots}
+        self._block_of = {slot.index: block for block in self.layout.blocks for slot in block.slots}
+        self.passthrough_names = list(self.layout.passthrough)
+        self.methods = [get_method(m) for m in methods]
 
-        self.base_flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        self.budgets = Budgets.resolve(self.device, device_memory, host_memory, scoring_headroom)
+        self.plan = plan_memory(
+            self.layout, self.num_experts, self.budgets, methods=self.methods,
+            pinned=self.device.type == "cuda", chunk_elements=self.chunk_elements,
+        )
+        self.ledger = Ledger()
+        self.ledger.add(DEVICE, "resident model", self.plan.resident_bytes)
+        self.ledger.add(DEVICE, "workspace", self.plan.workspace_bytes)
+        self._load()
+        self.stager = Stager(self.plan, self.layout, self.stores, self.disk, self.device, self.ledger)
+        self._context = _Context(
+            side=SideData(self.ledger, self.plan.cache_room, cache_orderings),
+            work=Workspace(self.num_experts, self.dtype, self.device,
+                           max(self.layout.largest_tensor, min(self.chunk_elements, self.layout.largest_block))),
+            num_experts=self.num_experts,
+            device=self.device,
+        )
+        self._out_flat: Optional[torch.Tensor] = None
+        self._moved_last = 0
+        if self.methods:
+            self._prepare(self.methods)
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> None:
+        """Fill the device and host stores the plan asks for; map what stays on disk."""
+        plan, layout = self.plan, self.layout
+        pinned = self.device.type == "cuda"
+        self.stores: dict = {}
+        for tier, where, pin in ((DEVICE, self.device, False), (HOST, "cpu", pinned)):
+            for source in plan.sources:
+                blocks = [b for b in layout.blocks if plan.tier(b.index, source) == tier]
+                if blocks:
+                    store = BlockStore(blocks, self.dtype, where, pinned=pin)
+                    self.stores[(tier, source)] = store
+                    self.ledger.add(tier, "base blocks" if source == BASE else "task vector blocks", store.nbytes)
+        files = {BASE: self.base_files, **dict(enumerate(self.expert_files))}
+        self.disk = {s: DiskSource(files[s]) for s in plan.sources
+                     if any(plan.tier(b.index, s) == DISK for b in layout.blocks)}
+
+        block_of = {slot.name: self._block_of[slot.index] for slot in self.slots}
         self.passthrough = {}
         for name, tensor in self.base_files.iter_tensors():
-            if name in self.slot_by_name:
-                self.base_view(self.slot_by_name[name]).copy_(tensor.to(self.dtype).reshape(-1))
-            else:
+            if name not in self.slot_by_name:
                 self.passthrough[name] = tensor.to(self.device)
-        self.task_vectors = torch.empty((self.num_experts, self.numel), dtype=self.dtype, device=self.device)
+                self.ledger.add(DEVICE, "resident model", tensor.numel() * tensor.element_size())
+                continue
+            block = block_of[name]
+            tier = plan.tier(block.index, BASE)
+            if tier != DISK:
+                self.stores[(tier, BASE)].slot_view(block, self.slot_by_name[name]).copy_(tensor.reshape(-1))
         for e, files in enumerate(self.expert_files):
-            for name, tensor in files.iter_tensors([s.name for s in self.slots]):
+            wanted = [s.name for s in self.slots if plan.tier(block_of[s.name].index, e) != DISK]
+            for name, tensor in files.iter_tensors(wanted):
                 slot = self.slot_by_name[name]
+                block = block_of[name]
                 expert = tensor.to(device=self.device, dtype=self.dtype).reshape(-1)
-                torch.sub(expert, self.base_view(slot), out=self.task_vectors[e, slot.offset : slot.end])
+                base = self._base_slot(block, slot)
+                store = self.stores[(plan.tier(block.index, e), e)]
+                if store.data.device == self.device:
+                    torch.sub(expert, base, out=store.slot_view(block, slot))
+                else:
+                    store.slot_view(block, slot).copy_(torch.sub(expert, base))
                 del expert
 
-        self._cache: dict = {}
-        self._scratch: Optional[torch.Tensor] = None
-        self._scratch_row: Optional[torch.Tensor] = None
-        self._out_flat: Optional[torch.Tensor] = None
+    def _base_slot(self, block, slot) -> torch.Tensor:
+        """The base's values of one tensor on the merge device (a view when resident)."""
+        tier = self.plan.tier(block.index, BASE)
+        if tier == DEVICE:
+            return self.stores[(DEVICE, BASE)].slot_view(block, slot)
+        if tier == HOST:
+            return self.stores[(HOST, BASE)].slot_view(block, slot).to(self.device)
+        return self.disk[BASE].view(slot.name).to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ helpers
-    def _checkpoint_dtype(self, float_names) -> torch.dtype:
-        counts: dict = {}
-        for name in float_names:
-            d = self.base_files.dtypes[name]
-            counts[d] = counts.get(d, 0) + 1
-        return max(counts, key=counts.get) if counts else torch.float32
-
     @property
     def tensor_names(self) -> list[str]:
         return [s.name for s in self.slots]
 
     def base_view(self, slot: TensorSlot) -> torch.Tensor:
-        return self.base_flat[slot.offset : slot.end]
+        """The base's values of one tensor (flat, on the merge device; a view when resident)."""
+        return self._base_slot(self._block_of[slot.index], slot)
 
     def task_vector(self, slot: TensorSlot, expert: int) -> torch.Tensor:
-        return self.task_vectors[expert, slot.offset : slot.end]
-
-    def _scratch_rows(self, numel: int) -> torch.Tensor:
-        """[experts, numel] work buffer, allocated once at its largest size."""
-        if self._scratch is None or self._scratch.shape[1] < numel:
-            size = max(numel, min(self.chunk_elements, self.numel), max((s.numel for s in self.slots), default=0))
-            self._scratch = torch.empty((self.num_experts, size), dtype=self.dtype, device=self.device)
-            self._scratch_row = torch.empty(size, dtype=self.dtype, device=self.device)
-        return self._scratch[:, :numel]
-
-    def _cached(self, key, compute):
-        if not self.cache_orderings:
-            return compute()
-        value = self._cache.get(key)
-        if value is None:
-            value = compute()
-            self._cache[key] = value
-        return value
+        """Expert `expert` minus the base for one tensor (flat, on the merge device; a view when resident)."""
+        block = self._block_of[slot.index]
+        tier = self.plan.tier(block.index, expert)
+        if tier == DEVICE:
+            return self.stores[(DEVICE, expert)].slot_view(block, slot)
+        if tier == HOST:
+            return self.stores[(HOST, expert)].slot_view(block, slot).to(self.device)
+        weights = self.disk[expert].view(slot.name).to(device=self.device, dtype=self.dtype)
+        return torch.sub(weights, self._base_slot(block, slot))
 
     def clear_cache(self) -> None:
-        self._cache.clear()
+        """Forget all side data (it is prepared again at the next merge)."""
+        self._context.side.clear()
+        self._context.prepared.clear()
+
+    def close(self) -> None:
+        """Stop the staging worker (the core is unusable afterwards)."""
+        self.stager.close()
+
+    def memory_report(self) -> dict:
+        """Accounted bytes: peaks per tier, what the plan placed where, and what one candidate moves.
+
+        `peak_device_bytes` / `peak_host_bytes` count the core's own buffers
+        (resident model, blocks, staging, side data) plus the planned merge
+        workspace; `bytes_moved_per_candidate` is what the last merge copied
+        into device staging (0 when everything is resident).
+        """
+        report = {
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "peak_device_bytes": self.ledger.peak.get(DEVICE, 0),
+            "peak_host_bytes": self.ledger.peak.get(HOST, 0),
+            "bytes_moved_per_candidate": self._moved_last,
+            "device_bytes": self.ledger.by_category(DEVICE),
+            "host_bytes": self.ledger.by_category(HOST),
+            "side_data_cached_bytes": self._context.side.cached_bytes,
+        }
+        report.update(self.plan.summary())
+        if self.device.type == "cuda":
+            report["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return report
 
     # ------------------------------------------------------------------ public API
     def merge(self, recipe: Recipe, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -199,26 +332,43 @@ class MergeCore:
     def new_model(self):
         """(model, tokenizer) from the base folder, on the core's device, as merge targets.
 
-        The model's merged parameters are rebound onto one flat buffer laid out
-        like the core's, so `merge_into` computes directly into them. Tied
-        embeddings share one Parameter and are written once. The tokenizer is
-        None when the base folder has none.
+        The model is built with its parameters on the meta device, then each
+        is rebound onto one flat buffer laid out like the core (filled with the
+        base), so the weights are never allocated twice. Tied embeddings share
+        one Parameter and are written once. The tokenizer is None when the base
+        folder has none.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.base_path), dtype=self.dtype)
-        model.to(self.device)
-        model.eval()
-        params = dict(model.named_parameters())
+        config = AutoConfig.from_pretrained(str(self.base_path))
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         arena = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            for slot in self.slots:
-                param = params.get(slot.name)
-                if param is None:
-                    raise EvomergeError(f"model built from {self.base_path} has no parameter {slot.name}")
+            for block in self.layout.blocks:
+                for slot in block.slots:
+                    arena[slot.offset : slot.end].copy_(self._base_slot(block, slot))
+        for name, _param in list(model.named_parameters()):
+            module_name, _, param_name = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            slot = self.slot_by_name.get(name)
+            if slot is not None:
                 view = arena[slot.offset : slot.end].view(slot.shape)
-                view.copy_(param.data)
-                param.data = view
+            elif name in self.passthrough:
+                view = self.passthrough[name]
+            else:
+                continue  # e.g. a head tied to the embeddings: re-tied below
+            module._parameters[param_name] = torch.nn.Parameter(view, requires_grad=False)
+        model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise EvomergeError(f"model built from {self.base_path} has parameter {missing[0]} that its weights lack")
+        model.to(self.device)  # buffers (rotary tables); the parameters are already there
+        model.eval()
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(self.base_path))
+        except (OSError, ValueError):
+            pass
         model._evomerge_arena = arena
         model._evomerge_layout = id(self)
         try:
@@ -245,31 +395,25 @@ class MergeCore:
             params[slot.name].data.copy_(self._out_flat[slot.offset : slot.end].view(slot.shape))
         return model
 
-    # ------------------------------------------------------------------ planning
-    def _plan(self, recipe: Recipe) -> list[_Unit]:
-        """Group slots into units: runs of elementwise slots with equal params, else one slot."""
-        spec = recipe.spec
-        by_position: dict = {}
-        interned: dict = {}
+    # ------------------------------------------------------------------ merging
+    def _units(self, recipe: Recipe, block, by_position: dict, interned: dict) -> list[_Unit]:
+        """Group a block's slots into units: runs of elementwise slots with equal params, else one slot."""
+        method = recipe.spec
         units: list[_Unit] = []
-        for slot in self.slots:
+        for slot in block.slots:
             key = (slot.layer, slot.module_type)
             params = by_position.get(key)
             if params is None:
                 resolved = recipe.resolved_params(slot.layer, slot.module_type, self.num_experts)
                 params = interned.setdefault(json.dumps(resolved, sort_keys=True), resolved)
                 by_position[key] = params
-            elementwise = spec.kind == "linear" or (
-                spec.kind == "task_arithmetic"
-                and (spec.sparsification is None or all(d >= 1 for d in params["density"]))
-            )
+            elementwise = method.elementwise(params)
             last = units[-1] if units else None
             if (
                 elementwise
                 and last is not None
                 and last.elementwise
                 and last.params is params
-                and last.end == slot.offset
                 and last.end - last.start + slot.numel <= self.chunk_elements
             ):
                 last.slots.append(slot)
@@ -278,121 +422,37 @@ class MergeCore:
                 units.append(_Unit([slot], params, elementwise, slot.offset, slot.end))
         return units
 
+    def _prepare(self, methods) -> None:
+        """Side data of `methods` for every tensor, in one pass over the blocks."""
+        needed = [m for m in methods if m.side_kinds and not self._is_prepared(m)]
+        if not needed:
+            return
+        with torch.no_grad():
+            for block, data in self.stager.walk(self.layout.blocks):
+                for method in needed:
+                    self._prepare_block(method, block, data)
+
+    def _is_prepared(self, method) -> bool:
+        return all((kind, s.index) in self._context.prepared for kind in method.side_kinds for s in self.slots)
+
+    def _prepare_block(self, method, block, data) -> None:
+        prepared = self._context.prepared
+        for slot in block.slots:
+            if any((kind, slot.index) not in prepared for kind in method.side_kinds):
+                method.prepare(slot, data, self._context)
+                prepared.update((kind, slot.index) for kind in method.side_kinds)
+
     def _merge_flat(self, recipe: Recipe, seed: int, out: torch.Tensor) -> None:
         if not isinstance(recipe, Recipe):
             raise EvomergeError(f"expected a Recipe, got {type(recipe).__name__}")
         recipe.validate(self.num_experts)
-        spec = recipe.spec
+        method = recipe.spec
+        by_position, interned = {}, {}
+        moved_before = self.stager.bytes_moved
         with torch.no_grad():
-            for unit in self._plan(recipe):
-                if spec.kind == "linear":
-                    self._merge_linear(unit, out)
-                elif spec.kind == "task_arithmetic":
-                    self._merge_task_arithmetic(spec, unit, seed, out)
-                elif spec.kind == "slerp":
-                    self._merge_slerp(unit, out)
-                elif spec.kind == "model_stock":
-                    self._merge_model_stock(unit, out)
-                else:  # pragma: no cover - table and code out of sync
-                    raise EvomergeError(f"merge method kind {spec.kind!r} is not implemented")
-
-    # ------------------------------------------------------------------ methods
-    def _merge_linear(self, unit: _Unit, out: torch.Tensor) -> None:
-        n = unit.end - unit.start
-        self._scratch_rows(n)
-        M.linear_combine(
-            self.base_flat[unit.start : unit.end],
-            self.task_vectors[:, unit.start : unit.end],
-            unit.params["weight"],
-            normalize=unit.params["normalize"],
-            out=out[unit.start : unit.end],
-            scratch=self._scratch_row[:n],
-        )
-
-    def _merge_task_arithmetic(self, spec, unit: _Unit, seed: int, out: torch.Tensor) -> None:
-        n = unit.end - unit.start
-        params = unit.params
-        deltas = self._scratch_rows(n)
-        if unit.elementwise:
-            source = self.task_vectors[:, unit.start : unit.end]
-        else:
-            (slot,) = unit.slots
-            for e in range(self.num_experts):
-                self._sparsified_delta(spec, slot, e, params, seed, deltas[e])
-            source = deltas
-        M.combine_task_vectors(
-            self.base_flat[unit.start : unit.end],
-            source,
-            deltas,
-            params["weight"],
-            consensus=spec.consensus,
-            normalize=params["normalize"],
-            lam=params["lambda"],
-            out=out[unit.start : unit.end],
-        )
-
-    def _sparsified_delta(self, spec, slot: TensorSlot, e: int, params: dict, seed: int, dest: torch.Tensor):
-        """Write expert e's sparsified (and optionally L1-rescaled) task vector into dest."""
-        tv = self.task_vector(slot, e)
-        density = params["density"][e]
-        rescale = params["rescale"]
-        method = spec.sparsification
-        if density >= 1:
-            dest.copy_(tv)
-            return
-        if method in ("magnitude", "magnitude_outliers"):
-            if method == "magnitude":
-                ranks = self._cached(("magnitude", slot.index, e), lambda: M.magnitude_ranks(tv))
-                keep = M.magnitude_keep(ranks, density)
-            else:
-                ranks = self._cached(("outliers", slot.index, e), lambda: M.outlier_ranks(tv))
-                keep = M.outlier_keep(ranks, density, params["gamma"][e])
-            torch.mul(tv, keep, out=dest)
-            if rescale:
-                before = self._cached(("l1", slot.index, e, tv.dtype), lambda: tv.view(slot.shape).abs().sum())
-                M.rescale_l1_(dest, before)
-            return
-        work_dtype = M.sparsify_work_dtype(tv)
-        generator = M.mask_generator(seed, slot.name, e, self.device)
-        if method == "random":
-            keep = M.random_keep(slot.shape, density, work_dtype, generator, self.device).reshape(-1)
-            if work_dtype == tv.dtype:
-                torch.mul(tv, keep, out=dest)
-                masked = dest
-            else:
-                masked = tv.to(work_dtype) * keep
-        elif method == "della":
-            rank_norm = self._cached(("della", slot.index, e), lambda: M.della_rank_norm(tv.view(slot.shape)))
-            probs = M.della_probs(rank_norm, density, params["epsilon"][e])
-            mask = M.bernoulli_mask(probs, generator)
-            masked = (tv.view(rank_norm.shape).to(work_dtype) * mask).reshape(-1)
-        else:  # pragma: no cover
-            raise EvomergeError(f"sparsification {method!r} is not implemented")
-        if rescale:
-            shape = slot.shape if method == "random" else rank_norm.shape
-            before = self._cached(
-                ("l1", slot.index, e, work_dtype), lambda: tv.to(work_dtype).view(shape).abs().sum()
-            )
-            M.rescale_l1_(masked, before)
-        if masked is not dest:
-            dest.copy_(masked)
-
-    def _merge_slerp(self, unit: _Unit, out: torch.Tensor) -> None:
-        (slot,) = unit.slots
-        base = self.base_view(slot)
-        expert = torch.add(base, self.task_vector(slot, 0), out=self._scratch_rows(slot.numel)[0])
-        geometry = self._cached(("slerp", slot.index), lambda: M.slerp_geometry(base, expert))
-        coef_a, coef_b = M.slerp_coefficients(geometry, unit.params["t"])
-        M.slerp_apply(base, expert, coef_a, coef_b, out[slot.offset : slot.end])
-
-    def _merge_model_stock(self, unit: _Unit, out: torch.Tensor) -> None:
-        (slot,) = unit.slots
-        base = self.base_view(slot)
-        rows = self._scratch_rows(slot.numel)
-        experts = [torch.add(base, self.task_vector(slot, e), out=rows[e]).view(slot.shape) for e in range(self.num_experts)]
-        M.model_stock(
-            base.view(slot.shape),
-            experts,
-            filter_wise=unit.params["filter_wise"],
-            out=out[slot.offset : slot.end].view(slot.shape),
-        )
+            for block, data in self.stager.walk(self.layout.blocks):
+                if method.side_kinds:
+                    self._prepare_block(method, block, data)
+                for unit in self._units(recipe, block, by_position, interned):
+                    method.merge(unit, data, unit.params, seed, out[unit.start : unit.end], self._context)
+        self._moved_last = self.stager.bytes_moved - moved_before

@@ -85,18 +85,18 @@ def recipe_to_mergekit_yaml(
         for e, path in enumerate(expert_paths):
             params = {
                 name: _setting([(filt, r[name][e]) for filt, r in resolved])
-                for name in spec.params
+                for name in spec.param_names
                 if name in spec.per_expert
             }
             source = {"model": path, "layer_range": [layer, layer + 1]}
             if params:
                 source["parameters"] = params
             sources.append(source)
-        if spec.kind != "linear":
+        if spec.base_is_input:
             sources.append({"model": base, "layer_range": [layer, layer + 1]})
         shared = {
             name: _setting([(filt, r[name]) for filt, r in resolved])
-            for name in spec.params
+            for name in spec.param_names
             if name not in spec.per_expert
         }
         out_slice = {"sources": sources}
@@ -104,8 +104,8 @@ def recipe_to_mergekit_yaml(
             out_slice["parameters"] = shared
         slices.append(out_slice)
 
-    config = {"merge_method": recipe.method}
-    if spec.kind != "linear":
+    config = {"merge_method": spec.mergekit_name}
+    if spec.base_is_input:
         config["base_model"] = base
     config["dtype"] = dtype
     config["slices"] = slices

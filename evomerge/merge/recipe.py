@@ -2,98 +2,22 @@
 
 A recipe is plain data (JSON round-trips through `to_dict`/`from_dict`) because
 studies store one per trial and export turns it into a mergekit YAML later.
-The parameter table below mirrors mergekit 0.1.5's method specs (names,
-defaults, which parameters are per expert) so both sides resolve the same values.
+Each method's parameter spec (names, defaults, domains, which parameters are
+per expert) lives with the method (`evomerge.merge.methods`) and mirrors
+mergekit 0.1.5's, so both sides resolve the same values.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.methods import METHODS, REQUIRED, MergeMethod, get_method
 
 MODULE_TYPES = ("embed", "attention", "mlp", "norm")
 
-REQUIRED = object()  # marker default: the recipe must supply this parameter
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a merge method needs: its kind, its parameters and their defaults.
-
-    `per_expert` parameters may be a scalar or a list with one value per expert;
-    the others are shared by all experts (mergekit's SHARED scope).
-    """
-
-    name: str
-    kind: str  # "linear" | "task_arithmetic" | "slerp" | "model_stock"
-    params: dict
-    per_expert: frozenset = frozenset()
-    consensus: bool = False  # TIES sign election
-    sparsification: Optional[str] = None  # magnitude | random | magnitude_outliers | della
-    min_experts: int = 1
-    max_experts: Optional[int] = None
-
-
-def _task_arithmetic_spec(name, consensus, sparsification, normalize, rescale):
-    params = {
-        "weight": REQUIRED,
-        "density": 1.0,
-        "normalize": normalize,
-        "rescale": rescale,
-        "lambda": 1.0,
-        "int8_mask": False,
-    }
-    per_expert = {"weight", "density"}
-    if sparsification == "magnitude_outliers":
-        params["gamma"] = 0.01
-        per_expert.add("gamma")
-    if sparsification == "della":
-        params["epsilon"] = 0.15
-        per_expert.add("epsilon")
-    return MethodSpec(
-        name=name,
-        kind="task_arithmetic",
-        params=params,
-        per_expert=frozenset(per_expert),
-        consensus=consensus,
-        sparsification=sparsification,
-    )
-
-
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec(
-            name="linear",
-            kind="linear",
-            params={"weight": REQUIRED, "normalize": True},
-            per_expert=frozenset({"weight"}),
-        ),
-        _task_arithmetic_spec("task_arithmetic", False, None, False, False),
-        _task_arithmetic_spec("ties", True, "magnitude", True, False),
-        _task_arithmetic_spec("dare_ties", True, "random", False, True),
-        _task_arithmetic_spec("dare_linear", False, "random", False, True),
-        _task_arithmetic_spec("breadcrumbs", False, "magnitude_outliers", False, False),
-        _task_arithmetic_spec("breadcrumbs_ties", True, "magnitude_outliers", False, False),
-        _task_arithmetic_spec("della", True, "della", True, True),
-        _task_arithmetic_spec("della_linear", False, "della", False, True),
-        MethodSpec(
-            name="slerp", kind="slerp", params={"t": REQUIRED}, min_experts=1, max_experts=1
-        ),
-        MethodSpec(
-            name="model_stock",
-            kind="model_stock",
-            params={"filter_wise": False},
-            min_experts=2,
-        ),
-    )
-}
-
-_BOOL_PARAMS = {"normalize", "rescale", "int8_mask", "filter_wise"}
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -186,10 +110,7 @@ class Recipe:
     overrides: list = field(default_factory=list)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise EvomergeError(
-                f"unknown merge method {self.method!r}; valid methods: {', '.join(sorted(METHODS))}"
-            )
+        get_method(self.method)
         self.params = {str(k): _plain(v) for k, v in dict(self.params).items()}
         self.overrides = [o if isinstance(o, Override) else Override.from_dict(o) for o in self.overrides]
         spec = self.spec
@@ -197,11 +118,21 @@ class Recipe:
             (f"override {i}", o.params) for i, o in enumerate(self.overrides)
         ]:
             for name, value in params.items():
-                _check_value(spec, name, value, where)
+                spec.check_param(name, value, where)
 
     @property
-    def spec(self) -> MethodSpec:
+    def spec(self) -> MergeMethod:
+        """The registered merge method (parameter spec, side data, math)."""
         return METHODS[self.method]
+
+    def snapped(self) -> "Recipe":
+        """The same recipe with grid parameters (TIES / breadcrumbs density, gamma) on their grid."""
+        spec = self.spec
+        return Recipe(
+            self.method,
+            spec.snap(self.params),
+            [Override(o.layers, o.modules, spec.snap(o.params)) for o in self.overrides],
+        )
 
     # -- resolution ---------------------------------------------------------
     def params_for(self, tensor_name: str) -> dict:
@@ -227,7 +158,7 @@ class Recipe:
         if module_type:
             where += f", module {module_type}"
         resolved = {}
-        for name, default in spec.params.items():
+        for name, default in spec.defaults.items():
             value = explicit.get(name, default)
             if value is REQUIRED:
                 raise EvomergeError(f"merge method {spec.name!r} needs parameter {name!r} ({where})")
@@ -242,28 +173,12 @@ class Recipe:
                 else:
                     value = [value] * num_experts
             resolved[name] = value
-        if spec.kind == "linear" and resolved["normalize"] and sum(resolved["weight"]) == 0:
-            raise EvomergeError(f"linear merge with normalize needs weights that do not sum to 0 ({where})")
-        if spec.sparsification == "della":
-            for i, (density, eps) in enumerate(zip(resolved["density"], resolved["epsilon"])):
-                if density < 1 and not (density - eps > 0 and density + eps < 1):
-                    raise EvomergeError(
-                        f"della needs density±epsilon in (0, 1); expert {i} has density {density} "
-                        f"and epsilon {eps} ({where})"
-                    )
+        spec.check_resolved(resolved, where)
         return resolved
 
     def validate(self, num_experts: int) -> None:
         """Check expert counts and list lengths against the actual number of experts."""
-        spec = self.spec
-        if num_experts < spec.min_experts:
-            raise EvomergeError(
-                f"merge method {spec.name!r} needs at least {spec.min_experts} expert(s), got {num_experts}"
-            )
-        if spec.max_experts is not None and num_experts > spec.max_experts:
-            raise EvomergeError(
-                f"merge method {spec.name!r} needs exactly {spec.max_experts} expert(s), got {num_experts}"
-            )
+        self.spec.check_experts(num_experts)
         for where, params in [("recipe", self.params)] + [
             (f"override {i}", o.params) for i, o in enumerate(self.overrides)
         ]:
@@ -303,35 +218,3 @@ class Recipe:
             params=data.get("params") or {},
             overrides=[Override.from_dict(o) for o in data.get("overrides") or []],
         )
-
-
-def _check_value(spec: MethodSpec, name: str, value: Any, where: str) -> None:
-    """Range / type checks that need no knowledge of the experts."""
-    if name not in spec.params:
-        raise EvomergeError(
-            f"unknown parameter {name!r} for merge method {spec.name!r} in {where}; "
-            f"valid: {', '.join(spec.params)}"
-        )
-    if name in _BOOL_PARAMS:
-        if not isinstance(value, bool):
-            raise EvomergeError(f"parameter {name!r} must be true or false, got {value!r} ({where})")
-        return
-    if isinstance(value, list):
-        if name not in spec.per_expert:
-            raise EvomergeError(
-                f"parameter {name!r} of {spec.name!r} is shared by all experts and cannot be a list ({where})"
-            )
-        values = value
-    else:
-        values = [value]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise EvomergeError(f"parameter {name!r} must be a finite number, got {v!r} ({where})")
-        if name == "density" and not 0 < v <= 1:
-            raise EvomergeError(f"density must be in (0, 1], got {v} ({where})")
-        if name == "t" and not 0 <= v <= 1:
-            raise EvomergeError(f"t must be in [0, 1], got {v} ({where})")
-        if name == "gamma" and not 0 <= v < 1:
-            raise EvomergeError(f"gamma must be in [0, 1), got {v} ({where})")
-        if name == "epsilon" and not 0 <= v < 1:
-            raise EvomergeError(f"epsilon must be in [0, 1), got {v} ({where})")

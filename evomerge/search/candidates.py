@@ -81,7 +81,8 @@ class ParameterMerge(CandidateBuilder):
         from evomerge.search.genome import genome_space
 
         self.space = space
-        self.core = core or MergeCore(space.base, space.expert_paths, device=space_device(space))
+        self.core = core or MergeCore(space.base, space.expert_paths, device=space_device(space),
+                                      methods=[space.method], **space.memory)
         self.model, self.tokenizer = self.core.new_model()
         self.device, self.dtype = self.core.device, self.core.dtype
         self.num_layers = self.core.num_layers
@@ -106,6 +107,7 @@ class ParameterMerge(CandidateBuilder):
 
         return export_checkpoint(
             self.core, Recipe.from_dict(attrs["recipe"]), out_dir, seed=int(attrs["merge_seed"]),
+            model=self.model, tokenizer=self.tokenizer,
             base_path=self.space.base, expert_paths=self.space.expert_paths,
             expert_names=self.space.expert_names, details=details, max_shard_size=max_shard_size,
         )

@@ -81,7 +81,9 @@ def genome_to_recipe(space: SearchSpace, genome: dict[str, float], num_layers: i
         )
         for group in groups[1:]
     ]
-    return Recipe(method=space.method, params=default, overrides=overrides)
+    # Grid parameters (TIES / breadcrumbs density, gamma) snap to the grid their threshold
+    # tables are exact on; the trial records the snapped recipe, so exports say what was merged.
+    return Recipe(method=space.method, params=default, overrides=overrides).snapped()
 
 
 def uniform_genome(space: SearchSpace, num_layers: int, values: dict[str, float]) -> dict[str, float]:
@@ -117,21 +119,12 @@ def endpoint_genome(space: SearchSpace, num_layers: int, expert: str | None) -> 
     cannot express the point: a bound excludes the value (density capped below 1), a
     fixed parameter contradicts it (lambda 0.8), or the method has no such point.
     """
-    from evomerge.merge.recipe import METHODS
+    from evomerge.merge import get_method
 
-    kind = METHODS[space.method].kind
     names = space.expert_names
-    if kind == "slerp":
-        targets: dict = {"t": 0.0 if expert is None else 1.0}
-    elif kind == "linear" and expert is not None:
-        targets = {"weight": [1.0 if name == expert else 0.0 for name in names]}
-    elif kind == "task_arithmetic":
-        targets = {"weight": [1.0 if name == expert else 0.0 for name in names]}
-        if expert is not None:
-            targets["density"] = [1.0 if name == expert else None for name in names]
-            targets["lambda"] = 1.0
-    else:
-        return None  # linear cannot give the base back; model_stock has no coefficients
+    targets = get_method(space.method).endpoint(None if expert is None else names.index(expert), len(names))
+    if targets is None:
+        return None  # e.g. linear cannot give the base back; model_stock has no coefficients
     if any(param in space.fixed and not _matches(space.fixed[param], target) for param, target in targets.items()):
         return None
     genome = uniform_genome(space, num_layers, {})

@@ -286,16 +286,18 @@ def export_trial(
     validate_top: int = 0,
     progress: bool = True,
     builder: CandidateBuilder | None = None,
+    memory: dict | None = None,
 ) -> Path:
     """Export the best (or a chosen) trial of a run as an HF checkpoint.
 
     ``validate_top=K`` scores the K best-estimated trials on the full benchmarks
     first and exports the best measured one (see `evomerge.search.validate`).
     ``builder``: a candidate builder already holding the run's models (else they are loaded).
+    ``memory``: merge-core budgets (``device_memory`` / ``host_memory`` bytes) replacing the space's.
     """
     from evomerge.search.validate import stored_full_accuracies, validate_top_trials
 
-    space = load_run_space(run_dir)
+    space = load_run_space(run_dir).with_memory(**(memory or {}))
     study = open_existing_study(run_dir, storage)
     trials = ranked_trials(study, [b.weight for b in space.benchmarks])
     if not trials:

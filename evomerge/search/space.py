@@ -7,6 +7,7 @@ before any model is loaded, so a long search never dies on a typo.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.methods import METHODS
 from evomerge.search.dfs_space import DataFlowSpace, parse_dfs_section
 from evomerge.search.optimizers import check_optimizer
 
@@ -22,17 +24,9 @@ SPLITTABLE_MODULES = ("attention", "mlp")
 STRATEGIES = ("random", "stratified", "anchor", "anchor-irt", "anchor-correctness")
 ESTIMATORS = ("mean", "anchor", "pirt", "gpirt", "mpirt", "gmpirt")
 OBJECTIVE_MODES = ("mean", "per_task")
-# Which merge parameters each method searches by default, with their ranges.
+# Which merge parameters each method searches by default, with their ranges (from each method's spec).
 DEFAULT_RANGES: dict[str, dict[str, tuple[float, float]]] = {
-    "linear": {"weight": (0.0, 1.0)},
-    "task_arithmetic": {"weight": (0.0, 1.2)},
-    "ties": {"weight": (0.0, 1.2), "density": (0.2, 1.0)},
-    "dare_ties": {"weight": (0.0, 1.2), "density": (0.2, 1.0)},
-    "dare_linear": {"weight": (0.0, 1.2), "density": (0.2, 1.0)},
-    "breadcrumbs": {"weight": (0.0, 1.2), "density": (0.2, 0.98)},
-    "della": {"weight": (0.0, 1.2), "density": (0.3, 0.8)},
-    "slerp": {"t": (0.0, 1.0)},
-    "model_stock": {},
+    name: method.search_ranges() for name, method in METHODS.items()
 }
 # Parameters that take one value per expert; the others are shared by all.
 PER_EXPERT_PARAMS = ("weight", "density", "epsilon", "gamma")
@@ -83,6 +77,7 @@ class SearchSpace:
     device: str = "auto"
     zoo: str | None = None
     dfs: DataFlowSpace | None = None    # a data-flow (layer path) search instead of a parameter merge
+    memory: dict = field(default_factory=dict)  # MergeCore budgets: device_memory, host_memory, scoring_headroom (bytes)
     raw: dict = field(default_factory=dict)
 
     @property
@@ -93,10 +88,16 @@ class SearchSpace:
     def expert_paths(self) -> list[str]:
         return list(self.experts.values())
 
+    def with_memory(self, device_memory: int | None = None, host_memory: int | None = None) -> "SearchSpace":
+        """This space with the given memory budgets (bytes) replacing its `memory:` block's (None keeps them)."""
+        given = {"device_memory": device_memory, "host_memory": host_memory}
+        return dataclasses.replace(self, memory={**self.memory, **{k: v for k, v in given.items() if v is not None}})
+
     def study_config(self) -> dict:
-        """What must not change between a study and its resume (the budget may)."""
+        """What must not change between a study and its resume (the budget and the memory budgets may)."""
         config = copy.deepcopy(self.raw)
         config.get("optimizer", {}).pop("trials", None)
+        config.pop("memory", None)
         return config
 
 
@@ -153,7 +154,7 @@ def _absolute_paths(raw: dict) -> dict:
 def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     """Validate the parsed YAML mapping, naming the offending key in every error."""
     reader = _Reader(raw, source)
-    known_sections = {"name", "zoo", "models", "merge", "dfs", "benchmarks", "estimator", "optimizer", "device"}
+    known_sections = {"name", "zoo", "models", "merge", "dfs", "benchmarks", "estimator", "optimizer", "device", "memory"}
     reader.reject_unknown(raw, known_sections, "")
 
     models = reader.mapping("models")
@@ -235,6 +236,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     device = str(raw.get("device", "auto"))
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise EvomergeError(f"{source}: device must be auto, cpu or cuda[:N], got {device!r}")
+    memory = _memory_budgets(reader, raw.get("memory"))
 
     return SearchSpace(
         name=str(raw.get("name") or Path(source).stem),
@@ -261,6 +263,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         device=device,
         zoo=raw.get("zoo"),
         dfs=dfs,
+        memory=memory,
         raw=copy.deepcopy(raw),
     )
 
@@ -311,6 +314,21 @@ def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]):
     if not ranges:
         raise EvomergeError(f"{source}: merge method {method} leaves no parameter to search")
     return method, granularity, layer_groups, split_modules, ranges, fixed
+
+
+MEMORY_KEYS = {"device": "device_memory", "host": "host_memory", "scoring_headroom": "scoring_headroom"}
+
+
+def _memory_budgets(reader: "_Reader", memory) -> dict:
+    """The `memory:` block (device / host / scoring_headroom sizes) as MergeCore keyword arguments."""
+    from evomerge.merge.memory import parse_bytes
+
+    if memory is None:
+        return {}
+    if not isinstance(memory, dict):
+        raise EvomergeError(f"{reader.source}: memory must map device / host / scoring_headroom to sizes like 20GiB")
+    reader.reject_unknown(memory, set(MEMORY_KEYS), "memory")
+    return {MEMORY_KEYS[k]: parse_bytes(v, f"{reader.source}: memory.{k}") for k, v in memory.items() if v is not None}
 
 
 class _Reader:

@@ -1,0 +1,64 @@
+"""Merge methods, one module per family, behind one registry (`METHODS`, `get_method`).
+
+| module | methods |
+|---|---|
+| `linear.py` | linear |
+| `task_arithmetic.py` | task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear |
+| `slerp.py` | slerp |
+| `model_stock.py` | model_stock |
+
+Shared pieces: `base.py` (the `MergeMethod` interface and `Param` spec),
+`sparsify.py` (TIES / DARE / breadcrumbs / DELLA drops), `orders.py` (exact
+magnitude selections: rank caches and threshold tables), `randomness.py`
+(seeded masks). A new method is one `MergeMethod` subclass passed to
+`register`.
+"""
+
+from __future__ import annotations
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.methods.base import REQUIRED, BlockData, MergeMethod, Param
+from evomerge.merge.methods.linear import Linear, linear_combine
+from evomerge.merge.methods.model_stock import ModelStock, model_stock
+from evomerge.merge.methods.randomness import bernoulli_mask, mask_generator, mask_seed, random_keep
+from evomerge.merge.methods.slerp import Slerp
+from evomerge.merge.methods.task_arithmetic import FAMILY, TaskArithmetic, combine_task_vectors
+
+METHODS: dict = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Make `method` available by its name to recipes, search spaces and the mergekit export."""
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    method = METHODS.get(name)
+    if method is None:
+        raise EvomergeError(f"unknown merge method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return method
+
+
+for _method in (Linear(), *FAMILY, Slerp(), ModelStock()):
+    register(_method)
+
+__all__ = [
+    "METHODS",
+    "REQUIRED",
+    "BlockData",
+    "MergeMethod",
+    "Param",
+    "TaskArithmetic",
+    "get_method",
+    "register",
+    "mask_seed",
+    "mask_generator",
+    "bernoulli_mask",
+    "random_keep",
+    "combine_task_vectors",
+    "linear_combine",
+    "model_stock",
+]

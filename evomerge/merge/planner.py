@@ -1,0 +1,249 @@
+"""The memory plan: which tier holds each block of the base and of every task vector.
+
+Tiers, fastest first: `device` (resident where the merge runs), `host` (RAM,
+pinned when the device is CUDA; copied into staging per candidate) and `disk`
+(the checkpoints' safetensors, memory-mapped; a task-vector block is
+recomputed as expert minus base after staging). On the device, the resident
+model the merge writes into, the merge workspace and, when anything streams,
+two staging buffers (one being filled while the other is merged) come first;
+then blocks are placed fastest tier first: the base, then each expert's task
+vector, largest blocks first (so staging stays small). Per-element side data
+(int32 rank caches) gets only the device room left after that: a byte moved
+per candidate costs more than a threshold table. The plan is arithmetic on a
+`Layout`, so it runs from headers or configs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.memory import Budgets, format_bytes
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+TIERS = (DEVICE, HOST, DISK)
+BASE = -1  # source index of the base; experts are 0..E-1
+STAGING_SLOTS = 2
+DEFAULT_HOST_BANDWIDTH = 25e9  # bytes/s, pinned host -> device over PCIe 4.0 x16
+DEFAULT_DISK_BANDWIDTH = 3e9  # bytes/s, one NVMe SSD
+
+
+@dataclass
+class MemoryPlan:
+    """Tier of every (block, source), with the fixed reservations and what streams per candidate."""
+
+    num_experts: int
+    element_size: int
+    dtype: str
+    block_numels: list
+    budgets: Budgets
+    tiers: dict  # (block index, source) -> tier
+    resident_bytes: int
+    passthrough_bytes: int
+    workspace_bytes: int
+    staging_bytes: int  # device, all slots
+    pinned_staging_bytes: int  # host, all slots (CUDA with disk blocks)
+    cache_bytes_wanted: int = 0  # per-element side data the methods would like (rank caches)
+    notes: list = field(default_factory=list)
+
+    @property
+    def sources(self) -> list:
+        return [BASE, *range(self.num_experts)]
+
+    def tier(self, block: int, source: int) -> str:
+        return self.tiers[(block, source)]
+
+    def streamed(self, block: int) -> list:
+        """(source, tier) of the block's inputs that are not resident, in source order."""
+        return [(s, self.tiers[(block, s)]) for s in self.sources if self.tiers[(block, s)] != DEVICE]
+
+    def item_bytes(self, block: int) -> int:
+        return self.block_numels[block] * self.element_size
+
+    def bytes_on(self, tier: str, source_kind: Optional[str] = None) -> int:
+        total = 0
+        for (block, source), where in self.tiers.items():
+            if where == tier and (source_kind is None or (source == BASE) == (source_kind == "base")):
+                total += self.item_bytes(block)
+        return total
+
+    @property
+    def staging_slot_numel(self) -> int:
+        return max((len(self.streamed(b)) * n for b, n in enumerate(self.block_numels)), default=0)
+
+    @property
+    def device_bytes(self) -> int:
+        """Everything accounted on the device once the model exists (before side caches)."""
+        return (self.resident_bytes + self.passthrough_bytes + self.workspace_bytes + self.staging_bytes
+                + self.bytes_on(DEVICE))
+
+    @property
+    def host_bytes(self) -> int:
+        return self.bytes_on(HOST) + self.pinned_staging_bytes
+
+    @property
+    def cache_room(self) -> int:
+        """Device bytes left within the budget for per-element side data."""
+        return max(0, self.budgets.device - self.device_bytes)
+
+    def streamed_bytes(self, tier: Optional[str] = None) -> int:
+        """Bytes copied into device staging per candidate (from `tier`, or from host and disk)."""
+        return sum(self.bytes_on(t) for t in (HOST, DISK) if tier in (None, t))
+
+    def transfer_seconds(self, host_bandwidth: float = DEFAULT_HOST_BANDWIDTH,
+                         disk_bandwidth: float = DEFAULT_DISK_BANDWIDTH) -> float:
+        """Projected copy time per candidate: host blocks at the host->device rate, disk blocks at the disk rate."""
+        return self.streamed_bytes(HOST) / host_bandwidth + self.streamed_bytes(DISK) / disk_bandwidth
+
+    def summary(self) -> dict:
+        return {
+            "device_budget_bytes": self.budgets.device,
+            "host_budget_bytes": self.budgets.host,
+            "resident_model_bytes": self.resident_bytes + self.passthrough_bytes,
+            "workspace_bytes": self.workspace_bytes,
+            "staging_bytes": self.staging_bytes,
+            "pinned_staging_bytes": self.pinned_staging_bytes,
+            "device_blocks_bytes": self.bytes_on(DEVICE),
+            "host_blocks_bytes": self.bytes_on(HOST),
+            "disk_blocks_bytes": self.bytes_on(DISK),
+            "planned_device_bytes": self.device_bytes,
+            "planned_host_bytes": self.host_bytes,
+            "streamed_bytes_per_candidate": self.streamed_bytes(),
+            "cache_room_bytes": self.cache_room,
+            "cache_bytes_wanted": self.cache_bytes_wanted,
+        }
+
+    def describe(self, host_bandwidth: float = DEFAULT_HOST_BANDWIDTH,
+                 disk_bandwidth: float = DEFAULT_DISK_BANDWIDTH) -> str:
+        """A few lines for `evomerge plan` and the logs."""
+        model = sum(self.block_numels) * self.element_size
+        lines = [
+            f"model: {sum(self.block_numels) / 1e9:.2f}B merged parameters ({self.dtype}, {format_bytes(model)} per model), "
+            f"{self.num_experts} expert(s), {len(self.block_numels)} blocks",
+        ]
+
+        def share(tier, kind):
+            total = model if kind == "base" else model * self.num_experts
+            return f"{100 * self.bytes_on(tier, kind) / total:.0f}%" if total else "0%"
+
+        lines.append(
+            f"device: {format_bytes(self.device_bytes)} of {format_bytes(self.budgets.device)}: resident model "
+            f"{format_bytes(self.resident_bytes + self.passthrough_bytes)}, workspace {format_bytes(self.workspace_bytes)}, "
+            f"staging {format_bytes(self.staging_bytes)}, blocks {format_bytes(self.bytes_on(DEVICE))} "
+            f"(base {share(DEVICE, 'base')}, task vectors {share(DEVICE, 'tv')})"
+        )
+        lines.append(
+            f"host:   {format_bytes(self.host_bytes)} of {format_bytes(self.budgets.host)}: blocks "
+            f"{format_bytes(self.bytes_on(HOST))} (base {share(HOST, 'base')}, task vectors {share(HOST, 'tv')}), "
+            f"pinned staging {format_bytes(self.pinned_staging_bytes)}"
+        )
+        lines.append(
+            f"disk:   {format_bytes(self.bytes_on(DISK))} read from the safetensors files "
+            f"(base {share(DISK, 'base')}, task vectors {share(DISK, 'tv')})"
+        )
+        if self.cache_bytes_wanted:
+            fit = min(self.cache_room, self.cache_bytes_wanted)
+            lines.append(
+                f"side data: rank caches would take {format_bytes(self.cache_bytes_wanted)}; "
+                f"{format_bytes(fit)} fit on the device, threshold tables for the rest"
+            )
+        streamed = self.streamed_bytes()
+        lines.append(
+            f"streamed per candidate: {format_bytes(streamed)} (host {format_bytes(self.streamed_bytes(HOST))}, "
+            f"disk {format_bytes(self.streamed_bytes(DISK))}); projected transfer {self.transfer_seconds(host_bandwidth, disk_bandwidth):.2f} s "
+            f"per candidate at {host_bandwidth / 1e9:g} GB/s host->device and {disk_bandwidth / 1e9:g} GB/s disk"
+        )
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def _unit_numel(layout, chunk_elements: int) -> int:
+    return max(layout.largest_tensor, min(chunk_elements, layout.largest_block))
+
+
+def workspace_bytes(layout, num_experts: int, methods: Sequence, chunk_elements: int) -> int:
+    """The largest merge workspace of `methods` (of every registered method when empty)."""
+    from evomerge.merge.methods import METHODS
+
+    unit = _unit_numel(layout, chunk_elements)
+    chosen = list(methods) or list(METHODS.values())
+    return max(m.workspace_bytes(unit, num_experts, layout.dtype) for m in chosen)
+
+
+def plan_memory(
+    layout,
+    num_experts: int,
+    budgets: Budgets,
+    *,
+    methods: Sequence = (),
+    pinned: bool = False,
+    chunk_elements: int = 1 << 24,
+    what: str = "the merge",
+) -> MemoryPlan:
+    """Place every block of the base and of each task vector in the fastest tier with room.
+
+    Raises EvomergeError, naming the sizes, when the device budget cannot hold
+    the resident model, the workspace and the staging buffers, or the host
+    budget cannot hold the pinned staging needed to read from disk.
+    """
+    size = layout.element_size
+    numels = [b.numel for b in layout.blocks]
+    sources = [BASE, *range(num_experts)]
+    resident = layout.numel * size
+    passthrough = layout.passthrough_bytes
+    workspace = workspace_bytes(layout, num_experts, methods, chunk_elements)
+    fixed = resident + passthrough + workspace
+    by_size = sorted(range(len(numels)), key=lambda b: -numels[b])
+    order = [(b, s) for s in sources for b in by_size]
+    tiers = {item: DISK for item in order}
+    total = sum(numels) * size * len(sources)
+    cache_wanted = max((m.cache_bytes_per_element(num_experts, layout.dtype) for m in methods), default=0) * layout.numel
+    plan_args = dict(num_experts=num_experts, element_size=size, dtype=str(layout.dtype).replace("torch.", ""),
+                     block_numels=numels, budgets=budgets, resident_bytes=resident, passthrough_bytes=passthrough,
+                     workspace_bytes=workspace, cache_bytes_wanted=cache_wanted)
+
+    if fixed + total <= budgets.device:
+        return MemoryPlan(tiers={item: DEVICE for item in order}, staging_bytes=0, pinned_staging_bytes=0, **plan_args)
+
+    def staging(tier_filter) -> int:
+        per_block = [sum(1 for s in sources if tier_filter(tiers[(b, s)])) * numels[b] for b in range(len(numels))]
+        return STAGING_SLOTS * max(per_block, default=0) * size
+
+    worst_staging = STAGING_SLOTS * len(sources) * layout.largest_block * size
+    if fixed + worst_staging > budgets.device:
+        raise EvomergeError(
+            f"device memory budget {format_bytes(budgets.device)} is too small for {what}: the resident model needs "
+            f"{format_bytes(resident + passthrough)}, the merge workspace {format_bytes(workspace)} and staging for the "
+            f"largest block {STAGING_SLOTS} x {format_bytes(worst_staging // STAGING_SLOTS)} "
+            f"({format_bytes(fixed + worst_staging)} in all); give more --device-memory or use a smaller dtype"
+        )
+
+    def fill(tier: str, room: int) -> int:
+        for item in order:
+            nbytes = numels[item[0]] * size
+            if tiers[item] == DISK and nbytes <= room:
+                tiers[item] = tier
+                room -= nbytes
+        return room
+
+    room = fill(DEVICE, budgets.device - fixed - worst_staging)
+    device_staging = staging(lambda t: t != DEVICE)
+    fill(DEVICE, room + worst_staging - device_staging)
+    device_staging = staging(lambda t: t != DEVICE)
+
+    pinned_staging = 0
+    worst_pinned = STAGING_SLOTS * len(sources) * layout.largest_block * size if pinned else 0
+    host_room = budgets.host - worst_pinned
+    if host_room >= 0:
+        host_room = fill(HOST, host_room)
+    if pinned and any(t == DISK for t in tiers.values()):
+        pinned_staging = staging(lambda t: t == DISK)
+        if pinned_staging > budgets.host:
+            raise EvomergeError(
+                f"host memory budget {format_bytes(budgets.host)} is too small for {what}: reading blocks from disk "
+                f"needs {format_bytes(pinned_staging)} of pinned staging; give more --host-memory"
+            )
+        fill(HOST, host_room + worst_pinned - pinned_staging)
+        pinned_staging = staging(lambda t: t == DISK)
+    return MemoryPlan(tiers=tiers, staging_bytes=device_staging, pinned_staging_bytes=pinned_staging, **plan_args)

@@ -1,0 +1,40 @@
+"""`evomerge plan SPACE.yaml`: where a search's weights would live, from configs and headers only.
+
+Reads the models' config.json and safetensors headers (no weights, seconds
+even for 70B), checks that base and experts fit together, and places every
+block of the merge (`evomerge.merge.planner`) within the budgets: the same
+plan the merge core would make at the start of the search. A budget that
+cannot hold the resident model, the workspace and the staging buffers is
+refused here, naming the sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.merge.planner import DEFAULT_DISK_BANDWIDTH, DEFAULT_HOST_BANDWIDTH, MemoryPlan
+
+
+def plan_space(space, *, host_bandwidth: float = DEFAULT_HOST_BANDWIDTH,
+               disk_bandwidth: float = DEFAULT_DISK_BANDWIDTH) -> tuple[MemoryPlan, str]:
+    """The memory plan of a search space's merge (budgets from `space.memory`) and its description."""
+    from evomerge.merge import get_method
+    from evomerge.merge.layout import Layout
+    from evomerge.merge.loading import check_compatible, open_model
+    from evomerge.merge.memory import Budgets, format_bytes
+    from evomerge.merge.planner import plan_memory
+
+    base = open_model(space.base)
+    experts = [open_model(p) for p in space.expert_paths]
+    check_compatible(base, experts)
+    if space.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(space.device)
+    budgets = Budgets.resolve(device, **space.memory)
+    layout = Layout.from_files(base)
+    plan = plan_memory(layout, len(experts), budgets, methods=[get_method(space.method)],
+                       pinned=device.type == "cuda", what=f"merging {space.name} on {device}")
+    header = (f"plan for {space.name}: {space.method} on {device}, budgets: device {format_bytes(budgets.device)}, "
+              f"host {format_bytes(budgets.host)}")
+    return plan, header + "\n" + plan.describe(host_bandwidth, disk_bandwidth)
