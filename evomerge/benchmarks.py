@@ -22,6 +22,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from evomerge.batching import run_batches
 from evomerge.errors import EvomergeError
 
 EXACT_MATCH = "exact_match"
@@ -334,13 +335,15 @@ def _score_exact_match(model, tokenizer, items: list[Item], batch_size: int, dev
     answers = [a + [tokenizer.eos_token_id] for a in _tokenize(tokenizer, [item.answer for item in items])]
     prefix, pad_id = _prefix_ids(tokenizer), _pad_id(tokenizer)
     correct = np.zeros(len(items), dtype=bool)
-    for start in range(0, len(items), batch_size):
-        stop = start + batch_size
+
+    def step(start: int, stop: int) -> None:
         ids, mask = _teacher_forced_rows(prompts[start:stop], answers[start:stop], prefix, pad_id, device)
         logits, targets, scored = _forward_targets(model, ids, mask)
         hits = (logits.argmax(dim=-1) == targets) | ~scored
         correct[start:stop] = hits.all(dim=1).cpu().numpy()
         tick(stop - start)
+
+    run_batches(model, EXACT_MATCH, len(items), batch_size, step)
     return correct
 
 
@@ -355,13 +358,15 @@ def _score_multiple_choice(model, tokenizer, items: list[Item], batch_size: int,
     prefix, pad_id = _prefix_ids(tokenizer), _pad_id(tokenizer)
     loglik = np.zeros(len(owners), dtype=np.float64)
     rows_per_batch = max(1, batch_size * len(owners) // max(1, len(items)))
-    for start in range(0, len(owners), rows_per_batch):
-        stop = start + rows_per_batch
+
+    def step(start: int, stop: int) -> None:
         ids, mask = _teacher_forced_rows(prompts[start:stop], choices[start:stop], prefix, pad_id, device)
         logits, targets, scored = _forward_targets(model, ids, mask)
         token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         loglik[start:stop] = (token_logp * scored).sum(dim=1).double().cpu().numpy()
         tick(len(set(owners[start:stop])))
+
+    run_batches(model, MULTIPLE_CHOICE, len(owners), rows_per_batch, step)
     correct = np.zeros(len(items), dtype=bool)
     offset = 0
     for i, item in enumerate(items):
