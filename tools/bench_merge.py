@@ -40,8 +40,8 @@ SIZES = {
 }
 
 
-def build_models(root: Path, size: str, dtype: torch.dtype, num_experts: int, seed: int = 0):
-    """Write (or reuse) base + experts (= base + 1e-3-scale noise) as safetensors."""
+def build_models(root: Path, size, dtype: torch.dtype, num_experts: int, seed: int = 0):
+    """Write (or reuse) base + experts (= base + 5%-of-std noise) as safetensors; `size` names SIZES or is a config dict."""
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,7 +50,7 @@ def build_models(root: Path, size: str, dtype: torch.dtype, num_experts: int, se
     experts = [root / f"expert{i}" for i in range(num_experts)]
     if (base / "model.safetensors").is_file() and all((e / "model.safetensors").is_file() for e in experts):
         return base, experts
-    cfg = SIZES[size]
+    cfg = SIZES[size] if isinstance(size, str) else size
     config = LlamaConfig(num_key_value_heads=cfg["num_attention_heads"], tie_word_embeddings=False, max_position_embeddings=512, **cfg)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype)
@@ -187,7 +187,7 @@ def main(argv=None):
     start = time.perf_counter()
     core = MergeCore(base, experts, device=args.device)
     load_s = time.perf_counter() - start
-    model_bytes = core.numel * core.base_flat.element_size()
+    model_bytes = core.numel * core.layout.element_size
     print(f"core: {core.numel / 1e6:.1f}M params, {model_bytes / 1e9:.2f} GB per model ({args.dtype}), "
           f"{core.num_experts} experts, device {core.device}, load {load_s:.1f}s, torch threads {torch.get_num_threads()}")
     bandwidth = copy_bandwidth(core.device, min(core.numel, 1 << 27))

@@ -91,7 +91,8 @@ class Sparsifier(ABC):
     @abstractmethod
     def sparsify(self, slot, expert: int, task_vector, params: dict, rescale: bool, seed: int,
                  dest: torch.Tensor, ctx) -> None:
-        """Write the sparsified (optionally L1-rescaled) task vector into `dest`."""
+        """Write the sparsified (optionally L1-rescaled) task vector into `dest` (density < 1: the caller
+        copies the task vector as it is at density 1, as mergekit skips the drop there)."""
 
 
 def _l1(ctx, slot, expert: int, tensor: torch.Tensor, shape) -> torch.Tensor:
@@ -144,9 +145,6 @@ class Magnitude(_OrderSparsifier):
 
     def sparsify(self, slot, expert, task_vector, params, rescale, seed, dest, ctx):
         density = params["density"][expert]
-        if density >= 1:
-            dest.copy_(task_vector)
-            return
         order, key = self._order(slot, expert, task_vector, ctx)
         keep = order.first(max(1, int(density * slot.numel)), key)
         self._finish(slot, expert, task_vector, keep, rescale, dest, ctx)
@@ -162,9 +160,6 @@ class Outliers(_OrderSparsifier):
 
     def sparsify(self, slot, expert, task_vector, params, rescale, seed, dest, ctx):
         density = params["density"][expert]
-        if density >= 1:
-            dest.copy_(task_vector)
-            return
         num = slot.numel
         target_n = int(density * num)
         n_top = int(params["gamma"][expert] * num)
@@ -185,9 +180,6 @@ class Random(Sparsifier):
 
     def sparsify(self, slot, expert, task_vector, params, rescale, seed, dest, ctx):
         density = params["density"][expert]
-        if density >= 1:
-            dest.copy_(task_vector)
-            return
         work_dtype = sparsify_work_dtype(task_vector)
         generator = mask_generator(seed, slot.name, expert, task_vector.device)
         keep = random_keep(slot.shape, density, work_dtype, generator, task_vector.device).reshape(-1)
@@ -229,9 +221,6 @@ class Della(Sparsifier):
 
     def sparsify(self, slot, expert, task_vector, params, rescale, seed, dest, ctx):
         density = params["density"][expert]
-        if density >= 1:
-            dest.copy_(task_vector)
-            return
         work_dtype = sparsify_work_dtype(task_vector)
         rank_norm = ctx.side.get(("della", slot.index, expert))
         if rank_norm is None or rank_norm is False:

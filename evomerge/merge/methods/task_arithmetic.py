@@ -130,7 +130,11 @@ class TaskArithmetic(MergeMethod):
         else:
             (slot,) = unit.slots
             for e in range(ctx.num_experts):
-                self.sparsifier.sparsify(slot, e, block.tv_of(slot, e), params, params["rescale"], seed, deltas[e], ctx)
+                if params["density"][e] >= 1:
+                    deltas[e].copy_(block.tv_of(slot, e))
+                else:
+                    self.sparsifier.sparsify(slot, e, block.tv_of(slot, e), params, params["rescale"], seed,
+                                             deltas[e], ctx)
             sources = list(deltas)
         combine_task_vectors(
             block.base_range(unit.start, unit.end),
@@ -144,22 +148,18 @@ class TaskArithmetic(MergeMethod):
         )
 
 
-MERGEKIT_DOCS = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
-FAMILY = (
-    TaskArithmetic("task_arithmetic", consensus=False, sparsifier=None, normalize=False, rescale=False,
-                   reference="https://arxiv.org/abs/2212.04089"),
-    TaskArithmetic("ties", consensus=True, sparsifier=Magnitude(), normalize=True, rescale=False,
-                   reference="https://arxiv.org/abs/2306.01708"),
-    TaskArithmetic("dare_ties", consensus=True, sparsifier=Random(), normalize=False, rescale=True,
-                   reference="https://arxiv.org/abs/2311.03099"),
-    TaskArithmetic("dare_linear", consensus=False, sparsifier=Random(), normalize=False, rescale=True,
-                   reference="https://arxiv.org/abs/2311.03099"),
-    TaskArithmetic("breadcrumbs", consensus=False, sparsifier=Outliers(), normalize=False, rescale=False,
-                   reference="https://arxiv.org/abs/2312.06795"),
-    TaskArithmetic("breadcrumbs_ties", consensus=True, sparsifier=Outliers(), normalize=False, rescale=False,
-                   reference="https://arxiv.org/abs/2312.06795"),
-    TaskArithmetic("della", consensus=True, sparsifier=Della(), normalize=True, rescale=True,
-                   reference="https://arxiv.org/abs/2406.11617"),
-    TaskArithmetic("della_linear", consensus=False, sparsifier=Della(), normalize=False, rescale=True,
-                   reference="https://arxiv.org/abs/2406.11617"),
+_MEMBERS = (  # name, TIES sign election, sparsifier, normalize and rescale defaults, arXiv paper
+    ("task_arithmetic", False, None, False, False, "2212.04089"),
+    ("ties", True, Magnitude(), True, False, "2306.01708"),
+    ("dare_ties", True, Random(), False, True, "2311.03099"),
+    ("dare_linear", False, Random(), False, True, "2311.03099"),
+    ("breadcrumbs", False, Outliers(), False, False, "2312.06795"),
+    ("breadcrumbs_ties", True, Outliers(), False, False, "2312.06795"),
+    ("della", True, Della(), True, True, "2406.11617"),
+    ("della_linear", False, Della(), False, True, "2406.11617"),
+)
+FAMILY = tuple(
+    TaskArithmetic(name, consensus=consensus, sparsifier=sparsifier, normalize=normalize, rescale=rescale,
+                   reference=f"https://arxiv.org/abs/{paper}")
+    for name, consensus, sparsifier, normalize, rescale, paper in _MEMBERS
 )

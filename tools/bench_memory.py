@@ -1,0 +1,229 @@
+"""Benchmark the memory-tiered merge core: merges that stream 0%, 50% and 100% of the task vectors.
+
+Families: random Llama-shaped models of about 0.25B, 0.5B and 1B parameters,
+3 experts each, bfloat16, cached under runs/.cache/bench_memory_<size>/. For
+each family and budget (computed so that the plan keeps the base and the
+given share of the task vectors on the merge device, the rest in host memory,
+or on disk for the last row) a fresh process loads the core and reports:
+
+* merge s: median per-candidate time of `merge_into` (first s: the first one,
+  which also prepares side data such as threshold tables);
+* moved: bytes copied into device staging per candidate, and "walk s" /
+  "walk GB/s": the same blocks staged with no merge at all, i.e. what the
+  staging pipeline alone achieves, against the copy bandwidth measured in the
+  same process ("copy GB/s", torch copy_ of 256 MB, read + write counted once);
+* peak accounted device bytes against the budget, and the process's peak RSS.
+
+Then, without weights (configs only), the plans for Llama-2 7B, 13B and 70B
+with 3 experts on a 24 GB GPU with 64 GB of host RAM and on an 80 GB GPU with
+256 GB, with the projected transfer time per candidate.
+
+    python tools/bench_memory.py                      # all families (needs ~14 GB free RAM for 1B)
+    python tools/bench_memory.py --families 0.25B --repeats 2
+    python tools/bench_memory.py --plans-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_merge import build_models, copy_bandwidth, sync  # noqa: E402
+
+from evomerge.errors import EvomergeError  # noqa: E402
+from evomerge.merge import MergeCore, Recipe, get_method  # noqa: E402
+from evomerge.merge.layout import Layout  # noqa: E402
+from evomerge.merge.loading import open_model  # noqa: E402
+from evomerge.merge.memory import GiB, Budgets, available_host_bytes  # noqa: E402
+from evomerge.merge.planner import DISK, HOST, STAGING_SLOTS, plan_memory, workspace_bytes  # noqa: E402
+
+EXPERTS = 3
+FAMILIES = {  # hidden, intermediate, layers, heads, vocab
+    "0.25B": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=14, num_attention_heads=16, vocab_size=32000),
+    "0.5B": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=14, num_attention_heads=16, vocab_size=32000),
+    "1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, vocab_size=32000),
+}
+# (label, share of the task vectors streamed, tier they stream from)
+BUDGETS = [("0%", 0.0, HOST), ("50%", 0.5, HOST), ("100%", 1.0, HOST), ("100% disk", 1.0, DISK)]
+LLAMA2 = {
+    "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000),
+    "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+}
+MACHINES = {"24 GB GPU, 64 GB host": (24e9, 64e9), "80 GB GPU, 256 GB host": (80e9, 256e9)}
+SCORING_HEADROOM = 2 * GiB
+HOST_MARGIN = 0.1
+H2D_BANDWIDTH, DISK_BANDWIDTH = 25e9, 3e9
+RECIPES = {
+    "task_arithmetic": Recipe("task_arithmetic", {"weight": [0.5, 0.7, 0.9], "lambda": 0.9}),
+    "ties": Recipe("ties", {"weight": [0.5, 0.7, 0.9], "density": 0.5}),
+}
+
+
+def family_paths(size: str, cache: Path):
+    return build_models(cache / f"bench_memory_{size}", FAMILIES[size], torch.bfloat16, EXPERTS)
+
+
+def budgets_for(base, share: float, tier: str, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(device, host) bytes that keep the base and (1 - share) of the task vectors on the device.
+
+    The workspace is sized for every method, as a core created without `methods` plans it.
+    """
+    layout = Layout.from_files(open_model(base))
+    model = layout.numel * layout.element_size
+    fixed = model + layout.passthrough_bytes + workspace_bytes(layout, EXPERTS, (), chunk)
+    if share == 0:
+        return fixed + (1 + EXPERTS) * model + (64 << 20), 0
+    staging = STAGING_SLOTS * (1 + EXPERTS) * layout.largest_block * layout.element_size
+    device = fixed + staging + model + int((1 - share) * EXPERTS * model)
+    host = int(share * EXPERTS * model * 1.02) if tier == HOST else 0
+    return device, host
+
+
+def measure(size: str, label: str, methods: list, repeats: int, cache: Path) -> dict:
+    """One family at one budget, in this (fresh) process."""
+    share, tier = next((s, t) for lab, s, t in BUDGETS if lab == label)
+    base, experts = family_paths(size, cache)
+    device_memory, host_memory = budgets_for(base, share, tier)
+    start = time.perf_counter()
+    core = MergeCore(base, experts, device=None, device_memory=device_memory, host_memory=host_memory,
+                     cache_orderings=False)
+    load_s = time.perf_counter() - start
+    model, _ = core.new_model()
+    model_bytes = core.numel * core.layout.element_size
+    result = {"family": size, "budget": label, "device": str(core.device), "params_M": core.numel / 1e6,
+              "load_s": load_s, "device_memory": device_memory, "host_memory": host_memory,
+              "tv_share_streamed": (core.plan.streamed_bytes() - core.plan.bytes_on(HOST, "base")
+                                    - core.plan.bytes_on(DISK, "base")) / (EXPERTS * model_bytes),
+              "copy_GBps": copy_bandwidth(core.device, 1 << 26, dtype=torch.float32), "methods": {}}
+    for name in methods:
+        times = []
+        for seed in range(repeats + 1):
+            sync(core.device)
+            start = time.perf_counter()
+            core.merge_into(model, RECIPES[name], seed=seed)
+            sync(core.device)
+            times.append(time.perf_counter() - start)
+        result["methods"][name] = {"first_s": times[0], "merge_s": statistics.median(times[1:])}
+    moved = core.memory_report()["bytes_moved_per_candidate"]
+    start = time.perf_counter()
+    for _block, _data in core.stager.walk(core.layout.blocks):
+        pass
+    sync(core.device)
+    walk_s = time.perf_counter() - start
+    report = core.memory_report()
+    result.update(moved_bytes=moved, walk_s=walk_s, walk_GBps=moved / walk_s / 1e9 if moved else None,
+                  peak_device_bytes=report["peak_device_bytes"], peak_host_bytes=report["peak_host_bytes"],
+                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    core.close()
+    return result
+
+
+def plans() -> list:
+    rows = []
+    ties = [get_method("ties")]
+    for name, config in LLAMA2.items():
+        layout = Layout.from_config({"model_type": "llama", "tie_word_embeddings": False, **config})
+        for machine, (gpu, host) in MACHINES.items():
+            budgets = Budgets(device=int(gpu - SCORING_HEADROOM), host=int(host * (1 - HOST_MARGIN)))
+            row = {"model": name, "machine": machine, "params_B": layout.numel / 1e9}
+            try:
+                plan = plan_memory(layout, EXPERTS, budgets, methods=ties, pinned=True)
+            except EvomergeError as error:
+                row["refused"] = str(error)
+            else:
+                row.update(plan.summary(), transfer_s=plan.transfer_seconds(H2D_BANDWIDTH, DISK_BANDWIDTH))
+            rows.append(row)
+    return rows
+
+
+def gb(count) -> str:
+    return f"{count / 1e9:.2f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--methods", default="task_arithmetic,ties")
+    parser.add_argument("--ties-families", default="0.25B", help="families that also run TIES (slow on CPU)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--plans-only", action="store_true")
+    parser.add_argument("--cache", default=str(ROOT / "runs" / ".cache"))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--one", nargs=2, metavar=("FAMILY", "BUDGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cache = Path(args.cache)
+    if args.one:
+        methods = [m for m in args.methods.split(",") if m != "ties" or args.one[0] in args.ties_families.split(",")]
+        print(json.dumps(measure(args.one[0], args.one[1], methods, args.repeats, cache)))
+        return
+    figures = {"merges": [], "plans": plans()}
+    if not args.plans_only:
+        for size in args.families.split(","):
+            family_paths(size, cache)  # built once, outside the measured processes
+            need = (2 + 2 * EXPERTS) * family_bytes(size)
+            if available_host_bytes() < need:
+                print(f"skipping {size}: {available_host_bytes() / 1e9:.1f} GB available, {need / 1e9:.1f} GB needed")
+                continue
+            for label, _share, _tier in BUDGETS:
+                command = [sys.executable, __file__, "--one", size, label, "--methods", args.methods,
+                           "--ties-families", args.ties_families, "--repeats", str(args.repeats), "--cache", args.cache]
+                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                figures["merges"].append(row)
+                print_merge_row(row, flush=True)
+    print_plans(figures["plans"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def family_bytes(size: str) -> int:
+    """Bytes of one bf16 model of the family (from its config; no weights needed)."""
+    layout = Layout.from_config({"model_type": "llama", "num_key_value_heads": FAMILIES[size]["num_attention_heads"],
+                                 "tie_word_embeddings": False, **FAMILIES[size]})
+    return layout.numel * layout.element_size
+
+
+def print_merge_row(row: dict, flush: bool = False) -> None:
+    for name, m in row["methods"].items():
+        walk = f"{row['walk_s']:.2f} s, {row['walk_GBps']:.1f} GB/s" if row["walk_GBps"] else "-"
+        print(f"{row['family']:>5} {row['budget']:>9} streams {100 * row['tv_share_streamed']:3.0f}% | {name:15s} "
+              f"first {m['first_s']:6.2f} s merge {m['merge_s']:6.2f} s | moved {gb(row['moved_bytes'])} GB, "
+              f"walk {walk}, copy {row['copy_GBps']:.1f} GB/s | device {gb(row['peak_device_bytes'])} of "
+              f"{gb(row['device_memory'])} GB, host {gb(row['peak_host_bytes'])} GB, RSS {gb(row['peak_rss_bytes'])} GB",
+              flush=flush)
+
+
+def print_plans(rows: list) -> None:
+    print(f"\nplans, 3 experts, bf16, TIES; budgets: GPU minus {SCORING_HEADROOM / GiB:.0f} GiB scoring headroom, "
+          f"host minus {100 * HOST_MARGIN:.0f}%; transfer at {H2D_BANDWIDTH / 1e9:g} GB/s host->device, "
+          f"{DISK_BANDWIDTH / 1e9:g} GB/s disk")
+    for row in rows:
+        head = f"{row['model']:>4} ({row['params_B']:.2f}B) on {row['machine']}:"
+        if "refused" in row:
+            print(f"{head} refused: {row['refused']}")
+            continue
+        print(f"{head} device {gb(row['planned_device_bytes'])} GB (resident {gb(row['resident_model_bytes'])}, "
+              f"blocks {gb(row['device_blocks_bytes'])}, staging {gb(row['staging_bytes'])}, workspace "
+              f"{gb(row['workspace_bytes'])}), host {gb(row['planned_host_bytes'])} GB, disk "
+              f"{gb(row['disk_blocks_bytes'])} GB; streamed {gb(row['streamed_bytes_per_candidate'])} GB/candidate, "
+              f"projected transfer {row['transfer_s']:.2f} s/candidate")
+
+
+if __name__ == "__main__":
+    main()
