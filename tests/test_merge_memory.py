@@ -100,6 +100,19 @@ def test_streamed_merge_is_bit_identical_and_within_budget(label, family, reside
     core.close()
 
 
+def test_endpoints_load_into_the_merge_target(family, resident):
+    """Calibration scores the base and experts in the model the merges write to: no second copy."""
+    base, experts = family
+    model, _ = resident.new_model()
+    resident.load_weights_into(model, experts[2])
+    params = dict(model.named_parameters())
+    for name, tensor in open_model(experts[2]).iter_tensors():
+        assert torch.equal(params[name].data, tensor), name
+    resident.merge_into(model, RECIPES["linear"])  # and the next merge overwrites it all
+    expected = resident.merge(RECIPES["linear"])
+    assert all(torch.equal(params[n].data, expected[n]) for n in expected)
+
+
 def test_resident_core_moves_nothing(resident):
     resident.merge(RECIPES["linear"])
     report = resident.memory_report()

@@ -80,7 +80,8 @@ class SideData:
     def get(self, key):
         return self.values.get(key)
 
-    def put(self, key, value, nbytes: int = 0) -> None:
+    def put(self, key, value) -> None:
+        """Keep side data (per-element caches must have been `reserve`d first)."""
         self.values[key] = value
 
     def reserve(self, nbytes: int) -> bool:
@@ -393,6 +394,23 @@ class MergeCore:
         self._merge_flat(recipe, seed, self._out_flat)
         for slot in self.slots:
             params[slot.name].data.copy_(self._out_flat[slot.offset : slot.end].view(slot.shape))
+        return model
+
+    @torch.no_grad()
+    def load_weights_into(self, model, path):
+        """Write a compatible checkpoint's own weights (e.g. the base or one expert) into `model`, in place.
+
+        Lets a search score its endpoints in the model it already holds instead of
+        loading a second copy onto the device. Tensors are read one at a time.
+        """
+        files = open_model(path)
+        check_compatible(self.base_files, [files])
+        arena = getattr(model, "_evomerge_arena", None)
+        if arena is None or getattr(model, "_evomerge_layout", None) != id(self):
+            raise EvomergeError("load_weights_into needs a model made by this core's new_model()")
+        for name, tensor in files.iter_tensors(self.tensor_names):
+            slot = self.slot_by_name[name]
+            arena[slot.offset : slot.end].copy_(tensor.reshape(-1))
         return model
 
     # ------------------------------------------------------------------ merging

@@ -72,6 +72,20 @@ class CandidateBuilder(ABC):
         """In-memory source models (name -> model) that calibration scores beside base and experts."""
         return {}
 
+    def checkpoint_model(self, path: str | Path):
+        """The model of a checkpoint folder as it is (an endpoint or an extra model), for calibration.
+
+        This default loads it from disk onto the builder's device; a builder that holds
+        a model of the same architecture may load the weights into it instead.
+        """
+        from transformers import AutoModelForCausalLM
+
+        from evomerge.errors import EvomergeError
+
+        if not Path(path).is_dir():
+            raise EvomergeError(f"model folder not found: {path}")
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype).to(self.device).eval()
+
 
 class ParameterMerge(CandidateBuilder):
     """Parameter-space merges: the genome becomes a `Recipe`, merged in place into one model."""
@@ -95,6 +109,10 @@ class ParameterMerge(CandidateBuilder):
         seed = candidate_seed(genome, self.space.seed)
         self.core.merge_into(self.model, recipe, seed=seed)
         return Candidate(self.model, {"recipe": recipe.to_dict(), "merge_seed": seed})
+
+    def checkpoint_model(self, path):
+        """The base or an expert as it is, loaded into the model the merges write to (no second copy)."""
+        return self.core.load_weights_into(self.model, path)
 
     def rebuild(self, attrs):
         from evomerge.merge import Recipe

@@ -88,8 +88,8 @@ class MergeSearch:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         for name, path in [("base", self.space.base), *self.space.experts.items()]:
-            if name not in known:
-                yield name, *self._load_hf(path, AutoModelForCausalLM, AutoTokenizer)
+            if name not in known:  # scored in the builder's own model where it can: no second copy on the GPU
+                yield name, self.builder.checkpoint_model(path), self.tokenizer
         for path in self.space.extra_models:
             name = f"extra:{Path(path).name}"
             if name not in known:

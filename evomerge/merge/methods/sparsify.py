@@ -121,7 +121,7 @@ class _OrderSparsifier(Sparsifier):
                 order = RankOrder.build(task_vector, self.direction)
             else:
                 order = ThresholdOrder.build(task_vector, self.direction, grid_positions(slot.numel, DENSITY_GRID))
-            ctx.side.put(key, order, nbytes=order.nbytes)
+            ctx.side.put(key, order)
         _l1(ctx, slot, expert, task_vector, slot.shape)
 
     def _order(self, slot, expert, task_vector, ctx):
@@ -214,7 +214,7 @@ class Della(Sparsifier):
             tensor = task_vector.view(slot.shape)
             nbytes = slot.numel * torch.empty((), dtype=sparsify_work_dtype(tensor)).element_size()
             if ctx.side.reserve(nbytes):
-                ctx.side.put(key, della_rank_norm(tensor), nbytes=nbytes)
+                ctx.side.put(key, della_rank_norm(tensor))
             else:
                 ctx.side.put(key, False)  # no room: recomputed per candidate
         _l1(ctx, slot, expert, task_vector.to(sparsify_work_dtype(task_vector)), self._shape2d(slot))
