@@ -2,16 +2,18 @@
 
 Families: random Llama-shaped models of about 0.25B, 0.5B and 1B parameters,
 3 experts each, bfloat16, cached under runs/.cache/bench_memory_<size>/. For
-each family and budget (computed so that the plan keeps the base and the
-given share of the task vectors on the merge device, the rest in host memory,
-or on disk for the last row) a fresh process loads the core and reports:
+each family and budget (the largest device budget whose plan streams at
+least the given share of the task vectors; the base stays on the device; the
+streamed blocks live in host memory, or on disk for the last row) a fresh
+process loads the core and reports:
 
 * merge s: median per-candidate time of `merge_into` (first s: the first one,
   which also prepares side data such as threshold tables);
 * moved: bytes copied into device staging per candidate, and "walk s" /
   "walk GB/s": the same blocks staged with no merge at all, i.e. what the
   staging pipeline alone achieves, against the copy bandwidth measured in the
-  same process ("copy GB/s", torch copy_ of 256 MB, read + write counted once);
+  same process ("copy GB/s": one 256 MB bf16 copy_ from host memory to the
+  device, bytes counted once);
 * peak accounted device bytes against the budget, and the process's peak RSS.
 
 Then, without weights (configs only), the plans for Llama-2 7B, 13B and 70B
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_merge import build_models, copy_bandwidth, sync  # noqa: E402
+from bench_merge import build_models, sync  # noqa: E402
 
 from evomerge.errors import EvomergeError  # noqa: E402
 from evomerge.merge import MergeCore, Recipe, get_method  # noqa: E402
@@ -79,38 +81,53 @@ def family_paths(size: str, cache: Path):
     return build_models(cache / f"bench_memory_{size}", FAMILIES[size], torch.bfloat16, EXPERTS)
 
 
-def budgets_for(base, share: float, tier: str, chunk: int = 1 << 24) -> tuple[int, int]:
-    """(device, host) bytes that keep the base and (1 - share) of the task vectors on the device.
+def tv_share_streamed(plan, model_bytes: int) -> float:
+    """Share of the task vectors' bytes a plan streams per candidate (the base's excluded)."""
+    base = plan.bytes_on(HOST, "base") + plan.bytes_on(DISK, "base")
+    return (plan.streamed_bytes() - base) / (EXPERTS * model_bytes)
 
-    The workspace is sized for every method, as a core created without `methods` plans it.
+
+def budgets_for(base, share: float, tier: str, device: torch.device) -> tuple[int, int]:
+    """(device, host) bytes whose plan keeps the base on the device and streams `share` of the task vectors.
+
+    The largest device budget that still streams at least `share`, found by bisection on the
+    planner itself (as a core created without `methods` plans it).
     """
     layout = Layout.from_files(open_model(base))
     model = layout.numel * layout.element_size
-    fixed = model + layout.passthrough_bytes + workspace_bytes(layout, EXPERTS, (), chunk)
+    fixed = model + layout.passthrough_bytes + workspace_bytes(layout, EXPERTS, (), 1 << 24)
+    high = fixed + (1 + EXPERTS) * model + (64 << 20)
     if share == 0:
-        return fixed + (1 + EXPERTS) * model + (64 << 20), 0
-    staging = STAGING_SLOTS * (1 + EXPERTS) * layout.largest_block * layout.element_size
-    device = fixed + staging + model + int((1 - share) * EXPERTS * model)
-    host = int(share * EXPERTS * model * 1.02) if tier == HOST else 0
-    return device, host
+        return high, 0
+    host = int(1.05 * (1 + EXPERTS) * model) if tier == HOST else 0
+    low = fixed + STAGING_SLOTS * (1 + EXPERTS) * layout.largest_block * layout.element_size
+
+    def streams(budget: int) -> float:
+        plan = plan_memory(layout, EXPERTS, Budgets(device=budget, host=host), pinned=device.type == "cuda")
+        return tv_share_streamed(plan, model)
+
+    for _ in range(40):
+        middle = (low + high) // 2
+        low, high = (middle, high) if streams(middle) >= share - 1e-9 else (low, middle)
+    return low, host
 
 
 def measure(size: str, label: str, methods: list, repeats: int, cache: Path) -> dict:
     """One family at one budget, in this (fresh) process."""
     share, tier = next((s, t) for lab, s, t in BUDGETS if lab == label)
     base, experts = family_paths(size, cache)
-    device_memory, host_memory = budgets_for(base, share, tier)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_memory, host_memory = budgets_for(base, share, tier, device)
     start = time.perf_counter()
-    core = MergeCore(base, experts, device=None, device_memory=device_memory, host_memory=host_memory,
+    core = MergeCore(base, experts, device=device, device_memory=device_memory, host_memory=host_memory,
                      cache_orderings=False)
     load_s = time.perf_counter() - start
     model, _ = core.new_model()
     model_bytes = core.numel * core.layout.element_size
     result = {"family": size, "budget": label, "device": str(core.device), "params_M": core.numel / 1e6,
               "load_s": load_s, "device_memory": device_memory, "host_memory": host_memory,
-              "tv_share_streamed": (core.plan.streamed_bytes() - core.plan.bytes_on(HOST, "base")
-                                    - core.plan.bytes_on(DISK, "base")) / (EXPERTS * model_bytes),
-              "copy_GBps": copy_bandwidth(core.device, 1 << 26, dtype=torch.float32), "methods": {}}
+              "tv_share_streamed": tv_share_streamed(core.plan, model_bytes),
+              "copy_GBps": host_copy_bandwidth(core.device), "methods": {}}
     for name in methods:
         times = []
         for seed in range(repeats + 1):
@@ -132,6 +149,24 @@ def measure(size: str, label: str, methods: list, repeats: int, cache: Path) -> 
                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     core.close()
     return result
+
+
+def host_copy_bandwidth(device: torch.device, numel: int = 1 << 27) -> float:
+    """Bytes per second (counted once) of one large copy_ from host memory (pinned on CUDA) to the device.
+
+    The ceiling for streaming from the host tier; the disk tier is bounded by it too once
+    the files are in the page cache.
+    """
+    dst = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    src = torch.empty(numel, dtype=torch.bfloat16, pin_memory=device.type == "cuda").fill_(1)
+    times = []
+    for _ in range(4):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return numel * 2 / min(times[1:]) / 1e9
 
 
 def plans() -> list:
@@ -201,7 +236,8 @@ def family_bytes(size: str) -> int:
 
 def print_merge_row(row: dict, flush: bool = False) -> None:
     for name, m in row["methods"].items():
-        walk = f"{row['walk_s']:.2f} s, {row['walk_GBps']:.1f} GB/s" if row["walk_GBps"] else "-"
+        walk = (f"{row['walk_s']:.2f} s, {row['walk_GBps']:.1f} GB/s = {100 * row['walk_GBps'] / row['copy_GBps']:.0f}% of copy"
+                if row["walk_GBps"] else "-")
         print(f"{row['family']:>5} {row['budget']:>9} streams {100 * row['tv_share_streamed']:3.0f}% | {name:15s} "
               f"first {m['first_s']:6.2f} s merge {m['merge_s']:6.2f} s | moved {gb(row['moved_bytes'])} GB, "
               f"walk {walk}, copy {row['copy_GBps']:.1f} GB/s | device {gb(row['peak_device_bytes'])} of "
