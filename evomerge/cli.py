@@ -1,4 +1,4 @@
-"""`evomerge` command line: search, resume, status, validate, export, plan, eval, estimate-check, make-zoo, demo.
+"""`evomerge` command line: search, resume, status, validate, report, export, plan, eval, estimate-check, make-zoo, demo.
 
 Input problems (EvomergeError) are printed as one line and exit with status 2;
 anything else is a bug and keeps its traceback.
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("run_dir")
     validate.add_argument("--top", type=int, default=5, help="how many of the best-estimated trials (default: 5)")
     _add_storage(validate)
+
+    report = commands.add_parser(
+        "report", help="plots of a run (fitness, Pareto fronts, best genome, calibration, timings) as HTML and PNG")
+    report.add_argument("run_dir")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report)")
+    _add_storage(report)
 
     evaluate = commands.add_parser("eval", help="full-benchmark accuracy of a model folder")
     evaluate.add_argument("model", nargs="+", help="HF model folder(s)")
@@ -246,6 +252,15 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from evomerge.report import write_report
+
+    files = write_report(args.run_dir, args.storage, args.out)
+    print(f"report: {files.page}")
+    print(f"figures: {', '.join(str(p) for p in files.pngs.values())}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from evomerge.evaluation import benchmarks_for, evaluate_models, print_accuracy_table
 
@@ -283,6 +298,7 @@ COMMANDS = {
     "export": cmd_export,
     "plan": cmd_plan,
     "validate": cmd_validate,
+    "report": cmd_report,
     "eval": cmd_eval,
     "estimate-check": cmd_estimate_check,
     "make-zoo": cmd_make_zoo,

@@ -114,3 +114,19 @@ def model_card(
             "so its result matches this checkpoint in distribution, not bit for bit.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def add_card_figures(out_dir: str | Path, figures: list[tuple[str, str]]) -> Path:
+    """Show ``(title, relative PNG path)`` figures in an export's card, before its recipe."""
+    card = Path(out_dir) / "README.md"
+    text = card.read_text()
+    section = ["## Search", ""]
+    for title, path in figures:
+        section += [f"![{title}]({path})", ""]
+    marker = "## Recipe"
+    text = text.replace(marker, "\n".join(section) + "\n" + marker, 1) if marker in text else (
+        text + "\n" + "\n".join(section))
+    tmp = card.with_name(card.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(card)
+    return card

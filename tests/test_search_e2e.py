@@ -218,6 +218,8 @@ def test_validate_top_trials_then_export_the_best_measured(zoo_dir, tmp_path, ca
     best = max(measured, key=lambda n: sum(measured[n].values()))
     card = (exported / "README.md").read_text()
     assert f"trial: {best}" in card and "measured accuracy (all items)" in card
+    for figure in ("figures/genome.png", "figures/fitness.png"):  # the card shows the genome and the search
+        assert f"]({figure})" in card and (exported / figure).read_bytes().startswith(b"\x89PNG")
     # the stored figure is what the exported checkpoint scores
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

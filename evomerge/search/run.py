@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +34,14 @@ STRATEGY_ALIASES = {"anchor": "anchor-irt"}
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _synchronize(device) -> None:
+    """Wait for queued GPU work, so a timing covers the work and not just its launch."""
+    import torch
+
+    if torch.device(device or "cpu").type == "cuda":
+        torch.cuda.synchronize()
 
 
 def run_dir_for(space: SearchSpace, runs_root: str | Path = "runs") -> Path:
@@ -145,8 +154,14 @@ class MergeSearch:
 
     # ------------------------------------------------------------ objective
     def objective(self, params: dict[str, float]) -> tuple[list[float], dict]:
-        """Build the genome's model in memory, score each benchmark's subset, return estimated accuracies."""
+        """Build the genome's model in memory, score each benchmark's subset, return estimated accuracies.
+
+        The trial also keeps where its time went (`merge_s`, `score_s`; `evomerge report` plots them).
+        """
+        started = time.perf_counter()
         candidate = self.builder.candidate(params)
+        _synchronize(self.builder.device)
+        merged = time.perf_counter()
         estimates, answers = {}, {}
         for bench_name, bench in self.benchmarks.items():
             estimator = self.estimators[bench_name]
@@ -161,7 +176,8 @@ class MergeSearch:
             values = per_task
         else:
             values = [weighted_mean(per_task, self.weights)]
-        attrs = {"estimates": estimates, "answers": answers, **candidate.attrs}
+        timings = {"merge_s": merged - started, "score_s": time.perf_counter() - merged}
+        attrs = {"estimates": estimates, "answers": answers, **candidate.attrs, **timings}
         return values, attrs
 
     # ------------------------------------------------------------ study
@@ -322,4 +338,18 @@ def export_trial(
     measured = stored_full_accuracies(study).get(trial.number)
     if measured:
         details["measured accuracy (all items)"] = ", ".join(f"{k} {v:.3f}" for k, v in measured.items())
-    return builder.export(trial.user_attrs, out_dir, details=details, max_shard_size=max_shard_size)
+    out = builder.export(trial.user_attrs, out_dir, details=details, max_shard_size=max_shard_size)
+    _embed_search_figures(out, run_dir, study, trial.number, progress)
+    return out
+
+
+def _embed_search_figures(out_dir: Path, run_dir, study, trial_number: int, progress: bool) -> None:
+    """The card shows the trial's genome and the search's fitness curve (with the `report` extra)."""
+    from evomerge.export import add_card_figures
+    from evomerge.report import EXTRA_HINT, write_card_figures
+
+    figures = write_card_figures(run_dir, study, trial_number, out_dir)
+    if figures:
+        add_card_figures(out_dir, figures)
+    elif progress:
+        say(f"model card without figures: matplotlib is not installed ({EXTRA_HINT})")
