@@ -9,12 +9,11 @@ import shutil
 import tempfile
 
 import pytest
-import torch
 import yaml
 
 from evomerge.cli import main
 from evomerge.search.run import open_existing_study
-from test_search_e2e import write_space
+from test_search_e2e import one_thread, write_space  # noqa: F401 (one_thread: autouse fixture)
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -56,14 +55,6 @@ def load_in_browser(page_path, screenshot, n_plots: int) -> tuple[list[str], lis
         finally:
             context.close()
     return errors, requests, text
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_report_page_pngs_and_browser(zoo_dir, tmp_path, capsys):

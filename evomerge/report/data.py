@@ -60,6 +60,7 @@ class StudyData:
     storage: str
     tasks: list[str]
     weights: dict[str, float]
+    experts: list[str]
     n_objectives: int
     estimator: str
     trials: list[TrialRecord]
@@ -124,7 +125,7 @@ def load_study_data(run_dir: str | Path, storage: str | None = None, study=None)
     calibration = _validated_points(trials, measured) + _calibration_model_points(run_dir, tasks, space.estimator)
     return StudyData(
         run_dir=run_dir, study_name=study.study_name, storage=_shown_storage(study), tasks=tasks, weights=weights,
-        n_objectives=len(study.directions), estimator=space.estimator, trials=trials, measured=measured,
+        experts=space.expert_names, n_objectives=len(study.directions), estimator=space.estimator, trials=trials, measured=measured,
         calibration=calibration, genome_bounds=bounds,
     )
 

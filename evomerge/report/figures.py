@@ -106,9 +106,10 @@ def _front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _full_front(trials: list[TrialRecord]) -> set[int]:
-    values = [t.values for t in trials]
-    return {t.number for t, v in zip(trials, values)
-            if not any(all(o >= s for o, s in zip(other, v)) and other != v for other in values)}
+    """Numbers of the trials no other trial beats on every objective (maximising)."""
+    return {t.number for t in trials
+            if not any(all(o >= s for o, s in zip(other.values, t.values)) and other.values != t.values
+                       for other in trials)}
 
 
 def pareto_figure(data: StudyData) -> Figure | None:
@@ -167,10 +168,9 @@ def _split_group(group: str) -> tuple[str, str | None]:
 def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None:
     """The trial's genome, one heatmap per parameter: layer groups across, expert x module down."""
     trial = data.trial(trial_number)
-    experts = sorted({p.split(".")[1] for p in trial.params if p.count(".") == 2})
     genes = {}
     for name, value in trial.params.items():
-        split = _split_gene(name, experts)
+        split = _split_gene(name, data.experts)
         if split is not None:
             genes[split] = value
     if not genes:
@@ -181,7 +181,7 @@ def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None
         blocks = list(dict.fromkeys(_split_group(g)[0] for _, _, g in mine))
         blocks = [b for b in blocks if b != "rest"] + (["rest"] if "rest" in blocks else [])
         modules = list(dict.fromkeys(m for _, _, g in mine if (m := _split_group(g)[1]))) or [None]
-        owners = list(dict.fromkeys(e for _, e, _ in mine))
+        owners = [e for e in [*data.experts, None] if any(k[1] == e for k in mine)]
         rows = [(e, m) for e in owners for m in modules]
         z = [[NAN] * len(blocks) for _ in rows]
         for (_, expert, group), value in mine.items():
@@ -196,7 +196,8 @@ def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None
         zmax = max(b[1] for b in known) if known else max(mine.values())
         annotate = len(rows) * len(blocks) <= MAX_ANNOTATED_CELLS
         panels.append(Panel(f"{param} (range {zmin:g} to {zmax:g})", "layer group", "", [
-            Heatmap(z, [_block_label(b) for b in blocks], row_names, zmin, zmax, name=param, annotate=annotate)],
+            Heatmap(z, ["all layers" if b == "all" else b for b in blocks], row_names, zmin, zmax, name=param,
+                    annotate=annotate)],
             height=max(220, 90 + 34 * len(rows))))
     caption = (
         f"Trial {trial.number} ({why}): each cell is one gene, the coefficient the merge uses for one "
@@ -204,12 +205,6 @@ def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None
         "and one module kind (attention with its norms, or MLP). One heatmap per merge parameter, coloured "
         "over the parameter's search range.")
     return Figure("genome", f"Best genome (trial {trial.number}, {why})", caption, panels)
-
-
-def _block_label(block: str) -> str:
-    if block == "all":
-        return "all layers"
-    return block
 
 
 # ---------------------------------------------------------------- calibration
@@ -235,7 +230,8 @@ def calibration_figure(data: StudyData) -> Figure | None:
                          f"RMSE {math.sqrt(statistics.fmean(e * e for e in errors)):.3f}")
             traces.append(Scatter(
                 [p.estimated for p in mine], [p.measured for p in mine], kind, color=color, symbol=symbol, size=8,
-                hover=[f"{p.model}\nestimated {p.estimated:.3f}\nmeasured {p.measured:.3f}" for p in mine]))
+                hover=[f"{p.model}\nestimated {p.estimated:.3f}\nmeasured {p.measured:.3f}" for p in mine],
+                labels=_endpoint_labels(mine, hi - lo) if kind == "calibration model" else None))
         panels.append(Panel(f"{task}\n" + "\n".join(notes), "estimated accuracy", "measured accuracy (all items)",
                             traces, same_range=True, height=420))
     caption = (
@@ -245,6 +241,24 @@ def calibration_figure(data: StudyData) -> Figure | None:
         "in-sample; red: trials re-scored by `evomerge validate`, the honest check. Bias is estimated minus "
         "measured.")
     return Figure("calibration", "Estimator calibration", caption, panels, columns=min(3, len(panels)))
+
+
+def _endpoint_labels(points: list, span: float) -> list[str]:
+    """Name the base, the experts and extra models (random calibration merges stay unnamed);
+    points closer than 4% of the axis share one label, so names never overprint."""
+    labels = [""] * len(points)
+    anchors: list[int] = []
+    for i, point in enumerate(points):
+        if point.model.startswith("calib"):
+            continue
+        near = next((a for a in anchors if abs(points[a].estimated - point.estimated) < 0.04 * span
+                     and abs(points[a].measured - point.measured) < 0.04 * span), None)
+        if near is None:
+            anchors.append(i)
+            labels[i] = point.model
+        else:
+            labels[near] += f", {point.model}"
+    return labels
 
 
 # ---------------------------------------------------------------- timing

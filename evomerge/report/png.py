@@ -58,6 +58,11 @@ def _draw_panel(fig, ax, panel: Panel, legend: dict) -> None:
         ax.set_xlim(min(values), max(values))
         ax.set_ylim(min(values), max(values))
         ax.set_aspect("equal", adjustable="box")
+    low, high = ax.get_xlim()
+    for text in ax.texts:  # labels near the right edge go to the left of their point
+        if hasattr(text, "xyann") and text.xy[0] > low + 0.75 * (high - low):
+            text.set_horizontalalignment("right")
+            text.xyann = (-text.xyann[0], text.xyann[1])
     if not any(isinstance(t, Heatmap) for t in panel.traces):
         ax.locator_params(nbins=6)
         ax.grid(True, color="#e5e5e5", linewidth=0.6)
