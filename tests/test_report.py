@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 import yaml
+from optuna.trial import TrialState
 
 from evomerge.cli import main
 from evomerge.search.run import open_existing_study
@@ -58,7 +59,8 @@ def load_in_browser(page_path, screenshot, n_plots: int) -> tuple[list[str], lis
 
 
 def test_report_page_pngs_and_browser(zoo_dir, tmp_path, capsys):
-    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "nsga2", trials=4, name="seen")
+    # 6 named baselines (2 uniform merges, the base, 3 experts alone), then the optimizer's own
+    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "nsga2", trials=8, name="seen")
     raw = yaml.safe_load(space_file.read_text())
     raw["optimizer"]["objectives"] = "per_task"  # several objectives: Pareto fronts too
     space_file.write_text(yaml.safe_dump(raw))
@@ -66,7 +68,7 @@ def test_report_page_pngs_and_browser(zoo_dir, tmp_path, capsys):
     assert main(["search", str(space_file), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 0
     assert main(["validate", str(run_dir), "--top", "2"]) == 0
     study = open_existing_study(run_dir)
-    for trial in study.get_trials(deepcopy=False):
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         assert 0 <= trial.user_attrs["merge_s"] and 0 < trial.user_attrs["score_s"] < trial.duration.total_seconds()
     study.ask()  # a worker still searching: its RUNNING trial is counted, not drawn
     database = run_dir / "study.db"
@@ -90,6 +92,7 @@ def test_report_page_pngs_and_browser(zoo_dir, tmp_path, capsys):
     assert errors == [] and requests == []
     assert screenshot.read_bytes().startswith(b"\x89PNG")
     assert "1 running" in text and "Pareto fronts per pair of benchmarks" in text
+    assert "expert arith" in page  # baselines are marked by name
 
 
 def test_report_says_which_extra_is_missing(monkeypatch, tmp_path, capsys):

@@ -18,8 +18,6 @@ import numpy as np
 
 # the objective's timing attrs (evomerge.search.run.MergeSearch.objective)
 MERGE_ATTR, SCORE_ATTR = "merge_s", "score_s"
-BASELINE_ATTR = "baseline"
-"""A trial enqueued as a reference point may name itself (e.g. "expert arith"); otherwise its genome does."""
 
 
 @dataclass
@@ -118,28 +116,30 @@ def load_study_data(run_dir: str | Path, storage: str | None = None, study=None)
         study = open_existing_study(run_dir, storage)
     tasks = [b.name for b in space.benchmarks]
     weights = {b.name: b.weight for b in space.benchmarks}
-    trials = [_record(t, tasks, weights, space.expert_names) for t in study.get_trials(deepcopy=False)]
+    trials = [_record(t, tasks, weights) for t in study.get_trials(deepcopy=False)]
     measured = stored_full_accuracies(study)
     config = study.user_attrs.get(CONFIG_ATTR, {})
     bounds = {name: (float(lo), float(hi)) for name, (lo, hi) in config.get("genome", {}).items()}
     calibration = _validated_points(trials, measured) + _calibration_model_points(run_dir, tasks, space.estimator)
     return StudyData(
         run_dir=run_dir, study_name=study.study_name, storage=_shown_storage(study), tasks=tasks, weights=weights,
-        experts=space.expert_names, n_objectives=len(study.directions), estimator=space.estimator, trials=trials, measured=measured,
-        calibration=calibration, genome_bounds=bounds,
+        experts=space.expert_names, n_objectives=len(study.directions), estimator=space.estimator, trials=trials,
+        measured=measured, calibration=calibration, genome_bounds=bounds,
     )
 
 
-def _record(trial, tasks: list[str], weights: dict[str, float], experts: list[str]) -> TrialRecord:
+def _record(trial, tasks: list[str], weights: dict[str, float]) -> TrialRecord:
+    from evomerge.search.run import BASELINE_ATTR
+
     attrs = trial.user_attrs
     values = list(trial.values) if trial.values is not None else None
     fitness = None
     if values is not None and trial.state.name == "COMPLETE":
         fitness = weighted(dict(zip(tasks, values)), weights) if len(values) > 1 else float(values[0])
     duration = trial.duration.total_seconds() if trial.duration is not None else None
-    baseline = attrs.get(BASELINE_ATTR)
-    if baseline is None and "fixed_params" in trial.system_attrs:  # enqueued before the optimizer's own
-        baseline = baseline_label(trial.params, experts)
+    baseline = attrs.get(BASELINE_ATTR)  # "uniform weight 1, density 0.7", "base", "expert arith", ...
+    if baseline is None and "fixed_params" in trial.system_attrs:  # enqueued, by an evomerge that named none
+        baseline = "enqueued"
     return TrialRecord(
         number=trial.number, state=trial.state.name, values=values, fitness=fitness,
         estimates={k: float(v) for k, v in attrs.get("estimates", {}).items()}, params=dict(trial.params),
@@ -150,26 +150,6 @@ def _record(trial, tasks: list[str], weights: dict[str, float], experts: list[st
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def baseline_label(genome: dict[str, float], experts: list[str]) -> str:
-    """Name an enqueued genome by what it is: the base, one expert alone, a uniform merge."""
-    weights: dict[str, list[float]] = {}
-    by_param: dict[str, set[float]] = {}
-    for name, value in genome.items():
-        parts = name.split(".")
-        by_param.setdefault(parts[0], set()).add(round(float(value), 6))
-        if parts[0] == "weight" and len(parts) == 3:
-            weights.setdefault(parts[1], []).append(float(value))
-    if weights:
-        active = [e for e in experts if any(abs(w) > 1e-9 for w in weights.get(e, []))]
-        if not active:
-            return "base"
-        if len(active) == 1 and len(experts) > 1:
-            return f"expert {active[0]}"
-    if by_param and all(len(v) == 1 for v in by_param.values()):
-        return "uniform " + ", ".join(f"{p} {next(iter(v)):g}" for p, v in by_param.items())
-    return "enqueued"
 
 
 def _validated_points(trials: list[TrialRecord], measured: dict[int, dict[str, float]]) -> list[CalibrationPoint]:

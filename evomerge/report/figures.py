@@ -46,6 +46,34 @@ def _trial_hover(trial: TrialRecord, data: StudyData) -> str:
     return "\n".join(parts)
 
 
+def shared_labels(x: list[float], y: list[float], names: list[str], char_width: float = 0.013,
+                  near_y: float = 0.05) -> list[str]:
+    """Labels for points, written rightwards from each point; a name whose text would overprint an
+    earlier label (same height within ``near_y`` of the y span, overlapping in x, ``char_width`` of the
+    x span per character) joins that label instead ("base, expert arith"). Empty names stay unlabelled."""
+    def span(values):
+        return (max(values) - min(values)) or 1.0
+
+    x_span, y_span = span(x), span(y)
+    labels = [""] * len(names)
+    anchors: list[int] = []
+
+    def right_end(i: int, text: str) -> float:
+        return x[i] + (len(text) + 2) * char_width * x_span
+
+    for i, name in enumerate(names):
+        if not name:
+            continue
+        anchor = next((a for a in anchors if abs(y[a] - y[i]) < near_y * y_span
+                       and x[i] < right_end(a, labels[a]) and x[a] < right_end(i, name)), None)
+        if anchor is None:
+            anchors.append(i)
+            labels[i] = name
+        else:
+            labels[anchor] += f", {name}"
+    return labels
+
+
 # ---------------------------------------------------------------- fitness
 def fitness_figure(data: StudyData, highlight: int | None = None) -> Figure | None:
     trials = sorted(data.complete, key=lambda t: t.number)
@@ -59,7 +87,7 @@ def fitness_figure(data: StudyData, highlight: int | None = None) -> Figure | No
         best = max(best, trial.fitness)
         best_x.append(trial.number)
         best_y.append(best)
-    traces.append(Scatter(best_x, best_y, "best so far (estimated)", mode="lines", color=ORANGE, step=True))
+    traces.append(Scatter(best_x, best_y, "best so far (estimated)", mode="lines", color=ORANGE, step="hv"))
     validated = [t for t in trials if data.measured_fitness(t.number) is not None]
     if validated:
         gap_x, gap_y = [], []
@@ -74,8 +102,9 @@ def fitness_figure(data: StudyData, highlight: int | None = None) -> Figure | No
                    f"estimated {t.fitness:.3f}" for t in validated]))
     baselines = [t for t in trials if t.baseline]
     if baselines:
-        traces.append(Scatter([t.number for t in baselines], [t.fitness for t in baselines], "baseline (enqueued)",
-                              color=GREEN, symbol="square", size=9, labels=[t.baseline for t in baselines],
+        x, y = [t.number for t in baselines], [t.fitness for t in baselines]
+        traces.append(Scatter(x, y, "baseline (enqueued)", color=GREEN, symbol="square", size=9,
+                              labels=shared_labels(x, y, [t.baseline for t in baselines], char_width=0.006),
                               hover=[_trial_hover(t, data) for t in baselines]))
     if highlight is not None and any(t.number == highlight for t in trials):
         chosen = next(t for t in trials if t.number == highlight)
@@ -127,17 +156,18 @@ def pareto_figure(data: StudyData) -> Figure | None:
                           hover=hover)]
         front = _front(points)
         traces.append(Scatter([points[k][0] for k in front], [points[k][1] for k in front],
-                              "front of this pair", mode="lines+markers", color=BLUE, size=6,
+                              "front of this pair", mode="lines+markers", color=BLUE, size=6, step="vh",
                               hover=[hover[k] for k in front]))
-        full = [k for k, t in enumerate(trials) if t.number in on_front]
-        traces.append(Scatter([points[k][0] for k in full], [points[k][1] for k in full],
-                              "on the front of all objectives", color=ORANGE, size=8,
-                              hover=[hover[k] for k in full]))
         marked = [k for k, t in enumerate(trials) if t.baseline]
         if marked:
-            traces.append(Scatter([points[k][0] for k in marked], [points[k][1] for k in marked],
-                                  "baseline (enqueued)", color=GREEN, symbol="square", size=9,
-                                  labels=[trials[k].baseline for k in marked], hover=[hover[k] for k in marked]))
+            x, y = [points[k][0] for k in marked], [points[k][1] for k in marked]
+            traces.append(Scatter(x, y, "baseline (enqueued)", color=GREEN, symbol="square", size=9,
+                                  labels=shared_labels(x, y, [trials[k].baseline for k in marked]),
+                                  hover=[hover[k] for k in marked]))
+        full = [k for k, t in enumerate(trials) if t.number in on_front]
+        traces.append(Scatter([points[k][0] for k in full], [points[k][1] for k in full],
+                              "on the front of all objectives", color=ORANGE, symbol="circle-open", size=14,
+                              hover=[hover[k] for k in full]))
         panels.append(Panel(f"{task_y} vs {task_x}", f"{task_x} (estimated)", f"{task_y} (estimated)", traces))
     caption = (
         "One panel per pair of benchmarks (each is one objective). Grey: every complete trial's estimated "
@@ -231,7 +261,9 @@ def calibration_figure(data: StudyData) -> Figure | None:
             traces.append(Scatter(
                 [p.estimated for p in mine], [p.measured for p in mine], kind, color=color, symbol=symbol, size=8,
                 hover=[f"{p.model}\nestimated {p.estimated:.3f}\nmeasured {p.measured:.3f}" for p in mine],
-                labels=_endpoint_labels(mine, hi - lo) if kind == "calibration model" else None))
+                labels=shared_labels([p.estimated for p in mine], [p.measured for p in mine],
+                                     ["" if p.model.startswith("calib") else p.model for p in mine])
+                if kind == "calibration model" else None))
         panels.append(Panel(f"{task}\n" + "\n".join(notes), "estimated accuracy", "measured accuracy (all items)",
                             traces, same_range=True, height=420))
     caption = (
@@ -241,24 +273,6 @@ def calibration_figure(data: StudyData) -> Figure | None:
         "in-sample; red: trials re-scored by `evomerge validate`, the honest check. Bias is estimated minus "
         "measured.")
     return Figure("calibration", "Estimator calibration", caption, panels, columns=min(3, len(panels)))
-
-
-def _endpoint_labels(points: list, span: float) -> list[str]:
-    """Name the base, the experts and extra models (random calibration merges stay unnamed);
-    points closer than 4% of the axis share one label, so names never overprint."""
-    labels = [""] * len(points)
-    anchors: list[int] = []
-    for i, point in enumerate(points):
-        if point.model.startswith("calib"):
-            continue
-        near = next((a for a in anchors if abs(points[a].estimated - point.estimated) < 0.04 * span
-                     and abs(points[a].measured - point.measured) < 0.04 * span), None)
-        if near is None:
-            anchors.append(i)
-            labels[i] = point.model
-        else:
-            labels[near] += f", {point.model}"
-    return labels
 
 
 # ---------------------------------------------------------------- timing

@@ -80,7 +80,7 @@ def _plotly_traces(trace, shown: set, fig, row: int, col: int):
         yield go.Scatter(
             x=_js(trace.x), y=_js(trace.y), mode=mode, name=trace.name, legendgroup=trace.name, showlegend=first,
             marker=dict(color=trace.color, symbol=trace.symbol, size=trace.size),
-            line=dict(color=trace.color, shape="hv" if trace.step else "linear", dash="dash" if trace.dash else None),
+            line=dict(color=trace.color, shape=trace.step or "linear", dash="dash" if trace.dash else None),
             text=trace.labels, textposition=_label_positions(trace), textfont=dict(size=10), cliponaxis=False,
             hovertext=[h.replace("\n", "<br>") for h in trace.hover] if trace.hover else None,
             hoverinfo="text" if trace.hover else "x+y+name",

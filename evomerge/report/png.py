@@ -7,8 +7,9 @@ from pathlib import Path
 
 from evomerge.report.spec import Bars, Figure, Heatmap, Panel, Scatter
 
-MARKERS = {"circle": "o", "diamond": "D", "square": "s", "triangle-up": "^", "triangle-down": "v", "x": "x",
+MARKERS = {"circle": "o", "circle-open": "o", "diamond": "D", "square": "s", "triangle-up": "^", "triangle-down": "v", "x": "x",
            "star": "*", "cross": "P"}
+DRAWSTYLES = {"": "default", "hv": "steps-post", "vh": "steps-pre"}
 PANEL_WIDTH_IN = {1: 10.0, 2: 6.0, 3: 4.8}
 DPI = 110
 
@@ -73,8 +74,11 @@ def _scatter(ax, trace: Scatter, legend: dict) -> None:
     marker = MARKERS.get(trace.symbol, "o")
     if "lines" in trace.mode:
         (handle,) = ax.plot(trace.x, trace.y, color=trace.color, linestyle="--" if trace.dash else "-",
-                            drawstyle="steps-post" if trace.step else "default", linewidth=1.6,
+                            drawstyle=DRAWSTYLES[trace.step], linewidth=1.6,
                             marker=marker if "markers" in trace.mode else None, markersize=trace.size * 0.7)
+    elif trace.symbol.endswith("-open"):  # a ring around points drawn before
+        handle = ax.scatter(trace.x, trace.y, marker=marker, s=(trace.size * 0.85) ** 2, facecolors="none",
+                            edgecolors=trace.color, linewidths=1.6, zorder=4)
     else:
         handle = ax.scatter(trace.x, trace.y, color=trace.color, marker=marker, s=(trace.size * 0.85) ** 2,
                             edgecolors="white" if marker not in ("x", "+") else None, linewidths=0.5, zorder=3)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 # one palette for both renderers
 BLUE, ORANGE, GREEN, RED, PURPLE, GREY, LIGHT_GREY = (
     "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#7F7F7F", "#C7C7C7")
-SYMBOLS = ("circle", "diamond", "square", "triangle-up", "triangle-down", "x", "star", "cross")
+SYMBOLS = ("circle", "circle-open", "diamond", "square", "triangle-up", "triangle-down", "x", "star", "cross")
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Scatter:
     color: str = BLUE
     symbol: str = "circle"
     size: float = 7.0
-    step: bool = False  # a line that holds its value until the next point (best so far)
+    step: str = ""  # "hv": hold the value until the next point (best so far); "vh": jump at the point (front)
     dash: bool = False
     hover: list[str] | None = None
     labels: list[str] | None = None
