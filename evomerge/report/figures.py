@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import statistics
 
 from evomerge.report.data import StudyData, TrialRecord
@@ -179,14 +180,13 @@ def pareto_figure(data: StudyData) -> Figure | None:
 
 
 # ---------------------------------------------------------------- genome
-def _split_gene(name: str, experts: list[str]) -> tuple[str, str | None, str] | None:
-    """``weight.arith.G0_mlp`` -> (weight, arith, G0_mlp); ``t.G1`` -> (t, None, G1); else None."""
+def _split_gene(name: str) -> tuple[str, str | None, str] | None:
+    """``weight.arith.G0_mlp`` -> (weight, arith, G0_mlp); ``t.G1`` -> (t, None, G1);
+    a data-flow ``include.r0.lang.L3`` -> (include, r0.lang, L3). Parameter, owner, tensor group."""
     parts = name.split(".")
-    if len(parts) == 3 and parts[1] in experts:
-        return parts[0], parts[1], parts[2]
-    if len(parts) == 2:
-        return parts[0], None, parts[1]
-    return None
+    if len(parts) < 2:
+        return None
+    return parts[0], ".".join(parts[1:-1]) or None, parts[-1]
 
 
 def _split_group(group: str) -> tuple[str, str | None]:
@@ -195,14 +195,17 @@ def _split_group(group: str) -> tuple[str, str | None]:
     return block, module or None
 
 
+def _natural(text: str) -> tuple:
+    """``L10`` after ``L9``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
 def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None:
     """The trial's genome, one heatmap per parameter: layer groups across, expert x module down."""
     trial = data.trial(trial_number)
-    genes = {}
-    for name, value in trial.params.items():
-        split = _split_gene(name, data.experts)
-        if split is not None:
-            genes[split] = value
+    order = {name: i for i, name in enumerate(data.genome_bounds)}  # the genome's own order, as stored
+    names = sorted(trial.params, key=lambda n: (order.get(n, len(order)), _natural(n)))
+    genes = {split: trial.params[n] for n in names if (split := _split_gene(n)) is not None}
     if not genes:
         return None
     panels = []
@@ -211,7 +214,8 @@ def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None
         blocks = list(dict.fromkeys(_split_group(g)[0] for _, _, g in mine))
         blocks = [b for b in blocks if b != "rest"] + (["rest"] if "rest" in blocks else [])
         modules = list(dict.fromkeys(m for _, _, g in mine if (m := _split_group(g)[1]))) or [None]
-        owners = [e for e in [*data.experts, None] if any(k[1] == e for k in mine)]
+        owners = list(dict.fromkeys(e for _, e, _ in mine))
+        owners = [e for e in data.experts if e in owners] + [e for e in owners if e not in data.experts]
         rows = [(e, m) for e in owners for m in modules]
         z = [[NAN] * len(blocks) for _ in rows]
         for (_, expert, group), value in mine.items():
@@ -219,13 +223,13 @@ def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None
             for r, (e, m) in enumerate(rows):
                 if e == expert and (module is None or m == module):
                     z[r][blocks.index(block)] = float(value)
-        row_names = [" ".join(x for x in (e or "all experts", m) if x) for e, m in rows]
+        row_names = [" ".join(x for x in ((e or "all experts").replace(".", " "), m) if x) for e, m in rows]
         lows_highs = [data.genome_bounds.get(f"{param}.{e}.{g}" if e else f"{param}.{g}") for _, e, g in mine]
         known = [b for b in lows_highs if b]
         zmin = min(b[0] for b in known) if known else min(mine.values())
         zmax = max(b[1] for b in known) if known else max(mine.values())
         annotate = len(rows) * len(blocks) <= MAX_ANNOTATED_CELLS
-        panels.append(Panel(f"{param} (range {zmin:g} to {zmax:g})", "layer group", "", [
+        panels.append(Panel(f"{param} (range {zmin:g} to {zmax:g})", "layers", "", [
             Heatmap(z, ["all layers" if b == "all" else b for b in blocks], row_names, zmin, zmax, name=param,
                     annotate=annotate)],
             height=max(220, 90 + 34 * len(rows))))
@@ -233,7 +237,9 @@ def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None
         f"Trial {trial.number} ({why}): each cell is one gene, the coefficient the merge uses for one "
         "expert's tensors in one block of layers (columns; `rest` is the embeddings, final norm and lm_head) "
         "and one module kind (attention with its norms, or MLP). One heatmap per merge parameter, coloured "
-        "over the parameter's search range.")
+        "over the parameter's search range. A data-flow genome shows `include` per pass (r0, r1, ...) and "
+        "source layer (on the path when >= 0.5) and `level`, the log2 scale after each source layer "
+        "(E: its embedding).")
     return Figure("genome", f"Best genome (trial {trial.number}, {why})", caption, panels)
 
 
