@@ -37,6 +37,16 @@ def test_benchmark_entry_with_columns_and_template_loads(tmp_path):
     assert len(bench) == 3 and bench.items[0].prompt == "Q: 0+1? A:" and bench.items[0].label == 1
 
 
+def test_generate_entry_is_checked_at_parse_time_and_loads(tmp_path):
+    (tmp_path / "chain.jsonl").write_text('{"id": "c1", "prompt": "2+3=", "answer": "5"}\n')
+    raw = demo_raw()
+    raw["benchmarks"] = [{"name": "chain", "path": str(tmp_path / "chain.jsonl"), "scoring": "generate",
+                          "max_new_tokens": 48, "stop": ["\n"], "extract": {"after": "Answer:"}, "compare": "numeric"}]
+    bench = parse_search_space(raw, source="demo.yaml").benchmarks[0].load()
+    assert bench.kind == "generate" and bench.settings.max_new_tokens == 48 and bench.settings.stop == ("\n",)
+    assert bench.settings.extract("work 2+3\nAnswer: 5") == "5" and bench.settings.compare.name == "numeric"
+
+
 # Data-flow spaces read their source models at parse time: tests/test_dfs.py checks them on the quick zoo.
 PS_SPACES = [p for p in sorted(DEMO.parent.glob("*.yaml")) if "dfs" not in yaml.safe_load(p.read_text())]
 
@@ -66,9 +76,16 @@ def test_every_shipped_space_is_valid(path):
         (lambda r: r.update(colour="blue"), "unknown key colour"),
         (lambda r: r["merge"].update(method="slerp"), "exactly one expert"),
         (lambda r: r["optimizer"].update(name="cmaex"), "optimizer.name: unknown optimizer 'cmaex'"),
-        (lambda r: r["benchmarks"][0].update(fields={"question": "q"}), r"benchmarks\[0\]: fields maps unknown item key"),
-        (lambda r: r["benchmarks"][0].update(template=3), r"benchmarks\[0\]: template must be a string"),
+        (lambda r: r["benchmarks"][0].update(fields={"question": "q"}), r"benchmarks\[0\] \(arith\): fields maps unknown item key"),
+        (lambda r: r["benchmarks"][0].update(template=3), r"benchmarks\[0\] \(arith\): template must be a string"),
         (lambda r: r["optimizer"].update(objectives="per_task", name="cmaes"), "handles one objective only"),
+        (lambda r: r["benchmarks"][0].update(scoring="generate", extract={"regex": "Answer: \\d+"}),
+         r"benchmarks\[0\] \(arith\): extract.regex .* has 0 capture groups"),
+        (lambda r: r["benchmarks"][0].update(preset="gsm9k"), r"benchmarks\[0\] \(arith\): preset 'gsm9k' is unknown"),
+        (lambda r: r["benchmarks"][0].update(max_new_tokens=-3), r"benchmarks\[0\] \(arith\): max_new_tokens must be"),
+        (lambda r: r["benchmarks"][0].update(stop="\n", scoring="multiple_choice"),
+         r"benchmarks\[0\] \(arith\): stop applies to scoring: generate only"),
+        (lambda r: r["benchmarks"][0].update(colour="blue"), r"unknown key benchmarks\[0\].colour"),
     ],
 )
 def test_bad_space_names_the_key(mutate, message):

@@ -79,7 +79,7 @@ class MergeSearch:
         if self.tokenizer is None:
             raise EvomergeError(f"base model {space.base} has no tokenizer; benchmarks need one")
         self.genome = self.builder.genome
-        self.benchmarks = {b.name: b.load() for b in space.benchmarks}
+        self.benchmarks = {b.name: b.load(tokenizer=self.tokenizer) for b in space.benchmarks}
         self.weights = np.array([b.weight for b in space.benchmarks], dtype=float)
         self.estimators: dict[str, SubsetEstimator] = {}
 

@@ -38,15 +38,14 @@ class BenchmarkSpec:
     name: str
     path: str
     weight: float = 1.0
-    fields: dict[str, str] = field(default_factory=dict)   # item key -> dataset column
-    template: str | None = None                             # prompt built from columns
-    split: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)   # fields, template, split, scoring, preset, generate keys...
 
-    def load(self):
-        """The benchmark's items (`evomerge.benchmarks.load_benchmark` with this entry's format)."""
+    def load(self, tokenizer=None):
+        """The benchmark's items (`evomerge.benchmarks.load_benchmark` with this entry's options);
+        with ``tokenizer``, a chat template asked for is checked now."""
         from evomerge.benchmarks import load_benchmark
 
-        return load_benchmark(self.path, name=self.name, fields=self.fields, template=self.template, split=self.split)
+        return load_benchmark(self.path, name=self.name, tokenizer=tokenizer, **self.options)
 
 
 @dataclass
@@ -138,6 +137,8 @@ def _absolute_paths(raw: dict) -> dict:
     for entry in raw.get("benchmarks") or []:
         if isinstance(entry, dict):
             entry["path"] = resolve(entry.get("path"))
+            if isinstance(entry.get("fewshot"), dict) and entry["fewshot"].get("path"):
+                entry["fewshot"]["path"] = resolve(entry["fewshot"]["path"])
     estimator = raw.get("estimator")
     if isinstance(estimator, dict) and isinstance(estimator.get("extra_models"), list):
         estimator["extra_models"] = [resolve(v) for v in estimator["extra_models"]]
@@ -181,25 +182,20 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     if not isinstance(benchmarks_raw, list) or not benchmarks_raw:
         raise EvomergeError(f"{source}: benchmarks must be a list of {{name, path, weight}}")
     benchmarks = []
+    from evomerge.benchmarks import check_format, option_keys
+
     for index, entry in enumerate(benchmarks_raw):
         where = f"benchmarks[{index}]"
         if not isinstance(entry, dict):
             raise EvomergeError(f"{source}: {where} must be a mapping with name and path")
-        reader.reject_unknown(entry, {"name", "path", "weight", "fields", "template", "split"}, where)
+        reader.reject_unknown(entry, {"name", "path", "weight", *option_keys()}, where)
         weight = entry.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or weight <= 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise EvomergeError(f"{source}: {where}.weight must be a positive number, got {weight!r}")
-        fields = entry.get("fields", {}) or {}
-        if not isinstance(fields, dict):
-            raise EvomergeError(f"{source}: {where}.fields must map item keys to column names")
-        if entry.get("split") is not None and not isinstance(entry["split"], str):
-            raise EvomergeError(f"{source}: {where}.split must be a string")
-        from evomerge.benchmarks import check_item_format
-
-        check_item_format(fields, entry.get("template"), f"{source}: {where}")
-        benchmarks.append(BenchmarkSpec(
-            reader.string(entry, "name", where), reader.string(entry, "path", where), float(weight),
-            fields=dict(fields), template=entry.get("template"), split=entry.get("split")))
+        name = reader.string(entry, "name", where)
+        options = {k: copy.deepcopy(v) for k, v in entry.items() if k not in ("name", "path", "weight")}
+        check_format(options, f"{source}: {where} ({name})")
+        benchmarks.append(BenchmarkSpec(name, reader.string(entry, "path", where), float(weight), options=options))
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
         raise EvomergeError(f"{source}: benchmark names must be unique, got {names}")

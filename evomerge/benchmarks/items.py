@@ -1,0 +1,93 @@
+"""Benchmark records: an item, how its prompt is dressed (few-shot, chat), a benchmark.
+
+Scores are per item (correct / wrong) because the IRT estimator needs the full
+responses matrix, not just accuracies; what "correct" means is the benchmark's
+item kind (`evomerge.benchmarks.kinds`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from evomerge.errors import EvomergeError
+
+EXACT_MATCH = "exact_match"
+MULTIPLE_CHOICE = "multiple_choice"
+GENERATE = "generate"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One benchmark question: ``answer`` (exact match, generate), or ``choices`` + ``label``."""
+
+    id: str
+    prompt: str
+    answer: str | None = None
+    choices: tuple[str, ...] | None = None
+    label: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """The kind its fields imply when the benchmark names none."""
+        return MULTIPLE_CHOICE if self.choices is not None else EXACT_MATCH
+
+
+@dataclass(frozen=True)
+class Shot:
+    """A solved example shown before every question (few-shot)."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """What surrounds an item's own prompt when a model sees it.
+
+    ``delimiter`` goes between a prompt and its answer: before every exact-match
+    answer and every choice when they are scored, and inside few-shot examples;
+    ``separator`` ends each few-shot example. With ``chat`` the examples and the
+    question become user / assistant turns of the tokenizer's chat template.
+    """
+
+    shots: tuple[Shot, ...] = ()
+    chat: bool = False
+    delimiter: str = ""
+    separator: str = "\n\n"
+
+
+@dataclass
+class Benchmark:
+    """A named list of items that all share one item kind.
+
+    ``kind`` is inferred from the items when not given (choices: multiple choice,
+    else exact match); ``settings`` are the kind's own (generate: max_new_tokens,
+    stop strings, extractor, comparison), defaulted by the kind when None.
+    """
+
+    name: str
+    items: list[Item]
+    source: str = ""
+    kind: str | None = None
+    settings: Any = None
+    prompting: Prompting = field(default_factory=Prompting)
+
+    def __post_init__(self) -> None:
+        from evomerge.benchmarks.kinds import get_kind
+
+        where = f"benchmark {self.name!r} ({self.source or 'in memory'})"
+        if not self.items:
+            raise EvomergeError(f"{where} has no items")
+        if self.kind is None:
+            kinds = {item.kind for item in self.items}
+            if len(kinds) > 1:
+                raise EvomergeError(f"{where} mixes exact-match and multiple-choice items; "
+                                    "split it into one benchmark per format")
+            self.kind = kinds.pop()
+        kind = get_kind(self.kind, where)
+        if self.settings is None:
+            self.settings = kind.settings({}, where)
+
+    def __len__(self) -> int:
+        return len(self.items)
