@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--bench", nargs="+", help="benchmark jsonl files or local datasets")
     source.add_argument("--space", help="use the benchmarks of this search space YAML or run folder")
     evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--records", metavar="DIR",
+                          help="write each item's answer (prompt, generation, extracted answer, target, correct) to "
+                          "DIR/<model>/<benchmark>.jsonl (default: MODEL/eval/<benchmark>.jsonl)")
 
     check = commands.add_parser("estimate-check", help="error of each estimator vs subset size on held-out merges")
     check.add_argument("args", nargs=argparse.REMAINDER, help="its own options (see `evomerge estimate-check --help`)")
@@ -265,8 +268,11 @@ def cmd_eval(args) -> int:
     from evomerge.evaluation import benchmarks_for, evaluate_models, print_accuracy_table
 
     benchmarks = benchmarks_for(args.bench, args.space)
-    results = evaluate_models({Path(m).name: m for m in args.model}, benchmarks, batch_size=args.batch_size)
+    models = {Path(m).name: m for m in args.model}
+    records = {name: Path(args.records) / name if args.records else Path(path) / "eval" for name, path in models.items()}
+    results = evaluate_models(models, benchmarks, batch_size=args.batch_size, records=records)
     print_accuracy_table(results, list(benchmarks))
+    print(f"per-item answers: {', '.join(str(folder) for folder in records.values())}", file=sys.stderr)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evomerge.benchmarks import Benchmark, accuracy, load_benchmark
+from evomerge.benchmarks import Benchmark, load_benchmark, score_records, write_records
 from evomerge.errors import EvomergeError
 
 
@@ -39,12 +39,23 @@ def load_model(path: str | Path, device: str | None = None):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
-def evaluate_models(models: dict, benchmarks: dict[str, Benchmark], batch_size: int = 128) -> dict[str, dict[str, float]]:
-    """name -> {benchmark: accuracy}; a model is a folder path or a (model, tokenizer) pair."""
+def evaluate_models(models: dict, benchmarks: dict[str, Benchmark], batch_size: int = 128,
+                    records: dict[str, Path] | None = None) -> dict[str, dict[str, float]]:
+    """name -> {benchmark: accuracy}; a model is a folder path or a (model, tokenizer) pair.
+
+    ``records``: model name -> folder that receives ``<benchmark>.jsonl``, one line per item
+    (prompt, generation, extracted answer, target, correct), so a user can see why an item failed.
+    """
     results = {}
     for name, source in models.items():
         model, tokenizer = load_model(source) if isinstance(source, (str, Path)) else source
-        results[name] = {b: accuracy(model, tokenizer, bench, batch_size=batch_size) for b, bench in benchmarks.items()}
+        folder = (records or {}).get(name)
+        results[name] = {}
+        for bench_name, bench in benchmarks.items():
+            scored = score_records(model, tokenizer, bench, batch_size=batch_size, records=folder is not None)
+            if folder is not None:
+                write_records(Path(folder) / f"{bench_name}.jsonl", scored.records)
+            results[name][bench_name] = float(scored.correct.mean())
     return results
 
 

@@ -204,7 +204,7 @@ def test_per_task_objectives_search_and_export(zoo_dir, tmp_path):
 
 def test_validate_top_trials_then_export_the_best_measured(zoo_dir, tmp_path, capsys):
     from evomerge.benchmarks import accuracy, load_benchmark
-    from evomerge.search.validate import stored_full_accuracies
+    from evomerge.search.validate import records_path, stored_full_accuracies
 
     space_file = write_space(zoo_dir, tmp_path / "space.yaml", "random", trials=4, name="val")
     run_dir = tmp_path / "runs" / "val"
@@ -213,6 +213,10 @@ def test_validate_top_trials_then_export_the_best_measured(zoo_dir, tmp_path, ca
     assert "estimated vs measured" in capsys.readouterr().out
     measured = stored_full_accuracies(open_existing_study(run_dir))
     assert len(measured) == 3
+    for number, scores in measured.items():  # each item's answer, to see why it failed
+        records = [json.loads(line) for line in records_path(run_dir, number, "arith").read_text().splitlines()]
+        assert len(records) == 500 and np.mean([r["correct"] for r in records]) == pytest.approx(scores["arith"])
+        assert set(records[0]) >= {"id", "prompt", "generation", "extracted", "target", "correct"}
 
     exported = export_trial(run_dir, out_dir=tmp_path / "best", validate_top=3, progress=False)
     best = max(measured, key=lambda n: sum(measured[n].values()))
@@ -227,3 +231,28 @@ def test_validate_top_trials_then_export_the_best_measured(zoo_dir, tmp_path, ca
     tokenizer = AutoTokenizer.from_pretrained(str(exported))
     bench = load_benchmark(zoo_dir / "bench" / "lang.jsonl", name="lang")
     assert accuracy(model, tokenizer, bench) == pytest.approx(measured[best]["lang"], abs=1e-9)
+
+
+def test_generate_benchmark_through_search_validate_and_eval(zoo_dir, tmp_path, capsys):
+    """Generated answers feed calibration, the estimator, trials, validation and eval like the other kinds."""
+    space_file = write_space(zoo_dir, tmp_path / "space.yaml", "random", trials=3, name="gen")
+    raw = yaml.safe_load(space_file.read_text())
+    raw["benchmarks"] = [{"name": "arith", "path": str(zoo_dir / "bench" / "arith.jsonl"), "scoring": "generate",
+                          "max_new_tokens": 6, "extract": "last_number", "compare": "numeric"},
+                         {"name": "lang", "path": str(zoo_dir / "bench" / "lang.jsonl")}]
+    raw["estimator"]["calibration_merges"] = 1
+    space_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run_dir = tmp_path / "runs" / "gen"
+    assert main(["search", str(space_file), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 0
+    study = open_existing_study(run_dir)
+    assert len(complete(study)) == 3 and all(len(t.user_attrs["answers"]["arith"]) == 20 for t in complete(study))
+    assert main(["validate", str(run_dir), "--top", "1"]) == 0
+    (validated,) = (run_dir / "validation").iterdir()
+    records = [json.loads(line) for line in (validated / "arith.jsonl").read_text().splitlines()]
+    assert len(records) == 500 and {r["finish"] for r in records} <= {"eos", "stop", "length"}
+    assert main(["eval", str(zoo_dir / "experts" / "arith"), "--space", str(run_dir),
+                 "--records", str(tmp_path / "answers")]) == 0
+    evaluated = [json.loads(line) for line in (tmp_path / "answers" / "arith" / "arith.jsonl").read_text().splitlines()]
+    assert len(evaluated) == 500 and any(r["correct"] for r in evaluated)
+    assert all(r["correct"] == (r["extracted"] is not None and float(r["extracted"]) == float(r["target"]))
+               for r in evaluated)

@@ -5,7 +5,8 @@ hundreds of noisy estimates the top one is biased upwards (winner's curse: in
 the demo 0.401 estimated vs 0.359 measured). Scoring the top K trials on every
 item costs K full evaluations and picks the best *measured* one. Results are
 kept as study user attrs (`full_accuracy:<trial>`), so the Optuna storage
-stays the source of truth and a second validation re-scores nothing.
+stays the source of truth and a second validation re-scores nothing; each
+item's answer is written to `RUN/validation/trial<N>/<benchmark>.jsonl`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def _weighted_mean(scores: dict[str, float], weights: dict[str, float]) -> float
     return weighted_mean([scores[n] for n in names], [weights[n] for n in names])
 
 
+def records_path(run_dir: str | Path, trial_number: int, bench_name: str) -> Path:
+    """Where validation keeps a trial's answer to every item of a benchmark (prompt, generation,
+    extracted answer, target, correct), so a user can see why an item failed."""
+    return Path(run_dir) / "validation" / f"trial{trial_number}" / f"{bench_name}.jsonl"
+
+
 def stored_full_accuracies(study) -> dict[int, dict[str, float]]:
     """Trial number -> measured full-benchmark accuracy per benchmark, for trials validated so far."""
     return {int(key[len(FULL_ACCURACY_ATTR):]): value for key, value in study.user_attrs.items()
@@ -58,7 +65,7 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
     Returns them best measured first. ``builder``: a candidate builder already holding
     the run's models (else they are loaded when a trial needs scoring).
     """
-    from evomerge.benchmarks import score_items
+    from evomerge.benchmarks import score_records, write_records
     from evomerge.search.candidates import make_builder
     from evomerge.search.run import load_run_space, open_existing_study, ranked_trials, say
 
@@ -82,8 +89,11 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
                 say(f"validating trial {trial.number} ({i}/{len(missing)}) on all "
                     f"{sum(len(b.items) for b in benchmarks.values())} benchmark items")
             model = builder.rebuild(trial.user_attrs)
-            scores = {name: float(np.mean(score_items(model, tokenizer, bench, batch_size=batch_size, progress=progress)))
-                      for name, bench in benchmarks.items()}
+            scores = {}
+            for name, bench in benchmarks.items():
+                scored = score_records(model, tokenizer, bench, batch_size=batch_size, progress=progress)
+                write_records(records_path(run_dir, trial.number, name), scored.records)
+                scores[name] = float(np.mean(scored.correct))
             study.set_user_attr(f"{FULL_ACCURACY_ATTR}{trial.number}", scores)  # kept at once: resumable
             measured[trial.number] = scores
     rows = [ValidatedTrial(t.number, dict(t.user_attrs.get("estimates", {})), measured[t.number], weights)
