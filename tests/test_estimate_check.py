@@ -22,15 +22,22 @@ def test_estimate_check_on_the_zoo(zoo, tmp_path):
     out = tmp_path / "check"
     table = run_estimate_check(zoo, out, n_heldout=1, sizes=(10,), seed=0, quiet=True, n_timing=1)
     tasks = table.facts["tasks"]
-    assert [r["benchmark"] for r in table.rows] == tasks + ["mean"]
+    assert [r["benchmark"] for r in table.rows] == tasks + ["mean", "worst"]
+    worst = table.rows[-1]
+    for m in METHODS:  # the worst row names the task with the largest error
+        assert worst["mae"][m] == max(r["mae"][m] for r in table.rows[: len(tasks)])
+        assert worst["worst_task"][m] in tasks
+    assert [r["benchmark"] for r in table.coverage] == tasks + ["all"]
+    assert all(0.0 <= v <= 1.0 for r in table.coverage for v in r["coverage"].values())
     for row in table.rows:
         assert set(row["mae"]) == set(METHODS)
         assert all(0.0 <= v <= 1.0 for v in row["mae"].values())
         assert row["item_ratio"] > 1
-    assert table.rows[-1]["time_ratio"] and table.rows[-1]["time_ratio"] > 1
+    assert table.rows[-2]["time_ratio"] and table.rows[-2]["time_ratio"] > 1
     assert table.facts["subset_vs_full_answer_mismatches"] == 0
     assert json.loads((out / "estimate_check.json").read_text())["rows"]
-    assert "| mean |" in (out / "estimate_check.md").read_text()
+    text = (out / "estimate_check.md").read_text()
+    assert "| mean |" in text and "| worst |" in text and "interval coverage" in text
     matrix = ResponseMatrix.load(responses_path(out, tasks[0]))
     assert matrix.model_names[0] == "base" and "heldout00" in matrix.model_names
     est = SubsetEstimator.load(out / "estimators" / f"{tasks[0]}-n10.json")
@@ -40,7 +47,7 @@ def test_estimate_check_on_the_zoo(zoo, tmp_path):
     # a rerun reuses the stored responses and gives the same table
     again = run_estimate_check(zoo, out, n_heldout=1, sizes=(10,), seed=0, quiet=True, n_timing=0)
     assert np.allclose([r["mae"]["gmpirt"] for r in again.rows], [r["mae"]["gmpirt"] for r in table.rows])
-    assert again.rows[-1]["time_ratio"] is None
+    assert again.rows[-2]["time_ratio"] is None
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):

@@ -4,8 +4,10 @@
 on the zoo's endpoint models (base + experts, plus optional extra random merges),
 then scores ``n_heldout`` other random task-arithmetic merges on every item and
 compares each estimator's prediction (from the subset answers only) with the
-true full accuracy. It reports the mean absolute error per estimator and size,
-and what the subset saves: items scored and wall time (full / subset).
+true full accuracy. It reports the mean absolute error per estimator and size
+(per task, their mean, and the worst task), how often each estimator's interval
+covers the true accuracy, and what the subset saves: items scored and wall time
+(full / subset).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.estimate.estimators import METHODS, SubsetEstimator, fit_subset_estimator
+from evomerge.estimate.estimators import DEFAULT_LEVEL, METHODS, fit_subset_estimator
 from evomerge.estimate.responses import ResponseMatrix, benchmark_item_ids, responses_path, score_model
 
 
@@ -41,43 +43,72 @@ def _model_specs(tasks, n_extra, n_heldout, seed):
     return specs
 
 
-def _table_markdown(rows: list[dict], methods: Sequence[str]) -> str:
-    head = ["benchmark", "items", *methods, "items full/subset", "time full/subset"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["benchmark"], str(r["size"])] + [f"{r['mae'][m]:.3f}" for m in methods]
-        cells += [f"{r['item_ratio']:.1f}x", f"{r['time_ratio']:.1f}x" if r["time_ratio"] else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _error_cell(row: dict, method: str) -> str:
+    cell = f"{row['mae'][method]:.3f}"
+    return f"{cell} ({row['worst_task'][method]})" if "worst_task" in row else cell
+
+
+def _markdown(head: list[str], lines: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(cells) + " |" for cells in lines])
 
 
 class EstimateCheckTable:
-    """Rows ``{benchmark, size, mae: {method: float}, item_ratio, time_ratio}`` plus run facts."""
+    """Error rows ``{benchmark, size, mae: {method: float}, item_ratio, time_ratio}`` (per task, ``mean``
+    and ``worst`` -- the task with the largest error, per method), interval coverage rows
+    ``{benchmark, size, coverage: {method: float}, width: {method: float}}`` and run facts."""
 
-    def __init__(self, rows: list[dict], methods: Sequence[str], facts: dict):
+    def __init__(self, rows: list[dict], methods: Sequence[str], facts: dict, coverage_rows: list[dict] = ()):
         self.rows, self.methods, self.facts = rows, list(methods), facts
+        self.coverage = list(coverage_rows)
+
+    def error_cells(self) -> tuple[list[str], list[list[str]]]:
+        head = ["benchmark", "items", *self.methods, "items full/subset", "time full/subset"]
+        return head, [[r["benchmark"], str(r["size"]), *(_error_cell(r, m) for m in self.methods),
+                       f"{r['item_ratio']:.1f}x", f"{r['time_ratio']:.1f}x" if r["time_ratio"] else "-"]
+                      for r in self.rows]
+
+    def coverage_cells(self) -> tuple[list[str], list[list[str]]]:
+        """Pooled over the benchmarks: coverage of the intervals (mean width in brackets)."""
+        head = ["items", *self.methods]
+        return head, [[str(r["size"]), *(f"{r['coverage'][m]:.2f} ({r['width'][m]:.3f})" for m in self.methods)]
+                      for r in self.coverage if r["benchmark"] == "all"]
 
     def to_markdown(self) -> str:
-        return _table_markdown(self.rows, self.methods)
+        text = _markdown(*self.error_cells())
+        if self.coverage:
+            level = self.facts.get("level", DEFAULT_LEVEL)
+            text += (f"\n\n{level:.0%} interval coverage of the held-out merges' measured accuracy "
+                     f"(mean interval width):\n\n" + _markdown(*self.coverage_cells()))
+        return text
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "methods": self.methods, "facts": self.facts}
+        return {"rows": self.rows, "coverage": self.coverage, "methods": self.methods, "facts": self.facts}
 
     def print(self, console=None) -> None:
         from rich.console import Console
         from rich.table import Table
 
         console = console or Console()
-        table = Table(title="estimator mean absolute error vs. full-benchmark accuracy (held-out merges)")
-        for col in ["benchmark", "items", *self.methods, "items full/sub", "time full/sub"]:
+        head, lines = self.error_cells()
+        table = Table(title="estimator mean absolute error vs. full-benchmark accuracy (held-out merges; "
+                            "worst: the task with the largest error)")
+        for col in head:
             table.add_column(col, justify="left" if col == "benchmark" else "right")
-        for r in self.rows:
-            best = min(r["mae"].values())
-            cells = [f"[bold]{r['mae'][m]:.3f}[/bold]" if r["mae"][m] == best else f"{r['mae'][m]:.3f}"
-                     for m in self.methods]
-            table.add_row(r["benchmark"], str(r["size"]), *cells, f"{r['item_ratio']:.1f}x",
-                          f"{r['time_ratio']:.1f}x" if r["time_ratio"] else "-")
+        for row, cells in zip(self.rows, lines):
+            best = min(row["mae"].values())
+            table.add_row(*[f"[bold]{c}[/bold]" if m in row["mae"] and row["mae"][m] == best else c
+                            for m, c in zip(head, cells)])
         console.print(table)
+        if self.coverage:
+            head, lines = self.coverage_cells()
+            table = Table(title=f"{self.facts.get('level', DEFAULT_LEVEL):.0%} interval coverage "
+                                "(mean width), pooled over benchmarks")
+            for col in head:
+                table.add_column(col, justify="right")
+            for cells in lines:
+                table.add_row(*cells)
+            console.print(table)
         console.print(", ".join(f"{k}: {v}" for k, v in self.facts.items() if not isinstance(v, (dict, list))))
 
 
@@ -95,13 +126,17 @@ def run_estimate_check(
     device: str | None = None,
     quiet: bool = False,
     n_timing: int = 3,
+    nested: bool = False,
+    level: float = DEFAULT_LEVEL,
 ) -> EstimateCheckTable:
     """Score endpoints + merges of the zoo, fit estimators, report held-out MAE per size.
 
     Responses are cached in ``out_dir/responses/<bench>.npz`` (a rerun only scores
     missing models); estimators go to ``out_dir/estimators/``, the table to
     ``out_dir/estimate_check.{json,md}``. ``n_timing`` held-out merges are re-scored
-    (full and subset) to time both; 0 skips the timing.
+    (full and subset) to time both; 0 skips the timing. ``nested``: one estimator per
+    benchmark whose stages are the sizes (nested subsets, as racing uses) instead of
+    one estimator per size. ``level``: the intervals whose coverage is reported.
     """
     from evomerge.benchmarks import load_benchmark
     from evomerge.merge import MergeCore, Recipe
@@ -110,6 +145,7 @@ def run_estimate_check(
     if n_heldout < 1:
         raise EvomergeError(f"n_heldout must be >= 1, got {n_heldout}")
     zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
+    sizes = sorted(set(sizes))
     manifest = load_zoo_manifest(zoo_dir)
     tasks = list(manifest["tasks"])
     bench_files = manifest.get("bench") or {t: f"bench/{t}.jsonl" for t in tasks}
@@ -146,33 +182,51 @@ def run_estimate_check(
     endpoint_names = [n for n, role, _ in specs if role == "endpoint"]
     heldout = [(n, w) for n, role, w in specs if role == "heldout"]
 
-    # 2. estimators per benchmark and size, and their errors on the held-out merges
-    rows, estimators_by_size = [], {}
+    # 2. estimators per benchmark and size, their errors and interval coverage on the held-out merges
+    rows, coverage_rows, estimators_by_size = [], [], {size: {} for size in sizes}
+    for t in tasks:
+        n_total = len(benches[t].items)
+        if max(sizes) > n_total:
+            raise EvomergeError(f"subset size {max(sizes)} is larger than benchmark {t!r} ({n_total} items)")
+        fits = ([fit_subset_estimator(matrices[t].rows(fit_names), fit_names, endpoint_names, list(sizes), strategy,
+                                      seed, dims, benchmark=t, item_ids=matrices[t].item_ids)] if nested else
+                [fit_subset_estimator(matrices[t].rows(fit_names), fit_names, endpoint_names, size, strategy,
+                                      seed, dims, benchmark=t, item_ids=matrices[t].item_ids) for size in sizes])
+        for est in fits:
+            est.save(out_dir / "estimators" / (f"{t}-n{'-'.join(str(s.size) for s in est.stages)}.json"))
+            for stage_number, stage in enumerate(est.stages):
+                estimators_by_size[stage.size][t] = (est, stage_number)
     for size in sizes:
-        errors = {m: [] for m in METHODS}
-        estimators: dict[str, SubsetEstimator] = {}
+        errors, covered, widths = {m: [] for m in METHODS}, {m: [] for m in METHODS}, {m: [] for m in METHODS}
         for t in tasks:
-            n_total = len(benches[t].items)
-            if size > n_total:
-                raise EvomergeError(f"subset size {size} is larger than benchmark {t!r} ({n_total} items)")
-            est = fit_subset_estimator(matrices[t].rows(fit_names), fit_names, endpoint_names, size,
-                                       strategy, seed, dims, benchmark=t, item_ids=matrices[t].item_ids)
-            est.save(out_dir / "estimators" / f"{t}-n{size}.json")
-            estimators[t] = est
+            est, stage = estimators_by_size[size][t]
+            indices = est.stage_indices(stage)
             truth = np.array([matrices[t].row(n).mean() for n, _ in heldout])
-            preds = np.array([[est.predict_all(matrices[t].row(n)[est.indices])[m] for m in METHODS]
-                              for n, _ in heldout])
-            mae = np.abs(preds - truth[:, None]).mean(axis=0)
-            for m, e in zip(METHODS, mae):
-                errors[m].append(e)
-            rows.append({"benchmark": t, "size": size, "mae": {m: float(e) for m, e in zip(METHODS, mae)},
-                         "item_ratio": n_total / size, "time_ratio": None,
-                         "anchor_weight_gmpirt": est.anchor_weight_gmpirt, "lambda_sd": est.lambda_sd})
-        estimators_by_size[size] = estimators
+            found = [est.estimate_all(matrices[t].row(n)[indices], stage=stage, level=level) for n, _ in heldout]
+            for m in METHODS:
+                errors[m].append(np.abs(np.array([f[m].value for f in found]) - truth))
+                covered[m].append(np.array([f[m].low - 1e-9 <= x <= f[m].high + 1e-9 for f, x in zip(found, truth)]))
+                widths[m].append(np.array([f[m].high - f[m].low for f in found]))
+            st = est.stages[stage]
+            rows.append({"benchmark": t, "size": size, "mae": {m: float(errors[m][-1].mean()) for m in METHODS},
+                         "max_error": {m: float(errors[m][-1].max()) for m in METHODS},
+                         "item_ratio": len(benches[t].items) / size, "time_ratio": None,
+                         "anchor_weight_gmpirt": st.anchor_weight_gmpirt, "lambda_sd": st.lambda_sd})
+            coverage_rows.append({"benchmark": t, "size": size,
+                                  "coverage": {m: float(covered[m][-1].mean()) for m in METHODS},
+                                  "width": {m: float(widths[m][-1].mean()) for m in METHODS}})
         total_items = sum(len(b.items) for b in benches.values())
+        task_rows = rows[-len(tasks):]
         rows.append({"benchmark": "mean", "size": size,
-                     "mae": {m: float(np.mean(v)) for m, v in errors.items()},
+                     "mae": {m: float(np.mean([e.mean() for e in errors[m]])) for m in METHODS},
                      "item_ratio": total_items / (size * len(tasks)), "time_ratio": None})
+        rows.append({"benchmark": "worst", "size": size,
+                     "mae": {m: max(r["mae"][m] for r in task_rows) for m in METHODS},
+                     "worst_task": {m: max(task_rows, key=lambda r: r["mae"][m])["benchmark"] for m in METHODS},
+                     "item_ratio": total_items / (size * len(tasks)), "time_ratio": None})
+        coverage_rows.append({"benchmark": "all", "size": size,
+                              "coverage": {m: float(np.concatenate(covered[m]).mean()) for m in METHODS},
+                              "width": {m: float(np.concatenate(widths[m]).mean()) for m in METHODS}})
 
     # 3. wall time of a full vs. a subset evaluation, measured back to back on the same
     #    merges (median of a few) so machine load affects both alike
@@ -186,11 +240,11 @@ def run_estimate_check(
         full_runs.append(time.perf_counter() - started)
         for size in sizes:
             started = time.perf_counter()
-            answers = {t: score_model(model, tokenizer, benches[t], indices=estimators_by_size[size][t].indices,
-                                      batch_size=batch_size) for t in tasks}
+            indices = {t: estimators_by_size[size][t][0].stage_indices(estimators_by_size[size][t][1]) for t in tasks}
+            answers = {t: score_model(model, tokenizer, benches[t], indices=indices[t], batch_size=batch_size)
+                       for t in tasks}
             subset_runs[size].append(time.perf_counter() - started)
-            mismatches += sum(int((answers[t] != matrices[t].row(name)[estimators_by_size[size][t].indices]).sum())
-                              for t in tasks)
+            mismatches += sum(int((answers[t] != matrices[t].row(name)[indices[t]]).sum()) for t in tasks)
     full_seconds = float(np.median(full_runs)) if full_runs else float("nan")
     subset_seconds = {size: float(np.median(v)) for size, v in subset_runs.items() if v}
     for row in rows:
@@ -200,7 +254,7 @@ def run_estimate_check(
     facts = {
         "zoo": str(zoo_dir), "profile": manifest.get("profile"), "tasks": tasks,
         "fit_models": len(fit_names), "endpoints": len(endpoint_names), "heldout_models": len(heldout),
-        "strategy": strategy, "dims": dims, "seed": seed,
+        "strategy": strategy, "dims": dims, "seed": seed, "nested": nested, "level": level,
         "full_eval_seconds": round(full_seconds, 3) if full_runs else None,
         "subset_eval_seconds": {str(k): round(v, 3) for k, v in subset_seconds.items()},
         "subset_vs_full_answer_mismatches": mismatches,
@@ -208,7 +262,7 @@ def run_estimate_check(
                                        round(float(max(matrices[t].row(n).mean() for n, _ in heldout)), 3)]
                                    for t in tasks},
     }
-    table = EstimateCheckTable(rows, METHODS, facts)
+    table = EstimateCheckTable(rows, METHODS, facts, coverage_rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "estimate_check.json").write_text(json.dumps(table.to_dict(), indent=1))
     (out_dir / "estimate_check.md").write_text(table.to_markdown() + "\n")
@@ -229,8 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", default="anchor-irt",
                         choices=["random", "stratified", "anchor-irt", "anchor-correctness"])
     parser.add_argument("--dims", type=int, default=2, help="IRT latent dimensions")
+    parser.add_argument("--nested", action="store_true",
+                        help="fit the sizes as nested stages of one estimator (as racing does)")
+    parser.add_argument("--level", type=float, default=DEFAULT_LEVEL, help="interval level whose coverage is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n-timing", type=int, default=3, help="held-out merges timed full vs subset (0: no timing)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     return parser
 
@@ -248,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_estimate_check(args.zoo, args.out, n_heldout=args.n_heldout, sizes=sizes, seed=args.seed,
                            n_extra=args.n_extra, strategy=args.strategy, dims=args.dims,
-                           batch_size=args.batch_size, device=args.device)
+                           batch_size=args.batch_size, device=args.device, nested=args.nested, level=args.level,
+                           n_timing=args.n_timing)
     except EvomergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

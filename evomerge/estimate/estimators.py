@@ -1,4 +1,4 @@
-"""Estimate a candidate merge's full-benchmark accuracy from its answers on a small subset.
+"""Estimate a candidate merge's full-benchmark accuracy, with an interval, from its answers on a subset.
 
 Methods (all return a number in [0, 1]):
 
@@ -12,87 +12,220 @@ Methods (all return a number in [0, 1]):
               subset answers; then blended with the observed answers as p-IRT does.
 * ``gmpirt``  ``w * anchor + (1 - w) * mpirt``.
 
-The mix weights ``w`` are not constants: they come from cross-validating the
-fit models (hold a fold out, refit IRT, predict it from its subset answers) and
-setting ``w = mse_irt / (mse_irt + mse_anchor)`` -- the inverse-variance mix of
-two roughly independent estimates, which is tinyBenchmarks' bias/variance rule.
+An estimator holds one or more *stages*: nested subsets of growing size (racing
+promotes a candidate from one to the next, re-estimating from every answer so
+far). Everything data-driven is fitted per stage by cross-validating the fit
+models (hold a fold out, refit IRT, predict it from its subset answers):
+
+* the mix weight ``w`` minimises the held-out squared error of the mix itself
+  (residual pairs, so correlated errors count), so an IRT estimate that fails on
+  held-out models gets no weight at that subset size;
+* mp-IRT's prior width on lambda;
+* each method's *model error* ``tau``: the spread of held-out errors beyond what
+  the candidate's own uncertainty explains.
+
+``estimate`` returns the value and an interval ``value +- z * sqrt(sd_post^2 + tau^2)``,
+where ``sd_post`` is the candidate's own uncertainty: the binomial / stratified
+sampling error of the subset for mean and anchor, the Laplace posterior of theta
+(p-IRT) or lambda (mp-IRT) propagated to the accuracy plus the Bernoulli noise
+of the unseen items for the IRT methods.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Sequence
 
 import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.jsonfile import read_json, write_json
-from evomerge.estimate.extract import STRATEGIES, Subset, check_subset_size, extract_subset
+from evomerge.estimate.extract import STRATEGIES, Subset, extract_stages, stage_sizes
 from evomerge.estimate.irt import IRTFit, IRTPriors, estimate_theta, fit_irt, fit_logistic_weights, item_probabilities
 from evomerge.estimate.responses import as_correctness
 
 METHODS = ("mean", "anchor", "pirt", "gpirt", "mpirt", "gmpirt")
-_FILE_VERSION = 1
+_FILE_VERSION = 2
 # Used only when there are too few models to cross-validate (documented in docs/estimate.md).
 _FALLBACK_ANCHOR_WEIGHT = 0.5
-# Candidate widths of mp-IRT's prior on lambda; cross-validation picks one per benchmark.
+# Candidate widths of mp-IRT's prior on lambda; cross-validation picks one per stage.
 LAMBDA_SD_GRID = (0.15, 0.3, 0.6, 1.2)
 _DEFAULT_LAMBDA_SD = 0.3
+MIN_HELD_OUT_MERGES = 4
+"""Below this many non-endpoint fit models, cross-validation also holds out endpoints."""
+DEFAULT_LEVEL = 0.9
+"""Coverage the intervals aim at (docs/estimate.md measures it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """An estimated full-benchmark accuracy, its interval and what it rests on."""
+
+    value: float
+    low: float
+    high: float
+    sd: float       # total: the candidate's own uncertainty and the cross-validated model error
+    items: int      # answers it was estimated from
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Stage:
+    """One subset size: its items and what cross-validation fixed for it."""
+
+    subset: Subset
+    anchor_weight_gpirt: float
+    anchor_weight_gmpirt: float
+    lambda_sd: float = _DEFAULT_LAMBDA_SD
+    cv_rmse: dict[str, float] = dataclasses.field(default_factory=dict)
+    model_sd: dict[str, float] = dataclasses.field(default_factory=dict)
+    cv_models: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.subset.indices)
+
+    @property
+    def exact(self) -> bool:
+        """Every item is answered: the estimate is the measured accuracy."""
+        return self.size == self.subset.n_total
+
+    def to_dict(self) -> dict:
+        return {"subset": self.subset.to_dict(), "anchor_weight_gpirt": self.anchor_weight_gpirt,
+                "anchor_weight_gmpirt": self.anchor_weight_gmpirt, "lambda_sd": self.lambda_sd,
+                "cv_rmse": self.cv_rmse, "model_sd": self.model_sd, "cv_models": self.cv_models}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Stage":
+        return cls(subset=Subset.from_dict(data["subset"]),
+                   anchor_weight_gpirt=float(data["anchor_weight_gpirt"]),
+                   anchor_weight_gmpirt=float(data["anchor_weight_gmpirt"]),
+                   lambda_sd=float(data.get("lambda_sd", _DEFAULT_LAMBDA_SD)),
+                   cv_rmse={k: float(v) for k, v in dict(data.get("cv_rmse", {})).items()},
+                   model_sd={k: float(v) for k, v in dict(data.get("model_sd", {})).items()},
+                   cv_models=int(data.get("cv_models", 0)))
 
 
 @dataclasses.dataclass
 class SubsetEstimator:
-    """Everything the search needs for one benchmark: which items to score, and how to extrapolate."""
+    """Everything the search needs for one benchmark: which items to score, and how to extrapolate.
 
-    subset: Subset
+    ``stages`` are nested subsets of growing size; a single-stage estimator is the
+    plain fixed-subset case. ``indices`` / ``subset`` are those of the first stage.
+    """
+
     a: np.ndarray                 # items x dims discrimination
     b: np.ndarray                 # items difficulty
     endpoint_names: list[str]
     endpoint_theta: np.ndarray    # endpoints x dims
-    anchor_weight_gpirt: float
-    anchor_weight_gmpirt: float
+    stages: list[Stage]
     theta_sd: float = 1.0
-    lambda_sd: float = 1.0
     benchmark: str = ""
     item_ids: list[str] | None = None
-    cv_rmse: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    # ------------------------------------------------------------------ prediction
+    # ------------------------------------------------------------------ stages
+    @property
+    def subset(self) -> Subset:
+        return self.stages[0].subset
+
     @property
     def indices(self) -> np.ndarray:
-        """Items (positions in the full benchmark) a candidate must be scored on, sorted."""
-        return self.subset.indices
+        """Items (positions in the full benchmark) a candidate is first scored on, sorted."""
+        return self.stages[0].subset.indices
+
+    @property
+    def anchor_weight_gpirt(self) -> float:
+        return self.stages[0].anchor_weight_gpirt
+
+    @property
+    def anchor_weight_gmpirt(self) -> float:
+        return self.stages[0].anchor_weight_gmpirt
+
+    @property
+    def lambda_sd(self) -> float:
+        return self.stages[0].lambda_sd
+
+    @property
+    def cv_rmse(self) -> dict[str, float]:
+        return self.stages[0].cv_rmse
 
     @property
     def n_total(self) -> int:
         return int(self.b.shape[0])
 
-    def predict(self, subset_correct: np.ndarray, method: str = "gmpirt") -> float:
-        """Estimated full-benchmark accuracy from answers on ``self.indices`` (same order)."""
-        if method not in METHODS:
-            raise EvomergeError(f"unknown estimator {method!r}; choose one of {', '.join(METHODS)}")
-        return self.predict_all(subset_correct, methods=(method,))[method]
+    def stage_indices(self, stage: int) -> np.ndarray:
+        """Items of one stage (they include every earlier stage's items), sorted."""
+        return self.stages[stage].subset.indices
 
-    def predict_all(self, subset_correct: np.ndarray, methods: Sequence[str] = METHODS) -> dict[str, float]:
+    def stage_for(self, n_answers: int) -> int:
+        """The stage whose subset has ``n_answers`` items (stage sizes are distinct)."""
+        for number, stage in enumerate(self.stages):
+            if stage.size == n_answers:
+                return number
+        sizes = ", ".join(str(s.size) for s in self.stages)
+        raise EvomergeError(
+            f"got {n_answers} answers but the {self.benchmark or 'benchmark'} stages have {sizes} items "
+            "(score the model on estimator.stage_indices(stage))")
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, subset_correct: np.ndarray, method: str = "gmpirt", stage: int | None = None) -> float:
+        """Estimated full-benchmark accuracy from answers on a stage's items (same order as its indices)."""
+        return self.predict_all(subset_correct, methods=(_checked_method(method),), stage=stage)[method]
+
+    def predict_all(self, subset_correct: np.ndarray, methods: Sequence[str] = METHODS,
+                    stage: int | None = None) -> dict[str, float]:
         """All requested estimates at once (shares the ability fits)."""
-        y = self._check_answers(subset_correct)
-        return _predict(y, self.subset, self.a, self.b, self.endpoint_theta, self.theta_sd, self.lambda_sd,
-                        self.anchor_weight_gpirt, self.anchor_weight_gmpirt, methods)
+        return {m: e.value for m, e in self.estimate_all(subset_correct, methods, stage).items()}
 
-    def merged_ability(self, subset_correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(self, subset_correct: np.ndarray, method: str = "gmpirt", stage: int | None = None,
+                 level: float = DEFAULT_LEVEL) -> Estimate:
+        """The estimate with its ``level`` interval (see the module doc)."""
+        return self.estimate_all(subset_correct, (_checked_method(method),), stage, level)[method]
+
+    def estimate_all(self, subset_correct: np.ndarray, methods: Sequence[str] = METHODS,
+                     stage: int | None = None, level: float = DEFAULT_LEVEL) -> dict[str, Estimate]:
+        for method in methods:
+            _checked_method(method)
+        if not 0.0 < level < 1.0:
+            raise EvomergeError(f"interval level must be between 0 and 1, got {level}")
+        y = self._check_answers(subset_correct, stage)
+        st = self.stages[self.stage_for(len(y)) if stage is None else stage]
+        raw = _predict(y, st.subset, self.a, self.b, self.endpoint_theta, self.theta_sd, st.lambda_sd,
+                       st.anchor_weight_gpirt, st.anchor_weight_gmpirt, methods)
+        out = {}
+        for method, (value, sd_post) in raw.items():
+            tau = st.model_sd.get(method, 0.0)
+            sd = float(np.hypot(sd_post, tau)) if not st.exact else 0.0
+            q = _interval_quantile(level, sd_post, tau, st.cv_models)
+            out[method] = Estimate(value, float(max(0.0, value - q * sd)), float(min(1.0, value + q * sd)),
+                                   sd, len(y))
+        return out
+
+    def merged_ability(self, subset_correct: np.ndarray, stage: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(lambda over endpoints, merged theta) as mp-IRT infers them; useful for diagnostics."""
-        y = self._check_answers(subset_correct).astype(np.float64)
-        idx = self.subset.indices
-        lam = _fit_lambda(y, self.a[idx], self.b[idx], self.endpoint_theta, self.lambda_sd)
+        y = self._check_answers(subset_correct, stage).astype(np.float64)
+        st = self.stages[self.stage_for(len(y)) if stage is None else stage]
+        idx = st.subset.indices
+        lam = _fit_lambda(y, self.a[idx], self.b[idx], self.endpoint_theta, st.lambda_sd)
         return lam, lam @ self.endpoint_theta
 
-    def _check_answers(self, subset_correct: np.ndarray) -> np.ndarray:
+    def _check_answers(self, subset_correct: np.ndarray, stage: int | None) -> np.ndarray:
         y = as_correctness(subset_correct, "subset answers").ravel()
-        if y.shape[0] != len(self.subset.indices):
-            raise EvomergeError(
-                f"predict got {y.shape[0]} answers but the {self.benchmark or 'benchmark'} subset has "
-                f"{len(self.subset.indices)} items (score the model on estimator.indices)")
+        if stage is None:
+            if len(self.stages) == 1 and y.shape[0] != self.stages[0].size:
+                raise EvomergeError(
+                    f"predict got {y.shape[0]} answers but the {self.benchmark or 'benchmark'} subset has "
+                    f"{self.stages[0].size} items (score the model on estimator.indices)")
+            self.stage_for(y.shape[0])
+        elif not 0 <= stage < len(self.stages):
+            raise EvomergeError(f"stage {stage} does not exist; the estimator has {len(self.stages)}")
+        elif y.shape[0] != self.stages[stage].size:
+            raise EvomergeError(f"predict got {y.shape[0]} answers for stage {stage} of "
+                                f"{self.stages[stage].size} items")
         return y
 
     # ------------------------------------------------------------------ storage
@@ -100,51 +233,52 @@ class SubsetEstimator:
         return {
             "version": _FILE_VERSION,
             "benchmark": self.benchmark,
-            "subset": self.subset.to_dict(),
             "a": self.a.tolist(),
             "b": self.b.tolist(),
             "endpoint_names": list(self.endpoint_names),
             "endpoint_theta": self.endpoint_theta.tolist(),
-            "anchor_weight_gpirt": self.anchor_weight_gpirt,
-            "anchor_weight_gmpirt": self.anchor_weight_gmpirt,
             "theta_sd": self.theta_sd,
-            "lambda_sd": self.lambda_sd,
             "item_ids": self.item_ids,
-            "cv_rmse": self.cv_rmse,
+            "stages": [s.to_dict() for s in self.stages],
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "SubsetEstimator":
         try:
-            if data.get("version") != _FILE_VERSION:
-                raise EvomergeError(f"estimator file version {data.get('version')} is not {_FILE_VERSION}")
+            version = data.get("version")
+            if version not in (1, _FILE_VERSION):
+                raise EvomergeError(f"estimator file version {version} is not {_FILE_VERSION}")
+            # version 1 held one stage's fields at the top level (no model error: intervals from sd_post)
+            stages = data["stages"] if version == _FILE_VERSION else [data]
             a = np.asarray(data["a"], dtype=np.float64)
             dims = a.shape[1] if a.ndim == 2 else 1
             return cls(
-                subset=Subset.from_dict(data["subset"]),
                 a=a.reshape(-1, dims),
                 b=np.asarray(data["b"], dtype=np.float64),
                 endpoint_names=list(data["endpoint_names"]),
                 endpoint_theta=np.asarray(data["endpoint_theta"], dtype=np.float64).reshape(-1, dims),
-                anchor_weight_gpirt=float(data["anchor_weight_gpirt"]),
-                anchor_weight_gmpirt=float(data["anchor_weight_gmpirt"]),
+                stages=[Stage.from_dict(s) for s in stages],
                 theta_sd=float(data["theta_sd"]),
-                lambda_sd=float(data["lambda_sd"]),
                 benchmark=str(data.get("benchmark", "")),
                 item_ids=data.get("item_ids"),
-                cv_rmse=dict(data.get("cv_rmse", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EvomergeError(f"estimator file is missing or has a bad field: {exc}") from exc
 
     def save(self, path: str | Path) -> Path:
-        """Write json (subset, item parameters, endpoint abilities, mix weights) for resuming."""
+        """Write json (stages, item parameters, endpoint abilities, mix weights) for resuming."""
         return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "SubsetEstimator":
         data = read_json(path, "estimator file")
         return cls.from_dict(data)
+
+
+def _checked_method(method: str) -> str:
+    if method not in METHODS:
+        raise EvomergeError(f"unknown estimator {method!r}; choose one of {', '.join(METHODS)}")
+    return method
 
 
 # ---------------------------------------------------------------------- core maths
@@ -157,94 +291,209 @@ def _fit_lambda(y, a_sub, b_sub, endpoint_theta, lambda_sd):
     return fit_logistic_weights(features, -b_sub, y, prior_mean=np.full(k, 1.0 / k), prior_sd=lambda_sd)
 
 
-def _blend_with_observed(y, subset, a, b, theta):
-    """p-IRT: observed answers where we have them, IRT probabilities for every other item."""
+def _posterior_cov(features, offset, weights, prior_sd):
+    """Laplace covariance of MAP logistic weights: inverse of X' diag(p(1-p)) X + I / prior_sd^2."""
+    p = item_probabilities(weights[None, :], features, -offset)[0]
+    h = (features * (p * (1.0 - p))[:, None]).T @ features + np.eye(features.shape[1]) / prior_sd**2
+    return np.linalg.inv(h)
+
+
+def _irt_accuracy(y, subset, a, b, theta, cov, jacobian):
+    """p-IRT accuracy at ``theta`` and its sd: the parameters' posterior (delta method)
+    plus the Bernoulli noise of the unseen items given theta. ``jacobian``: d theta / d parameters."""
     p_all = item_probabilities(theta[None, :], a, b)[0]
-    idx = subset.indices
-    unseen = p_all.sum() - p_all[idx].sum()
-    return float((y.sum() + unseen) / subset.n_total)
+    unseen = np.ones(subset.n_total, dtype=bool)
+    unseen[subset.indices] = False
+    p_u = p_all[unseen]
+    value = float((y.sum() + p_u.sum()) / subset.n_total)
+    v_u = p_u * (1.0 - p_u)
+    gradient = jacobian.T @ ((a[unseen] * v_u[:, None]).sum(axis=0) / subset.n_total)
+    var = float(gradient @ cov @ gradient) + float(v_u.sum()) / subset.n_total**2
+    return value, np.sqrt(max(var, 0.0))
 
 
 def _predict(y, subset, a, b, endpoint_theta, theta_sd, lambda_sd, w_gp, w_gmp, methods):
+    """{method: (estimate in [0, 1], the candidate's own sd)} for the requested methods."""
     y = np.asarray(y, dtype=np.float64)
     idx = subset.indices
+    n, n_total = len(y), subset.n_total
     wanted = set(methods)
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, float]] = {}
     anchor = float(np.dot(subset.weights, y))
+    theta = estimate_theta(y, a[idx], b[idx], theta_sd=theta_sd)
+    # sampling sd of the subset estimates: each scored item is a Bernoulli draw (P from the
+    # candidate's IRT ability) standing for its stratum / cluster of w_j * n_total items
+    p_items = item_probabilities(theta[None, :], a[idx], b[idx])[0]
+    v_items = p_items * (1.0 - p_items)
+    anchor_var = np.sum(v_items * np.maximum(subset.weights**2 - subset.weights / n_total, 0.0))
     if "mean" in wanted:
-        out["mean"] = float(y.mean())
+        mean_var = np.sum(v_items) / n**2 * ((n_total - n) / (n_total - 1.0) if n_total > 1 else 0.0)
+        out["mean"] = (float(y.mean()), float(np.sqrt(mean_var)))
+    anchor_sd = float(np.sqrt(anchor_var))
     if "anchor" in wanted:
-        out["anchor"] = anchor
+        out["anchor"] = (anchor, anchor_sd)
     if wanted & {"pirt", "gpirt"}:
-        theta = estimate_theta(y, a[idx], b[idx], theta_sd=theta_sd)
-        pirt = _blend_with_observed(y, subset, a, b, theta)
+        cov = _posterior_cov(a[idx], -b[idx], theta, theta_sd)
+        pirt = _irt_accuracy(y, subset, a, b, theta, cov, np.eye(len(theta)))
         out["pirt"] = pirt
-        out["gpirt"] = w_gp * anchor + (1.0 - w_gp) * pirt
+        out["gpirt"] = _mix(w_gp, (anchor, anchor_sd), pirt)
     if wanted & {"mpirt", "gmpirt"}:
         if endpoint_theta.shape[0] == 0:
             raise EvomergeError("mp-IRT needs at least one endpoint model")
+        features = a[idx] @ endpoint_theta.T
         lam = _fit_lambda(y, a[idx], b[idx], endpoint_theta, lambda_sd)
-        mpirt = _blend_with_observed(y, subset, a, b, lam @ endpoint_theta)
+        cov = _posterior_cov(features, -b[idx], lam, lambda_sd)
+        mpirt = _irt_accuracy(y, subset, a, b, lam @ endpoint_theta, cov, endpoint_theta.T)
         out["mpirt"] = mpirt
-        out["gmpirt"] = w_gmp * anchor + (1.0 - w_gmp) * mpirt
-    return {m: float(np.clip(out[m], 0.0, 1.0)) for m in methods}
+        out["gmpirt"] = _mix(w_gmp, (anchor, anchor_sd), mpirt)
+    return {m: (float(np.clip(out[m][0], 0.0, 1.0)), float(out[m][1])) for m in methods}
 
 
-def _anchor_weight(mse_irt: float | None, mse_anchor: float | None) -> float:
-    """Inverse-variance mix: lean on the anchor estimate when the IRT one errs more."""
-    if mse_irt is None or mse_anchor is None:
-        return _FALLBACK_ANCHOR_WEIGHT
-    total = mse_irt + mse_anchor
-    if total <= 1e-12:
-        return _FALLBACK_ANCHOR_WEIGHT
-    return float(mse_irt / total)
+def _interval_quantile(level: float, sd_post: float, tau: float, n_cv: int) -> float:
+    """Two-sided ``level`` quantile for ``sd = sqrt(sd_post^2 + tau^2)``.
+
+    ``tau`` is estimated from ``n_cv`` held-out residuals, so the interval uses a
+    Student t quantile with Welch-Satterthwaite degrees of freedom (the candidate's
+    own ``sd_post`` counts as known): wider when few models calibrated a large tau.
+    """
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    if tau <= 0.0 or n_cv < 2:
+        return z
+    df = (sd_post**2 + tau**2) ** 2 / (tau**4 / (n_cv - 1))
+    # Cornish-Fisher expansion of the t quantile; within 1 % of the exact one from 3 degrees of freedom
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def _extract_for(fit: IRTFit, y: np.ndarray, n_items: int, strategy: str, seed: int) -> Subset:
-    return extract_subset(n_items, y.shape[1], strategy, seed, difficulty=fit.b,
+def _mix(w, anchor, irt):
+    """``w * anchor + (1 - w) * irt``; sds add linearly (both rest on the same answers)."""
+    return w * anchor[0] + (1.0 - w) * irt[0], w * anchor[1] + (1.0 - w) * irt[1]
+
+
+# ---------------------------------------------------------------------- cross-validation
+
+
+@dataclasses.dataclass
+class _HeldOut:
+    """One stage's held-out predictions: per key (method, or ("mpirt", lambda_sd)) the residuals and sds."""
+
+    residuals: dict = dataclasses.field(default_factory=dict)
+    sds: dict = dataclasses.field(default_factory=dict)
+
+    def add(self, key, value_sd, truth):
+        self.residuals.setdefault(key, []).append(value_sd[0] - truth)
+        self.sds.setdefault(key, []).append(value_sd[1])
+
+    def arrays(self, key):
+        return np.asarray(self.residuals.get(key, [])), np.asarray(self.sds.get(key, []))
+
+
+def _extract_for(fit: IRTFit, y: np.ndarray, sizes: Sequence[int], strategy: str, seed: int) -> list[Subset]:
+    return extract_stages(sizes, y.shape[1], strategy, seed, difficulty=fit.b,
                           item_embedding=np.hstack([fit.a, fit.b[:, None]]), correctness=y)
 
 
-def _cross_validated_errors(y, n_items, strategy, endpoint_rows, dims, priors, lambda_sds, seed, full_fit, n_folds):
-    """Squared errors of anchor / p-IRT / mp-IRT on held-out fit models.
+def _cross_validate(y, sizes, strategy, endpoint_rows, dims, priors, lambda_sds, seed, full_fit, n_folds):
+    """Held-out residuals of mean / anchor / p-IRT / mp-IRT (every prior width) per stage.
 
-    The whole pipeline is redone per fold -- IRT refit *and* subset re-extracted
+    The whole pipeline is redone per fold -- IRT refit *and* subsets re-extracted
     without the held-out models -- so the anchor estimate is not flattered by
-    anchors chosen on the very models it is scored on. mp-IRT is scored for
-    every candidate prior width in ``lambda_sds`` (keys ``("mpirt", sd)``).
+    anchors chosen on the very models it is scored on. With enough other models
+    (extra models, calibration merges) only those are held out: they stand for
+    the candidates, while predicting an endpoint without it in the fit asks
+    mp-IRT for a direction no merge of the remaining endpoints has.
     """
     n_models = y.shape[0]
     rng = np.random.default_rng(seed + 7919)
-    folds = np.array_split(rng.permutation(n_models), min(n_folds, n_models))
-    errors: dict = {"anchor": [], "pirt": [], **{("mpirt", sd): [] for sd in lambda_sds}}
+    others = np.setdiff1d(np.arange(n_models), endpoint_rows)
+    pool = others if len(others) >= MIN_HELD_OUT_MERGES else np.arange(n_models)
+    folds = np.array_split(rng.permutation(pool), min(n_folds, len(pool)))
+    held_out = [_HeldOut() for _ in sizes]
     for held in folds:
         train = np.setdiff1d(np.arange(n_models), held)
         if len(train) == 0:
             continue
         fold_fit = fit_irt(y[train], dims, priors=priors, seed=seed, init=full_fit, max_sweeps=100, tol=1e-5)
-        subset = _extract_for(fold_fit, y[train], n_items, strategy, seed)
+        subsets = _extract_for(fold_fit, y[train], sizes, strategy, seed)
         train_pos = {int(m): p for p, m in enumerate(train)}
         ends = [train_pos[e] for e in endpoint_rows if e in train_pos]
         ends_theta = fold_fit.theta[ends] if ends else np.zeros((0, dims))
-        for h in held:
-            ys = y[h, subset.indices]
-            truth = float(y[h].mean())
-            pred = _predict(ys, subset, fold_fit.a, fold_fit.b, ends_theta, priors.theta_sd, 1.0,
-                            0.0, 0.0, ("anchor", "pirt"))
-            for m in ("anchor", "pirt"):
-                errors[m].append((pred[m] - truth) ** 2)
-            for sd in lambda_sds if ends else ():
-                pred = _predict(ys, subset, fold_fit.a, fold_fit.b, ends_theta, priors.theta_sd, sd,
-                                0.0, 0.0, ("mpirt",))
-                errors[("mpirt", sd)].append((pred["mpirt"] - truth) ** 2)
-    return {m: (float(np.mean(v)) if v else None) for m, v in errors.items()}
+        for record, subset in zip(held_out, subsets):
+            if len(subset.indices) == subset.n_total:
+                continue  # an exact stage has no error to learn
+            for h in held:
+                ys, truth = y[h, subset.indices], float(y[h].mean())
+                pred = _predict(ys, subset, fold_fit.a, fold_fit.b, ends_theta, priors.theta_sd, 1.0,
+                                0.0, 0.0, ("mean", "anchor", "pirt"))
+                for m, value_sd in pred.items():
+                    record.add(m, value_sd, truth)
+                for sd in lambda_sds if ends else ():
+                    pred = _predict(ys, subset, fold_fit.a, fold_fit.b, ends_theta, priors.theta_sd, sd,
+                                    0.0, 0.0, ("mpirt",))
+                    record.add(("mpirt", sd), pred["mpirt"], truth)
+    return held_out
+
+
+def _mix_weight(r_irt: np.ndarray, r_anchor: np.ndarray) -> float:
+    """Anchor weight w minimising the held-out squared error of ``w * anchor + (1 - w) * irt``.
+
+    Residual pairs of the same models, so errors the two share are not mistaken
+    for independent ones; an IRT estimate that errs more than the anchor on the
+    held-out models gets little or no weight.
+    """
+    if len(r_irt) == 0 or len(r_anchor) == 0:
+        return _FALLBACK_ANCHOR_WEIGHT
+    diff = r_anchor - r_irt
+    denom = float(np.dot(diff, diff))
+    if denom <= 1e-12:
+        return _FALLBACK_ANCHOR_WEIGHT
+    return float(np.clip(-np.dot(r_irt, diff) / denom, 0.0, 1.0))
+
+
+def _model_sd(residuals: np.ndarray, sds: np.ndarray) -> float:
+    """Error sd on held-out models beyond their own posterior sd (method of moments, >= 0)."""
+    if len(residuals) == 0:
+        return 0.0
+    return float(np.sqrt(max(0.0, float(np.mean(residuals**2) - np.mean(sds**2)))))
+
+
+def _calibrate_stage(subset: Subset, record: _HeldOut | None, grid: Sequence[float]) -> Stage:
+    """Mix weights, lambda prior width and model errors of one stage from its held-out residuals."""
+    if record is None or not record.residuals:
+        exact = len(subset.indices) == subset.n_total
+        return Stage(subset, 0.0 if exact else _FALLBACK_ANCHOR_WEIGHT,
+                     0.0 if exact else _FALLBACK_ANCHOR_WEIGHT,
+                     grid[0] if len(grid) == 1 else _DEFAULT_LAMBDA_SD)
+    mse = {key: float(np.mean(r**2)) for key in record.residuals for r in [record.arrays(key)[0]]}
+    mp_scores = {sd: mse[("mpirt", sd)] for sd in grid if ("mpirt", sd) in mse}
+    lambda_sd = min(mp_scores, key=mp_scores.get) if mp_scores else (
+        grid[0] if len(grid) == 1 else _DEFAULT_LAMBDA_SD)
+    arrays = {m: record.arrays(m) for m in ("mean", "anchor", "pirt")}
+    if mp_scores:
+        arrays["mpirt"] = record.arrays(("mpirt", lambda_sd))
+    weights = {"gpirt": _mix_weight(arrays["pirt"][0], arrays["anchor"][0])}
+    if "mpirt" in arrays:
+        weights["gmpirt"] = _mix_weight(arrays["mpirt"][0], arrays["anchor"][0])
+    for mixed, irt in (("gpirt", "pirt"), ("gmpirt", "mpirt")):
+        if irt in arrays:
+            w = weights[mixed]
+            (r_a, s_a), (r_i, s_i) = arrays["anchor"], arrays[irt]
+            arrays[mixed] = (w * r_a + (1 - w) * r_i, w * s_a + (1 - w) * s_i)
+    return Stage(
+        subset=subset,
+        anchor_weight_gpirt=weights["gpirt"],
+        anchor_weight_gmpirt=weights.get("gmpirt", _FALLBACK_ANCHOR_WEIGHT),
+        lambda_sd=lambda_sd,
+        cv_rmse={m: float(np.sqrt(np.mean(r**2))) for m, (r, _) in arrays.items()},
+        model_sd={m: _model_sd(r, s) for m, (r, s) in arrays.items()},
+        cv_models=len(arrays["anchor"][0]),
+    )
 
 
 def fit_subset_estimator(
     responses_matrix: Any,
     model_names: Sequence[str] | None,
     endpoint_names: Sequence[str],
-    n_items: int,
+    n_items: int | Sequence[int | str],
     strategy: str = "anchor-irt",
     seed: int = 0,
     dims: int = 2,
@@ -255,14 +504,15 @@ def fit_subset_estimator(
     benchmark: str = "",
     item_ids: Sequence[str] | None = None,
 ) -> SubsetEstimator:
-    """Fit IRT on all given models, pick the subset, and calibrate the mix weights.
+    """Fit IRT on all given models, pick the subset(s), and calibrate each stage by cross-validation.
 
     ``responses_matrix``: models x items bools (or a ``ResponseMatrix``, whose
     names / ids are then used). ``endpoint_names``: the merge endpoints (base
     and experts) whose abilities span the merged abilities for mp-IRT; all
     other rows are extra models that only sharpen the item parameters.
-    ``lambda_sd``: width of mp-IRT's prior on lambda (around the uniform mix);
-    a sequence is a grid from which cross-validation picks the best.
+    ``n_items``: the subset size, or increasing stage sizes of nested subsets
+    (the last may be ``"all"``). ``lambda_sd``: width of mp-IRT's prior on lambda
+    (around the uniform mix); a sequence is a grid from which cross-validation picks.
     """
     if hasattr(responses_matrix, "correct"):
         model_names = model_names or responses_matrix.model_names
@@ -281,34 +531,25 @@ def fit_subset_estimator(
     if strategy not in STRATEGIES:
         raise EvomergeError(f"unknown subset strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     n_total = y.shape[1]
-    check_subset_size(n_items, n_total)
+    sizes = stage_sizes([n_items] if np.isscalar(n_items) else list(n_items), n_total,
+                        f"{benchmark or 'benchmark'} stages")
 
     yf = y.astype(np.float64)
     fit: IRTFit = fit_irt(yf, dims, priors=priors, seed=seed)
-    subset = _extract_for(fit, yf, n_items, strategy, seed)
+    subsets = _extract_for(fit, yf, sizes, strategy, seed)
     endpoint_rows = [model_names.index(e) for e in endpoint_names]
     grid = [float(lambda_sd)] if np.isscalar(lambda_sd) else [float(v) for v in lambda_sd]
     if not grid or min(grid) <= 0:
         raise EvomergeError(f"lambda_sd must be positive, got {lambda_sd}")
-    if y.shape[0] >= 2:
-        cv = _cross_validated_errors(yf, n_items, strategy, endpoint_rows, dims, priors, grid, seed, fit, n_folds)
-    else:
-        cv = {"anchor": None, "pirt": None}
-    mp_scores = {sd: cv[("mpirt", sd)] for sd in grid if cv.get(("mpirt", sd)) is not None}
-    chosen_sd = min(mp_scores, key=mp_scores.get) if mp_scores else (
-        _DEFAULT_LAMBDA_SD if len(grid) > 1 else grid[0])
-    mse = {"anchor": cv["anchor"], "pirt": cv["pirt"], "mpirt": mp_scores.get(chosen_sd)}
+    records = (_cross_validate(yf, sizes, strategy, endpoint_rows, dims, priors, grid, seed, fit, n_folds)
+               if y.shape[0] >= 2 else [None] * len(sizes))
     return SubsetEstimator(
-        subset=subset,
         a=fit.a,
         b=fit.b,
         endpoint_names=list(endpoint_names),
         endpoint_theta=fit.theta[endpoint_rows].copy(),
-        anchor_weight_gpirt=_anchor_weight(mse["pirt"], mse["anchor"]),
-        anchor_weight_gmpirt=_anchor_weight(mse["mpirt"], mse["anchor"]),
+        stages=[_calibrate_stage(subset, record, grid) for subset, record in zip(subsets, records)],
         theta_sd=priors.theta_sd,
-        lambda_sd=chosen_sd,
         benchmark=benchmark,
         item_ids=list(item_ids) if item_ids is not None else None,
-        cv_rmse={m: float(np.sqrt(v)) for m, v in mse.items() if v is not None},
     )

@@ -10,6 +10,13 @@ Every strategy returns item indices plus weights summing to 1, so that
                    each centroid is the anchor, weight = cluster share (tinyBenchmarks).
 * ``anchor-correctness``  same, clustering the items' correctness across models.
 
+``extract_stages`` picks nested subsets for staged evaluation (racing): the first
+stage is ``extract_subset``'s subset, each later stage keeps every item of the
+one before and adds items where the earlier ones leave the benchmark uncovered
+(k-means with the earlier items as fixed centres, in the strategy's item space);
+an item's weight is then the share of items nearest to it. A candidate promoted
+to the next stage is scored on the new items only.
+
 Subsets are seeded and saved as json next to the study, so a resumed study
 scores candidates on exactly the same items.
 """
@@ -25,6 +32,8 @@ from evomerge.errors import EvomergeError
 from evomerge.jsonfile import read_json, write_json
 
 STRATEGIES = ("random", "stratified", "anchor-irt", "anchor-correctness")
+ALL_ITEMS = "all"
+"""A stage size meaning every item of the benchmark (the last stage of a race may be exact)."""
 
 
 @dataclasses.dataclass
@@ -216,14 +225,7 @@ def extract_subset(
         idx = np.array([int(rng.choice(s)) for s in strata])
         weights = np.array([len(s) / n_total for s in strata])
     elif strategy in ("anchor-irt", "anchor-correctness"):
-        points = item_embedding if strategy == "anchor-irt" else (
-            None if correctness is None else np.asarray(correctness, dtype=np.float64).T)
-        if points is None or points.shape[0] != n_total:
-            what = "item embeddings (a, b)" if strategy == "anchor-irt" else "a models x items correctness matrix"
-            raise EvomergeError(f"{strategy} extraction needs {what} covering all {n_total} items")
-        points = np.asarray(points, dtype=np.float64)
-        scale = points.std(axis=0)
-        points = (points - points.mean(axis=0)) / np.where(scale > 1e-12, scale, 1.0)
+        points = _item_points(strategy, n_total, difficulty, item_embedding, correctness)
         labels = kmeans(points, n_items, seed)
         idx, weights = _anchors_from_labels(points, labels, n_items)
     else:
@@ -233,3 +235,110 @@ def extract_subset(
                     strategy=strategy, seed=seed, n_total=n_total)
     _check_subset(subset)
     return subset
+
+
+def _item_points(strategy, n_total, difficulty, item_embedding, correctness) -> np.ndarray | None:
+    """The standardised space a strategy spreads its items over (None for ``random``)."""
+    if strategy == "random":
+        return None
+    if strategy == "stratified":
+        points, what = None if difficulty is None else np.asarray(difficulty)[:, None], "one difficulty per item"
+    elif strategy == "anchor-irt":
+        points, what = item_embedding, "item embeddings (a, b)"
+    else:
+        points = None if correctness is None else np.asarray(correctness, dtype=np.float64).T
+        what = "a models x items correctness matrix"
+    if points is None or points.shape[0] != n_total:
+        raise EvomergeError(f"{strategy} extraction needs {what} covering all {n_total} items")
+    points = np.asarray(points, dtype=np.float64)
+    scale = points.std(axis=0)
+    return (points - points.mean(axis=0)) / np.where(scale > 1e-12, scale, 1.0)
+
+
+def stage_sizes(stages, n_total: int, where: str = "stages") -> list[int]:
+    """Item counts of nested stages: positive, increasing, ``"all"`` (every item) only last."""
+    sizes = []
+    for position, size in enumerate(stages):
+        if size == ALL_ITEMS and position == len(stages) - 1:
+            size = n_total
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+            raise EvomergeError(f"{where}[{position}] must be an item count or 'all' (last only), got {size!r}")
+        check_subset_size(int(size), n_total)
+        if sizes and size <= sizes[-1]:
+            raise EvomergeError(f"{where} must grow from stage to stage, got {list(stages)}")
+        sizes.append(int(size))
+    if not sizes:
+        raise EvomergeError(f"{where} must name at least one stage")
+    return sizes
+
+
+def extract_stages(
+    stages,
+    n_total: int,
+    strategy: str = "anchor-irt",
+    seed: int = 0,
+    *,
+    difficulty: np.ndarray | None = None,
+    item_embedding: np.ndarray | None = None,
+    correctness: np.ndarray | None = None,
+) -> list[Subset]:
+    """Nested subsets of the given sizes (ints, the last may be ``"all"``); see the module doc."""
+    sizes = stage_sizes(stages, n_total)
+    subsets = [extract_subset(sizes[0], n_total, strategy, seed, difficulty=difficulty,
+                              item_embedding=item_embedding, correctness=correctness)]
+    points = None
+    rng = np.random.default_rng(seed + 104_729)
+    for size in sizes[1:]:
+        previous = subsets[-1].indices
+        if size == n_total:
+            indices = np.arange(n_total)
+        elif strategy == "random":
+            rest = np.setdiff1d(np.arange(n_total), previous)
+            indices = np.concatenate([previous, rng.choice(rest, size - len(previous), replace=False)])
+        else:
+            if points is None:
+                points = _item_points(strategy, n_total, difficulty, item_embedding, correctness)
+            indices = _extend_anchors(points, previous, size, rng)
+        indices = np.sort(indices).astype(np.int64)
+        weights = (np.full(size, 1.0 / size) if strategy == "random" or size == n_total
+                   else _nearest_item_shares(points, indices))
+        subset = Subset(indices=indices, weights=weights / weights.sum(), strategy=strategy, seed=seed,
+                        n_total=n_total)
+        _check_subset(subset)
+        subsets.append(subset)
+    return subsets
+
+
+def _extend_anchors(points, chosen, size, rng, max_iter=100):
+    """``chosen`` plus new items near the centres of k-means run with ``chosen`` as fixed centres."""
+    fixed = points[chosen]
+    centres = np.vstack([fixed, np.empty((size - len(chosen), points.shape[1]))])
+    closest = ((points - fixed[_nearest_centre(points, fixed)]) ** 2).sum(1)
+    for c in range(len(chosen), size):  # k-means++ starts, far from what is already covered
+        total = closest.sum()
+        pick = rng.integers(len(points)) if total <= 0 else rng.choice(len(points), p=closest / total)
+        centres[c] = points[pick]
+        closest = np.minimum(closest, ((points - centres[c]) ** 2).sum(1))
+    labels = None
+    for _ in range(max_iter):
+        new_labels = _nearest_centre(points, centres)
+        if labels is not None and np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+        moved = centres.copy()
+        _move_centres(points, labels, moved)
+        centres[len(chosen):] = moved[len(chosen):]  # the earlier stage's items stay where they are
+    taken = set(int(i) for i in chosen)
+    added = []
+    for c in range(len(chosen), size):
+        order = np.argsort(((points - centres[c]) ** 2).sum(1), kind="stable")
+        pick = next(int(i) for i in order if int(i) not in taken)
+        taken.add(pick)
+        added.append(pick)
+    return np.concatenate([np.asarray(chosen, dtype=np.int64), np.asarray(added, dtype=np.int64)])
+
+
+def _nearest_item_shares(points, indices):
+    """Weight of each chosen item: the share of all items nearer to it than to any other chosen one."""
+    labels = _nearest_centre(points, points[indices])
+    return np.bincount(labels, minlength=len(indices)).astype(np.float64) / len(points)
