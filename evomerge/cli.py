@@ -164,30 +164,34 @@ def _run_search(space, run_dir: Path, resume: bool, args) -> int:
     print(f"{'resuming' if resume else 'starting'} search {space.name!r} in {run_dir}", file=sys.stderr)
     search = MergeSearch(space, run_dir, storage=storage, progress=not args.no_progress)
     study, summary = search.run(args.trials, resume=resume)
-    _print_status(study, top=5, weights=[b.weight for b in space.benchmarks])
+    _print_status(study, top=5, weights=[b.weight for b in space.benchmarks], n_stages=len(space.stages))
     return 0
 
 
 def cmd_status(args) -> int:
     from evomerge.search.run import load_run_space, open_existing_study
 
-    weights = [b.weight for b in load_run_space(args.run_dir).benchmarks]
-    _print_status(open_existing_study(args.run_dir, args.storage), args.top, weights)
+    space = load_run_space(args.run_dir)
+    _print_status(open_existing_study(args.run_dir, args.storage), args.top, [b.weight for b in space.benchmarks],
+                  n_stages=len(space.stages))
     return 0
 
 
-def _print_status(study, top: int, weights: list[float] | None = None) -> None:
-    """The best trials, then the baseline trials (uniform merges, base, experts alone) not among them."""
+def _print_status(study, top: int, weights: list[float] | None = None, n_stages: int = 1) -> None:
+    """The best trials, then the baseline trials (uniform merges, base, experts alone) not among them.
+
+    Each row says how far the trial was scored: its stage (racing) and items, and its fitness interval.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.search.run import BASELINE_ATTR, ranked_trials
+    from evomerge.search.run import BASELINE_ATTR, FITNESS_INTERVAL_ATTR, STAGE_ATTR, ranked_trials, trial_items
 
     trials = ranked_trials(study, weights)
     counts = {}
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-    console = Console(stderr=False)
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)  # piped: no truncated columns
     console.print(f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
     if not trials:
         return
@@ -196,16 +200,25 @@ def _print_status(study, top: int, weights: list[float] | None = None) -> None:
     table.add_column("rank", justify="right")
     table.add_column("trial", justify="right")
     table.add_column("fitness", justify="right")
+    table.add_column("interval", justify="right")
     for task in tasks:
         table.add_column(task, justify="right")
+    if n_stages > 1:
+        table.add_column("stage", justify="right")
+    table.add_column("items", justify="right")
     table.add_column("baseline")
 
     def add(rank: int, trial) -> None:
         estimates = trial.user_attrs.get("estimates", {})
+        interval = trial.user_attrs.get(FITNESS_INTERVAL_ATTR)
+        stage = trial.user_attrs.get(STAGE_ATTR)
         table.add_row(
             str(rank), str(trial.number),
             " ".join(f"{v:.3f}" for v in trial.values),
+            f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "",
             *(f"{estimates.get(t, float('nan')):.3f}" for t in tasks),
+            *([f"{stage + 1}/{n_stages}" if stage is not None else ""] if n_stages > 1 else []),
+            str(trial_items(trial)),
             trial.user_attrs.get(BASELINE_ATTR, ""),
         )
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.estimate.extract import STRATEGIES, Subset, extract_subset, kmeans
+from evomerge.estimate.extract import STRATEGIES, Subset, extract_stages, extract_subset, kmeans
 
 
 def _inputs(n_items=300, n_models=6, seed=0):
@@ -65,3 +65,27 @@ def test_bad_sizes_and_inputs_raise():
         extract_subset(5, 300, "anchor-irt")
     with pytest.raises(EvomergeError):
         Subset.from_dict({"indices": [1, 1], "weights": [0.5, 0.5], "strategy": "random", "seed": 0, "n_total": 5})
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_stages_are_nested_and_the_first_is_the_plain_subset(strategy):
+    inputs = _inputs()
+    stages = extract_stages([10, 40, 120, "all"], 300, strategy, seed=2, **inputs)
+    assert [len(s.indices) for s in stages] == [10, 40, 120, 300]
+    assert np.array_equal(stages[0].indices, extract_subset(10, 300, strategy, seed=2, **inputs).indices)
+    for small, large in zip(stages, stages[1:]):
+        assert set(small.indices) <= set(large.indices)
+    for stage in stages:
+        assert stage.weights.sum() == pytest.approx(1.0) and np.all(np.diff(stage.indices) > 0)
+    assert np.allclose(stages[-1].weights, 1 / 300)
+    again = extract_stages([10, 40, 120, "all"], 300, strategy, seed=2, **inputs)
+    assert all(np.array_equal(a.indices, b.indices) for a, b in zip(stages, again))
+
+
+def test_bad_stages_raise():
+    with pytest.raises(EvomergeError, match="grow"):
+        extract_stages([20, 10], 300, "random")
+    with pytest.raises(EvomergeError, match="only 300 items"):
+        extract_stages([20, 400], 300, "random")
+    with pytest.raises(EvomergeError, match="last only"):
+        extract_stages(["all", 10], 300, "random")

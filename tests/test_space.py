@@ -86,6 +86,13 @@ def test_every_shipped_space_is_valid(path):
         (lambda r: r["benchmarks"][0].update(stop="\n", scoring="multiple_choice"),
          r"benchmarks\[0\] \(arith\): stop applies to scoring: generate only"),
         (lambda r: r["benchmarks"][0].update(colour="blue"), r"unknown key benchmarks\[0\].colour"),
+        (lambda r: r.update(evaluation={"stages": [10, 30]}), "estimator.subset_size 40 differs"),
+        (lambda r: r.update(evaluation={"stages": [40, 30]}), "evaluation.stages must grow"),
+        (lambda r: r.update(evaluation={"stages": [40, "all", 900]}), r"evaluation.stages\[1\].*only the last"),
+        (lambda r: r.update(evaluation={"stages": []}), "evaluation.stages must be a list"),
+        (lambda r: r.update(evaluation={"stages": [40], "top_k": 0}), "evaluation.top_k"),
+        (lambda r: r.update(evaluation={"stages": [40], "level": 1.5}), "evaluation.level"),
+        (lambda r: r.update(evaluation={"stages": [40], "race": True}), "unknown key evaluation.race"),
     ],
 )
 def test_bad_space_names_the_key(mutate, message):
@@ -93,6 +100,16 @@ def test_bad_space_names_the_key(mutate, message):
     mutate(raw)
     with pytest.raises(EvomergeError, match=message):
         parse_search_space(raw, source="demo.yaml")
+
+
+def test_evaluation_stages():
+    raw = demo_raw()
+    assert parse_search_space(copy.deepcopy(raw)).stages == [40]  # no evaluation section: the fixed subset
+    raw["estimator"].pop("subset_size")
+    raw["evaluation"] = {"stages": [10, 30, "all"], "top_k": 3}
+    space = parse_search_space(raw)
+    assert space.stages == [10, 30, "all"] and space.subset_size == 10
+    assert space.evaluation.top_k == 3 and space.evaluation.level == 0.9 and space.evaluation.racing
 
 
 def test_missing_file_is_clear(tmp_path):

@@ -19,16 +19,20 @@ models (hold a fold out, refit IRT, predict it from its subset answers):
 
 * the mix weight ``w`` minimises the held-out squared error of the mix itself
   (residual pairs, so correlated errors count), so an IRT estimate that fails on
-  held-out models gets no weight at that subset size;
+  held-out models gets little or no weight at that subset size;
 * mp-IRT's prior width on lambda;
-* each method's *model error* ``tau``: the spread of held-out errors beyond what
-  the candidate's own uncertainty explains.
+* each method's *sd scale* ``c >= 1``: how far held-out errors exceed what the
+  candidate's own uncertainty explains, ``c^2 = mean((error / sd_post)^2)``.
 
-``estimate`` returns the value and an interval ``value +- z * sqrt(sd_post^2 + tau^2)``,
-where ``sd_post`` is the candidate's own uncertainty: the binomial / stratified
-sampling error of the subset for mean and anchor, the Laplace posterior of theta
-(p-IRT) or lambda (mp-IRT) propagated to the accuracy plus the Bernoulli noise
-of the unseen items for the IRT methods.
+``estimate`` returns the value and an interval ``value +- q * c * sd_post``, where
+``sd_post`` is the candidate's own uncertainty: the stratified sampling error of the
+scored items (each a Bernoulli draw at the candidate's IRT ability, standing for its
+cluster) for mean and anchor; the Laplace posterior of theta (p-IRT) or lambda
+(mp-IRT) propagated to the accuracy, plus the Bernoulli noise of the unseen items,
+for the IRT methods. ``q`` is a normal quantile, or Student t when ``c`` was
+estimated from few held-out models. A mix's interval is the same mix of its
+parts' intervals (errors taken as fully correlated: never narrower than honest).
+A stage of every item is exact: its interval has zero width.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Estimate:
     low: float
     high: float
     sd: float       # total: the candidate's own uncertainty and the cross-validated model error
+    margin: float   # half-width of the interval before clipping to [0, 1] (quantile x sd)
     items: int      # answers it was estimated from
 
     def to_dict(self) -> dict:
@@ -82,7 +87,7 @@ class Stage:
     anchor_weight_gmpirt: float
     lambda_sd: float = _DEFAULT_LAMBDA_SD
     cv_rmse: dict[str, float] = dataclasses.field(default_factory=dict)
-    model_sd: dict[str, float] = dataclasses.field(default_factory=dict)
+    sd_scale: dict[str, float] = dataclasses.field(default_factory=dict)
     cv_models: int = 0
 
     @property
@@ -97,7 +102,7 @@ class Stage:
     def to_dict(self) -> dict:
         return {"subset": self.subset.to_dict(), "anchor_weight_gpirt": self.anchor_weight_gpirt,
                 "anchor_weight_gmpirt": self.anchor_weight_gmpirt, "lambda_sd": self.lambda_sd,
-                "cv_rmse": self.cv_rmse, "model_sd": self.model_sd, "cv_models": self.cv_models}
+                "cv_rmse": self.cv_rmse, "sd_scale": self.sd_scale, "cv_models": self.cv_models}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Stage":
@@ -106,7 +111,7 @@ class Stage:
                    anchor_weight_gmpirt=float(data["anchor_weight_gmpirt"]),
                    lambda_sd=float(data.get("lambda_sd", _DEFAULT_LAMBDA_SD)),
                    cv_rmse={k: float(v) for k, v in dict(data.get("cv_rmse", {})).items()},
-                   model_sd={k: float(v) for k, v in dict(data.get("model_sd", {})).items()},
+                   sd_scale={k: float(v) for k, v in dict(data.get("sd_scale", {})).items()},
                    cv_models=int(data.get("cv_models", 0)))
 
 
@@ -194,15 +199,29 @@ class SubsetEstimator:
             raise EvomergeError(f"interval level must be between 0 and 1, got {level}")
         y = self._check_answers(subset_correct, stage)
         st = self.stages[self.stage_for(len(y)) if stage is None else stage]
+        # a mix's interval is the same mix of its parts' (each calibrated on its own residuals):
+        # calibrating the mix on the residuals its weight was fitted to would flatter it
+        parts = {"gpirt": "pirt", "gmpirt": "mpirt"}
+        wanted = set(methods)
+        for method in set(methods) & set(parts):
+            wanted |= {"anchor", parts[method]}
         raw = _predict(y, st.subset, self.a, self.b, self.endpoint_theta, self.theta_sd, st.lambda_sd,
-                       st.anchor_weight_gpirt, st.anchor_weight_gmpirt, methods)
+                       st.anchor_weight_gpirt, st.anchor_weight_gmpirt, [m for m in METHODS if m in wanted])
         out = {}
         for method, (value, sd_post) in raw.items():
-            tau = st.model_sd.get(method, 0.0)
-            sd = float(np.hypot(sd_post, tau)) if not st.exact else 0.0
-            q = _interval_quantile(level, sd_post, tau, st.cv_models)
-            out[method] = Estimate(value, float(max(0.0, value - q * sd)), float(min(1.0, value + q * sd)),
-                                   sd, len(y))
+            if st.exact:
+                sd = margin = 0.0
+            elif method in parts:
+                w = st.anchor_weight_gpirt if method == "gpirt" else st.anchor_weight_gmpirt
+                anchor, irt = out["anchor"], out[parts[method]]
+                sd, margin = w * anchor.sd + (1 - w) * irt.sd, w * anchor.margin + (1 - w) * irt.margin
+            else:
+                scale = st.sd_scale.get(method, 1.0)
+                sd = scale * sd_post
+                margin = _interval_quantile(level, st.cv_models if scale > 1.0 else 0) * sd
+            out[method] = Estimate(value, float(max(0.0, value - margin)), float(min(1.0, value + margin)),
+                                   float(sd), float(margin), len(y))
+        out = {m: out[m] for m in methods}
         return out
 
     def merged_ability(self, subset_correct: np.ndarray, stage: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -349,17 +368,13 @@ def _predict(y, subset, a, b, endpoint_theta, theta_sd, lambda_sd, w_gp, w_gmp, 
     return {m: (float(np.clip(out[m][0], 0.0, 1.0)), float(out[m][1])) for m in methods}
 
 
-def _interval_quantile(level: float, sd_post: float, tau: float, n_cv: int) -> float:
-    """Two-sided ``level`` quantile for ``sd = sqrt(sd_post^2 + tau^2)``.
-
-    ``tau`` is estimated from ``n_cv`` held-out residuals, so the interval uses a
-    Student t quantile with Welch-Satterthwaite degrees of freedom (the candidate's
-    own ``sd_post`` counts as known): wider when few models calibrated a large tau.
-    """
+def _interval_quantile(level: float, n_cv: int) -> float:
+    """Two-sided ``level`` quantile: normal, or Student t with ``n_cv - 1`` degrees of freedom when
+    the sd's scale was estimated from ``n_cv`` held-out models (wider when they are few)."""
     z = NormalDist().inv_cdf(0.5 + level / 2.0)
-    if tau <= 0.0 or n_cv < 2:
+    if n_cv < 2:
         return z
-    df = (sd_post**2 + tau**2) ** 2 / (tau**4 / (n_cv - 1))
+    df = n_cv - 1
     # Cornish-Fisher expansion of the t quantile; within 1 % of the exact one from 3 degrees of freedom
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
@@ -392,12 +407,15 @@ def _extract_for(fit: IRTFit, y: np.ndarray, sizes: Sequence[int], strategy: str
                           item_embedding=np.hstack([fit.a, fit.b[:, None]]), correctness=y)
 
 
-def _cross_validate(y, sizes, strategy, endpoint_rows, dims, priors, lambda_sds, seed, full_fit, n_folds):
+def _cross_validate(y, sizes, strategy, endpoint_rows, dims, priors, lambda_sds, seed, full_fit, n_folds, final):
     """Held-out residuals of mean / anchor / p-IRT / mp-IRT (every prior width) per stage.
 
-    The whole pipeline is redone per fold -- IRT refit *and* subsets re-extracted
-    without the held-out models -- so the anchor estimate is not flattered by
-    anchors chosen on the very models it is scored on. With enough other models
+    Per fold, IRT is refit without the held-out models, which are then predicted
+    from their answers on two subsets per stage: one re-extracted from the fold's
+    fit (the anchor estimate is not flattered by anchors chosen on the very models
+    it is scored on) and the ``final`` one the search will use (a few items can
+    fail an IRT estimate in their own way -- mp-IRT 25 points off at 10 items on
+    one zoo build -- and only these items show it). With enough other models
     (extra models, calibration merges) only those are held out: they stand for
     the candidates, while predicting an endpoint without it in the fit asks
     mp-IRT for a direction no merge of the remaining endpoints has.
@@ -413,11 +431,11 @@ def _cross_validate(y, sizes, strategy, endpoint_rows, dims, priors, lambda_sds,
         if len(train) == 0:
             continue
         fold_fit = fit_irt(y[train], dims, priors=priors, seed=seed, init=full_fit, max_sweeps=100, tol=1e-5)
-        subsets = _extract_for(fold_fit, y[train], sizes, strategy, seed)
+        variants = [_extract_for(fold_fit, y[train], sizes, strategy, seed), final]
         train_pos = {int(m): p for p, m in enumerate(train)}
         ends = [train_pos[e] for e in endpoint_rows if e in train_pos]
         ends_theta = fold_fit.theta[ends] if ends else np.zeros((0, dims))
-        for record, subset in zip(held_out, subsets):
+        for record, subset in [(r, s) for subsets in variants for r, s in zip(held_out, subsets)]:
             if len(subset.indices) == subset.n_total:
                 continue  # an exact stage has no error to learn
             for h in held:
@@ -449,11 +467,15 @@ def _mix_weight(r_irt: np.ndarray, r_anchor: np.ndarray) -> float:
     return float(np.clip(-np.dot(r_irt, diff) / denom, 0.0, 1.0))
 
 
-def _model_sd(residuals: np.ndarray, sds: np.ndarray) -> float:
-    """Error sd on held-out models beyond their own posterior sd (method of moments, >= 0)."""
+def _sd_scale(residuals: np.ndarray, sds: np.ndarray) -> float:
+    """Factor (>= 1) on the posterior sd that makes held-out errors standard: sqrt(mean((r / sd)^2)).
+
+    A candidate's own sd already grows where its accuracy is uncertain (mid-range, few
+    items) and shrinks near 0 or 1; the held-out models say by how much it falls short.
+    """
     if len(residuals) == 0:
-        return 0.0
-    return float(np.sqrt(max(0.0, float(np.mean(residuals**2) - np.mean(sds**2)))))
+        return 1.0
+    return float(np.sqrt(max(1.0, float(np.mean((residuals / np.maximum(sds, 1e-4)) ** 2)))))
 
 
 def _calibrate_stage(subset: Subset, record: _HeldOut | None, grid: Sequence[float]) -> Stage:
@@ -484,8 +506,8 @@ def _calibrate_stage(subset: Subset, record: _HeldOut | None, grid: Sequence[flo
         anchor_weight_gmpirt=weights.get("gmpirt", _FALLBACK_ANCHOR_WEIGHT),
         lambda_sd=lambda_sd,
         cv_rmse={m: float(np.sqrt(np.mean(r**2))) for m, (r, _) in arrays.items()},
-        model_sd={m: _model_sd(r, s) for m, (r, s) in arrays.items()},
-        cv_models=len(arrays["anchor"][0]),
+        sd_scale={m: _sd_scale(r, s) for m, (r, s) in arrays.items() if m not in ("gpirt", "gmpirt")},
+        cv_models=len(arrays["anchor"][0]) // 2,  # two residuals per held-out model (see _cross_validate)
     )
 
 
@@ -541,7 +563,7 @@ def fit_subset_estimator(
     grid = [float(lambda_sd)] if np.isscalar(lambda_sd) else [float(v) for v in lambda_sd]
     if not grid or min(grid) <= 0:
         raise EvomergeError(f"lambda_sd must be positive, got {lambda_sd}")
-    records = (_cross_validate(yf, sizes, strategy, endpoint_rows, dims, priors, grid, seed, fit, n_folds)
+    records = (_cross_validate(yf, sizes, strategy, endpoint_rows, dims, priors, grid, seed, fit, n_folds, subsets)
                if y.shape[0] >= 2 else [None] * len(sizes))
     return SubsetEstimator(
         a=fit.a,

@@ -21,8 +21,13 @@ import yaml
 from evomerge.benchmarks import score_items
 from evomerge.errors import EvomergeError
 from evomerge.estimate import ResponseMatrix, SubsetEstimator, fit_subset_estimator, responses_path
+from evomerge.estimate.extract import stage_sizes
 from evomerge.search.candidates import CandidateBuilder, candidate_seed, make_builder  # noqa: F401 (candidate_seed re-exported)
 from evomerge.search.optimizers import make_optimizer
+from evomerge.search.racing import (  # noqa: F401 (answers_string, weighted_mean re-exported)
+    FITNESS_INTERVAL_ATTR, STAGE_ATTR, StagedScorer, answers_string, fitness, preferred_trial, trial_items,
+    weighted_mean,
+)
 from evomerge.search.space import SearchSpace, load_search_space
 from evomerge.search.study import SearchDriver, open_study
 
@@ -46,11 +51,6 @@ def _synchronize(device) -> None:
 
 def run_dir_for(space: SearchSpace, runs_root: str | Path = "runs") -> Path:
     return Path(runs_root) / space.name
-
-
-def answers_string(correct: np.ndarray) -> str:
-    """Subset answers stored on a trial as a compact '0101...' string."""
-    return "".join("1" if c else "0" for c in correct)
 
 
 class MergeSearch:
@@ -82,6 +82,7 @@ class MergeSearch:
         self.benchmarks = {b.name: b.load(tokenizer=self.tokenizer) for b in space.benchmarks}
         self.weights = np.array([b.weight for b in space.benchmarks], dtype=float)
         self.estimators: dict[str, SubsetEstimator] = {}
+        self._scorer: StagedScorer | None = None
 
     # ------------------------------------------------------------ calibration
     def calibration_genomes(self) -> dict[str, dict[str, float]]:
@@ -123,7 +124,8 @@ class MergeSearch:
         for bench_name, bench in self.benchmarks.items():
             estimator_path = self.run_dir / "estimators" / f"{bench_name}.json"
             if estimator_path.exists():
-                self.estimators[bench_name] = SubsetEstimator.load(estimator_path)
+                self.estimators[bench_name] = _checked_stages(SubsetEstimator.load(estimator_path), self.space,
+                                                              estimator_path)
                 continue
             path = responses_path(self.run_dir, bench_name)
             matrix = ResponseMatrix.load(path) if path.exists() else None
@@ -143,7 +145,7 @@ class MergeSearch:
                 matrix,
                 None,
                 endpoint_names,
-                n_items=self.space.subset_size,
+                n_items=self.space.stages,
                 strategy=strategy,
                 seed=self.space.seed,
                 dims=self.space.irt_dims,
@@ -154,7 +156,7 @@ class MergeSearch:
 
     # ------------------------------------------------------------ objective
     def objective(self, params: dict[str, float]) -> tuple[list[float], dict]:
-        """Build the genome's model in memory, score each benchmark's subset, return estimated accuracies.
+        """Build the genome's model in memory, score it stage by stage (`racing.py`), return its estimates.
 
         The trial also keeps where its time went (`merge_s`, `score_s`; `evomerge report` plots them).
         """
@@ -162,23 +164,21 @@ class MergeSearch:
         candidate = self.builder.candidate(params)
         _synchronize(self.builder.device)
         merged = time.perf_counter()
-        estimates, answers = {}, {}
-        for bench_name, bench in self.benchmarks.items():
-            estimator = self.estimators[bench_name]
-            correct = np.asarray(
-                score_items(candidate.model, self.tokenizer, bench, indices=estimator.indices, batch_size=self.batch_size),
-                dtype=bool,
-            )
-            estimates[bench_name] = float(estimator.predict(correct, method=self.space.estimator))
-            answers[bench_name] = answers_string(correct)
-        per_task = [estimates[b.name] for b in self.space.benchmarks]
-        if self.space.objectives == "per_task":
-            values = per_task
-        else:
-            values = [weighted_mean(per_task, self.weights)]
+        values, attrs = self.scorer.score(candidate.model, self.tokenizer)
         timings = {"merge_s": merged - started, "score_s": time.perf_counter() - merged}
-        attrs = {"estimates": estimates, "answers": answers, **candidate.attrs, **timings}
-        return values, attrs
+        return values, {**attrs, **candidate.attrs, **timings}
+
+    @property
+    def scorer(self) -> StagedScorer:
+        """Stage-by-stage scoring with this search's estimators (after `prepare`)."""
+        if self._scorer is None:
+            evaluation = self.space.evaluation
+            self._scorer = StagedScorer(
+                self.benchmarks, self.estimators, method=self.space.estimator,
+                weights=[b.weight for b in self.space.benchmarks], per_task=self.space.objectives == "per_task",
+                top_k=evaluation.top_k if evaluation else 1, level=evaluation.level if evaluation else 0.9,
+                batch_size=self.batch_size)
+        return self._scorer
 
     # ------------------------------------------------------------ study
     @property
@@ -207,8 +207,19 @@ class MergeSearch:
             self.space.optimizer, self.genome, self.directions, seed=self.space.seed, budget=n_trials or self.space.trials
         )
         driver = SearchDriver(study, optimizer, progress=self.progress)
+        self.scorer.bind(study)
         summary = driver.run(self.objective, n_trials or self.space.trials)
         return study, summary
+
+
+def _checked_stages(estimator: SubsetEstimator, space: SearchSpace, path: Path) -> SubsetEstimator:
+    """A cached estimator must have the stages the space asks for (they are fixed at calibration)."""
+    want = stage_sizes(space.stages, estimator.n_total, "evaluation.stages")
+    have = [stage.size for stage in estimator.stages]
+    if have != want:
+        raise EvomergeError(f"{path} was calibrated for stages {have}, the space asks for {want}; "
+                            "delete it to recalibrate (or start a new run)")
+    return estimator
 
 
 def start_run(space_path: str | Path, runs_root: str | Path = "runs", run_dir: str | Path | None = None) -> tuple[SearchSpace, Path, bool]:
@@ -270,11 +281,6 @@ def open_existing_study(run_dir: str | Path, storage: str | None = None):
         raise EvomergeError(f"no study {space.name!r} in {url}; start it with `evomerge search`") from None
 
 
-def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
-    """The fitness over several benchmarks: their accuracies weighted by the space's benchmark weights."""
-    return float(np.dot(weights, values) / np.sum(weights))
-
-
 def ranked_trials(study, weights: Sequence[float] | None = None) -> list:
     """Complete trials, best first.
 
@@ -284,13 +290,7 @@ def ranked_trials(study, weights: Sequence[float] | None = None) -> list:
     from optuna.trial import TrialState
 
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-
-    def score(trial) -> float:
-        if weights is not None and len(weights) == len(trial.values) > 1:
-            return weighted_mean(trial.values, weights)
-        return float(np.mean(trial.values))
-
-    return sorted(trials, key=lambda t: -score(t))
+    return sorted(trials, key=lambda t: -fitness(t.values, weights))
 
 
 def export_trial(
@@ -327,13 +327,15 @@ def export_trial(
         builder = make_builder(space)
     if trial_number is None and validate_top:
         trial_number = validate_top_trials(run_dir, validate_top, storage, progress=progress, builder=builder)[0].number
-    trial = trials[0] if trial_number is None else by_number[trial_number]
+    weights = [b.weight for b in space.benchmarks]
+    trial = preferred_trial(trials, weights) if trial_number is None else by_number[trial_number]
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / f"export-trial{trial.number}"
     details = {
         "study": space.name,
         "trial": trial.number,
         "estimated accuracy": ", ".join(f"{k} {v:.3f}" for k, v in trial.user_attrs.get("estimates", {}).items()),
-        "estimator": f"{space.estimator}, {space.subset_size} items per benchmark ({space.strategy})",
+        "estimator": f"{space.estimator}, {space.strategy} subsets",
+        "scored on": scored_on(trial, space),
     }
     measured = stored_full_accuracies(study).get(trial.number)
     if measured:
@@ -341,6 +343,19 @@ def export_trial(
     out = builder.export(trial.user_attrs, out_dir, details=details, max_shard_size=max_shard_size)
     _embed_search_figures(out, run_dir, study, trial.number, progress)
     return out
+
+
+def scored_on(trial, space: SearchSpace) -> str:
+    """'120 items (stage 2 of 3; stages 10, 30, all per benchmark), fitness 0.41 [0.38, 0.44] (90%)'."""
+    text = f"{trial_items(trial)} items"
+    stage = trial.user_attrs.get(STAGE_ATTR)
+    if stage is not None and len(space.stages) > 1:
+        text += f" (stage {stage + 1} of {len(space.stages)}; stages {', '.join(map(str, space.stages))} per benchmark)"
+    interval = trial.user_attrs.get(FITNESS_INTERVAL_ATTR)
+    if interval:
+        level = space.evaluation.level if space.evaluation else 0.9
+        text += f", fitness interval [{interval[0]:.3f}, {interval[1]:.3f}] ({level:.0%})"
+    return text
 
 
 def _embed_search_figures(out_dir: Path, run_dir, study, trial_number: int, progress: bool) -> None:

@@ -48,6 +48,24 @@ class BenchmarkSpec:
         return load_benchmark(self.path, name=self.name, tokenizer=tokenizer, **self.options)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """How candidates are scored: nested stages of items per benchmark, raced (`docs/search.md`).
+
+    A candidate is scored on the first stage; while its fitness interval still reaches the
+    current ``top_k``-th best fitness it is promoted to the next stage. One stage is a plain
+    fixed subset. ``"all"`` (last stage only) scores every item.
+    """
+
+    stages: tuple
+    top_k: int = 5
+    level: float = 0.9
+
+    @property
+    def racing(self) -> bool:
+        return len(self.stages) > 1
+
+
 @dataclass
 class SearchSpace:
     """A validated search-space file. Paths are resolved against `root`."""
@@ -77,6 +95,7 @@ class SearchSpace:
     zoo: str | None = None
     dfs: DataFlowSpace | None = None    # a data-flow (layer path) search instead of a parameter merge
     memory: dict = field(default_factory=dict)  # MergeCore budgets: device_memory, host_memory, scoring_headroom (bytes)
+    evaluation: Evaluation | None = None       # staged (raced) scoring; None: every candidate on subset_size items
     raw: dict = field(default_factory=dict)
 
     @property
@@ -86,6 +105,11 @@ class SearchSpace:
     @property
     def expert_paths(self) -> list[str]:
         return list(self.experts.values())
+
+    @property
+    def stages(self) -> list:
+        """Items per benchmark at each scoring stage (one stage: the fixed subset)."""
+        return list(self.evaluation.stages) if self.evaluation else [self.subset_size]
 
     def with_memory(self, device_memory: int | None = None, host_memory: int | None = None) -> "SearchSpace":
         """This space with the given memory budgets (bytes) replacing its `memory:` block's (None keeps them)."""
@@ -155,7 +179,8 @@ def _absolute_paths(raw: dict) -> dict:
 def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     """Validate the parsed YAML mapping, naming the offending key in every error."""
     reader = _Reader(raw, source)
-    known_sections = {"name", "zoo", "models", "merge", "dfs", "benchmarks", "estimator", "optimizer", "device", "memory"}
+    known_sections = {"name", "zoo", "models", "merge", "dfs", "benchmarks", "estimator", "optimizer", "device",
+                      "memory", "evaluation"}
     reader.reject_unknown(raw, known_sections, "")
 
     models = reader.mapping("models")
@@ -233,6 +258,9 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise EvomergeError(f"{source}: device must be auto, cpu or cuda[:N], got {device!r}")
     memory = _memory_budgets(reader, raw.get("memory"))
+    evaluation = _evaluation_section(reader, raw.get("evaluation"), estimator)
+    if evaluation is not None and isinstance(evaluation.stages[0], int):
+        subset_size = evaluation.stages[0]
 
     return SearchSpace(
         name=str(raw.get("name") or Path(source).stem),
@@ -260,8 +288,37 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         zoo=raw.get("zoo"),
         dfs=dfs,
         memory=memory,
+        evaluation=evaluation,
         raw=copy.deepcopy(raw),
     )
+
+
+def _evaluation_section(reader: "_Reader", section: Any, estimator: dict) -> Evaluation | None:
+    """The optional `evaluation` section: stages (item counts, the last may be `all`), top_k, level."""
+    source = reader.source
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise EvomergeError(f"{source}: evaluation must be a mapping with stages and top_k")
+    reader.reject_unknown(section, {"stages", "top_k", "level"}, "evaluation")
+    stages = section.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise EvomergeError(f"{source}: evaluation.stages must be a list of items per benchmark, e.g. [10, 30, 100]")
+    for position, size in enumerate(stages):
+        last = position == len(stages) - 1
+        if not (size == "all" and last) and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise EvomergeError(f"{source}: evaluation.stages[{position}] must be a positive item count"
+                                f"{' or all' if last else ' (only the last stage may be all)'}, got {size!r}")
+        if position and size != "all" and size <= stages[position - 1]:
+            raise EvomergeError(f"{source}: evaluation.stages must grow from stage to stage, got {stages}")
+    if "subset_size" in estimator and estimator["subset_size"] != stages[0]:
+        raise EvomergeError(f"{source}: estimator.subset_size {estimator['subset_size']!r} differs from "
+                            f"evaluation.stages[0] {stages[0]!r}; with stages, leave subset_size out")
+    top_k = reader.integer(section, "top_k", "evaluation", default=5, minimum=1)
+    level = section.get("level", 0.9)
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+        raise EvomergeError(f"{source}: evaluation.level must be a number between 0 and 1, got {level!r}")
+    return Evaluation(tuple(stages), top_k, float(level))
 
 
 def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]):

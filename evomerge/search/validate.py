@@ -78,6 +78,9 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
     if not candidates:
         raise EvomergeError(f"run {run_dir} has no complete trial to validate yet")
     measured = stored_full_accuracies(study)
+    for trial in candidates:  # raced onto a last stage of every item: its estimates are measurements
+        if trial.number not in measured and _scored_on_every_item(trial, space):
+            measured[trial.number] = dict(trial.user_attrs["estimates"])
     missing = [t for t in candidates if t.number not in measured]
     if missing:
         benchmarks = {b.name: b.load() for b in space.benchmarks}
@@ -99,6 +102,12 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
     rows = [ValidatedTrial(t.number, dict(t.user_attrs.get("estimates", {})), measured[t.number], weights)
             for t in candidates]
     return sorted(rows, key=lambda r: -r.measured_mean)
+
+
+def _scored_on_every_item(trial, space) -> bool:
+    from evomerge.search.racing import STAGE_ATTR
+
+    return space.stages[-1] == "all" and trial.user_attrs.get(STAGE_ATTR) == len(space.stages) - 1
 
 
 def print_validation_table(rows: list[ValidatedTrial]) -> None:

@@ -1,0 +1,150 @@
+"""Staged scoring of a candidate: spend benchmark items on the candidates that can still win.
+
+Each benchmark's estimator holds nested stages of items, fixed at calibration
+(`evaluation: {stages: [10, 30, 100], top_k: 5}` in the space; one stage without
+it). A candidate is scored on the first stage; while the upper end of its fitness
+interval still reaches the current ``top_k``-th best fitness of the study's
+complete trials, it is promoted to the next stage, where only the new items are
+scored and the estimate is redone from every answer so far. The others stop.
+
+Whatever the stage reached, the trial reports one set of values (the estimates
+of its last stage), so every optimizer works unchanged. A trial keeps its stage,
+the items it was scored on and its intervals as user attrs; a trial killed
+between stages was never told, so a resumed study fails it like any other
+interrupted trial. The threshold is read from the study's storage, so workers
+sharing a study race against each other's results.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from evomerge.benchmarks import score_items
+from evomerge.estimate import SubsetEstimator
+
+STAGE_ATTR = "stage"
+"""User attr: the last stage a trial was scored on (0-based)."""
+ITEMS_ATTR = "items"
+"""User attr: how many benchmark items the trial was scored on, over all benchmarks."""
+INTERVALS_ATTR = "intervals"
+FITNESS_INTERVAL_ATTR = "fitness_interval"
+STAGE_FITNESS_ATTR = "fitness_by_stage"
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """The fitness over several benchmarks: their accuracies weighted by the space's benchmark weights."""
+    return float(np.dot(weights, values) / np.sum(weights))
+
+
+def fitness(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """One number per trial: its value, or with one objective per benchmark their weighted mean."""
+    if weights is not None and len(weights) == len(values) > 1:
+        return weighted_mean(values, weights)
+    return float(np.mean(values))
+
+
+def answers_string(correct: np.ndarray) -> str:
+    """Subset answers stored on a trial as a compact '0101...' string."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+class StagedScorer:
+    """Scores a model stage by stage and decides promotions; one instance per search process."""
+
+    def __init__(self, benchmarks: Mapping[str, Any], estimators: Mapping[str, SubsetEstimator], *,
+                 method: str, weights: Sequence[float], per_task: bool, top_k: int = 5,
+                 level: float = 0.9, batch_size: int = 128):
+        self.benchmarks = dict(benchmarks)
+        self.estimators = dict(estimators)
+        self.method, self.per_task = method, per_task
+        self.weights = np.asarray(weights, dtype=float)
+        self.top_k, self.level, self.batch_size = top_k, level, batch_size
+        counts = {len(e.stages) for e in self.estimators.values()}
+        if len(counts) != 1:
+            raise ValueError(f"estimators disagree on the number of stages: {counts}")
+        self.n_stages = counts.pop()
+        self._study = None
+
+    def bind(self, study) -> None:
+        """The study whose complete trials set the promotion threshold."""
+        self._study = study
+
+    def threshold(self) -> float | None:
+        """The ``top_k``-th best fitness among complete trials (None while there are fewer)."""
+        if self._study is None:
+            return None
+        from optuna.trial import TrialState
+
+        trials = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(trials) < self.top_k:
+            return None
+        scores = sorted((fitness(t.values, self.weights) for t in trials), reverse=True)
+        return scores[self.top_k - 1]
+
+    def score(self, model, tokenizer) -> tuple[list[float], dict]:
+        """Values for the optimizer and the trial's attrs, after the last stage the model reached."""
+        answered: dict[str, dict[int, bool]] = {name: {} for name in self.benchmarks}
+        by_stage = []
+        for stage in range(self.n_stages):
+            estimates, answers = {}, {}
+            for name, bench in self.benchmarks.items():
+                estimator = self.estimators[name]
+                indices = estimator.stage_indices(stage)
+                new = [int(i) for i in indices if int(i) not in answered[name]]
+                if new:
+                    correct = score_items(model, tokenizer, bench, indices=new, batch_size=self.batch_size)
+                    answered[name].update(zip(new, np.asarray(correct, dtype=bool).tolist()))
+                answers[name] = np.array([answered[name][int(i)] for i in indices], dtype=bool)
+                estimates[name] = estimator.estimate(answers[name], self.method, stage=stage, level=self.level)
+            value, margin = self._fitness(estimates)
+            by_stage.append(value)
+            if stage == self.n_stages - 1 or not self._promote(value + margin):
+                break
+        per_task = [estimates[name].value for name in self.benchmarks]
+        values = per_task if self.per_task else [value]
+        attrs = {
+            "estimates": {name: e.value for name, e in estimates.items()},
+            "answers": {name: answers_string(a) for name, a in answers.items()},
+            INTERVALS_ATTR: {name: [e.low, e.high] for name, e in estimates.items()},
+            FITNESS_INTERVAL_ATTR: [max(0.0, value - margin), min(1.0, value + margin)],
+            STAGE_ATTR: stage,
+            ITEMS_ATTR: int(sum(len(a) for a in answers.values())),
+            STAGE_FITNESS_ATTR: by_stage,
+        }
+        return values, attrs
+
+    def _fitness(self, estimates) -> tuple[float, float]:
+        """Weighted mean of the benchmarks' estimates and its margin (benchmarks' errors independent)."""
+        share = self.weights / self.weights.sum()
+        value = float(np.dot(share, [estimates[n].value for n in self.benchmarks]))
+        margin = float(np.sqrt(np.sum((share * [estimates[n].margin for n in self.benchmarks]) ** 2)))
+        return value, margin
+
+    def _promote(self, upper: float) -> bool:
+        threshold = self.threshold()
+        return threshold is None or upper >= threshold
+
+
+def trial_items(trial) -> int:
+    """Items a trial was scored on (trials from before racing: the length of their stored answers)."""
+    items = trial.user_attrs.get(ITEMS_ATTR)
+    if items is not None:
+        return int(items)
+    return sum(len(a) for a in trial.user_attrs.get("answers", {}).values())
+
+
+def preferred_trial(ranked: Sequence, weights: Sequence[float] | None = None):
+    """The trial to export from ``ranked`` (best estimate first).
+
+    Estimates that tie within the best trial's interval (at least its lower end)
+    are not told apart by their values; among them the trial scored on the most
+    items wins (then the higher estimate), since its figure is the better measured.
+    """
+    best = ranked[0]
+    interval = best.user_attrs.get(FITNESS_INTERVAL_ATTR)
+    if not interval:
+        return best
+    ties = [t for t in ranked if fitness(t.values, weights) >= interval[0]]
+    return max(ties, key=lambda t: (trial_items(t), fitness(t.values, weights)))
