@@ -140,36 +140,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evomerge: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("evomerge: interrupted; run `evomerge resume` to continue", file=sys.stderr)
+        print("evomerge: interrupted", file=sys.stderr)
         return 130
 
 
 def cmd_search(args) -> int:
-    from evomerge.search.run import start_run
+    from evomerge.search.runs import start_run
 
-    space, run_dir, resume = start_run(args.space, args.runs_root, args.run_dir)
-    return _run_search(_with_memory(space, args), run_dir, resume, args)
+    space, run_dir = start_run(args.space, args.runs_root, args.run_dir)
+    return _run_search(_with_memory(space, args), run_dir, args)
 
 
 def cmd_resume(args) -> int:
-    from evomerge.search.run import load_run_space
+    from evomerge.search.runs import load_run_space
 
-    return _run_search(_with_memory(load_run_space(args.run_dir), args), Path(args.run_dir), True, args)
+    return _run_search(_with_memory(load_run_space(args.run_dir), args), Path(args.run_dir), args)
 
 
-def _run_search(space, run_dir: Path, resume: bool, args) -> int:
-    from evomerge.search.run import MergeSearch, remember_storage
+def _run_search(space, run_dir: Path, args) -> int:
+    from evomerge.search.run import MergeSearch
 
-    storage = remember_storage(run_dir, args.storage)
-    print(f"{'resuming' if resume else 'starting'} search {space.name!r} in {run_dir}", file=sys.stderr)
-    search = MergeSearch(space, run_dir, storage=storage, progress=not args.no_progress)
-    study, summary = search.run(args.trials, resume=resume)
+    search = MergeSearch(space, run_dir, storage=args.storage, progress=not args.no_progress)
+    try:
+        study, summary = search.run(args.trials)
+    except KeyboardInterrupt:
+        print(f"evomerge: interrupted; `evomerge resume {run_dir}` continues the search", file=sys.stderr)
+        return 130
     _print_status(study, top=5, weights=[b.weight for b in space.benchmarks], n_stages=len(space.stages))
     return 0
 
 
 def cmd_status(args) -> int:
-    from evomerge.search.run import load_run_space, open_existing_study
+    from evomerge.search.runs import load_run_space, open_existing_study
 
     space = load_run_space(args.run_dir)
     _print_status(open_existing_study(args.run_dir, args.storage), args.top, [b.weight for b in space.benchmarks],
@@ -185,7 +187,8 @@ def _print_status(study, top: int, weights: list[float] | None = None, n_stages:
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.search.run import BASELINE_ATTR, FITNESS_INTERVAL_ATTR, STAGE_ATTR, ranked_trials, trial_items
+    from evomerge.search.run import BASELINE_ATTR, FITNESS_INTERVAL_ATTR, STAGE_ATTR, trial_items
+    from evomerge.search.study import ranked_trials
 
     trials = ranked_trials(study, weights)
     counts = {}
@@ -249,7 +252,7 @@ def cmd_plan(args) -> int:
     import dataclasses
 
     from evomerge.search.plan import plan_space
-    from evomerge.search.run import SPACE_FILE, load_run_space
+    from evomerge.search.runs import SPACE_FILE, load_run_space
     from evomerge.search.space import load_search_space
 
     space = load_run_space(args.space) if Path(args.space, SPACE_FILE).is_file() else load_search_space(args.space)

@@ -26,7 +26,9 @@ DEMO_VALIDATE_TOP = 5
 def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | None = None, progress: bool = True) -> int:
     from evomerge.evaluation import evaluate_models, print_accuracy_table
     from evomerge.merge import Recipe
-    from evomerge.search.run import MergeSearch, export_trial, say, start_run
+    from evomerge.console import say
+    from evomerge.search.run import MergeSearch, export_trial
+    from evomerge.search.runs import start_run
     from evomerge.search.space import load_search_space
     from evomerge.zoo import ensure_zoo
 
@@ -38,10 +40,9 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
         say(f"model zoo: {zoo}")
         ensure_zoo(zoo, progress=progress)
 
-    space, run_dir, resume = start_run(space_path)
-    say(f"{'resuming' if resume else 'starting'} search {space.name!r} in {run_dir}")
+    space, run_dir = start_run(space_path)
     search = MergeSearch(space, run_dir, progress=progress)
-    study, _ = search.run(trials, resume=resume)
+    study, _ = search.run(trials)
     # The top estimate is biased upwards (winner's curse): re-score the 5 best-estimated
     # trials on every item and export the best measured one.
     exported = export_trial(run_dir, out_dir=run_dir / "best", validate_top=DEMO_VALIDATE_TOP, progress=progress,

@@ -3,3 +3,7 @@
 
 class EvomergeError(Exception):
     """A problem with the user's input (models, config, data) explained in one message."""
+
+
+class EvomergeWarning(UserWarning):
+    """Suspicious input that does not stop a run (NaN weights, duplicate item ids, ...)."""

@@ -11,7 +11,7 @@ from evomerge.errors import EvomergeError
 def benchmarks_for(paths: list[str] | None, space: str | None) -> dict[str, Benchmark]:
     """Benchmarks named on the command line, or those of a search space / run folder."""
     if space:
-        from evomerge.search.run import SPACE_FILE
+        from evomerge.search.runs import SPACE_FILE
         from evomerge.search.space import load_search_space
 
         space_path = Path(space) / SPACE_FILE if Path(space).is_dir() else Path(space)

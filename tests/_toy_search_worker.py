@@ -1,6 +1,6 @@
 """A toy search in its own process, for the kill -9 / resume test in test_study.py.
 
-usage: _toy_search_worker.py RUN_DIR OPTIMIZER N_TRIALS (new|resume) [SLEEP_S]
+usage: _toy_search_worker.py RUN_DIR OPTIMIZER N_TRIALS (new|resume) [SLEEP_S]  (both modes open the same way)
 Each objective call sleeps SLEEP_S (so the test can kill mid-trial) and
 appends the genome it is evaluating to RUN_DIR/evaluated.jsonl.
 """
@@ -22,7 +22,7 @@ def main() -> None:
     sleep_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.2
     log = Path(run_dir) / "evaluated.jsonl"
     config = {"optimizer": optimizer_name, "genome_space": GENOME_SPACE, "n_trials": n_trials}
-    study = open_study(run_dir, "toy", ["maximize"], config, resume=(mode == "resume"))
+    study = open_study(run_dir, "toy", ["maximize"], config)
     optimizer = make_optimizer(optimizer_name, GENOME_SPACE, ["maximize"], seed=7, budget=n_trials)
 
     def objective(params):

@@ -244,7 +244,8 @@ def write_yaml(path: Path, raw: dict) -> Path:
 def test_ps_then_dfs_search_validate_export(zoo_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.search.run import export_trial, open_existing_study
+    from evomerge.search.run import export_trial
+    from evomerge.search.runs import open_existing_study
 
     runs = tmp_path / "runs"
     ps = dfs_raw(zoo_dir)

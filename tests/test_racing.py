@@ -129,7 +129,8 @@ def _check_consistent(trials, sizes):
 
 def test_racing_search_status_and_export(zoo_dir, tmp_path, capsys):
     from evomerge.cli import main
-    from evomerge.search.run import export_trial, open_existing_study
+    from evomerge.search.run import export_trial
+    from evomerge.search.runs import open_existing_study
 
     space = write_racing_space(zoo_dir, tmp_path / "space.yaml", trials=8, name="race", stages=[5, 15, "all"])
     assert main(["search", str(space), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 0
@@ -144,7 +145,7 @@ def test_racing_search_status_and_export(zoo_dir, tmp_path, capsys):
     from evomerge.search.validate import validate_top_trials
 
     from evomerge.search.candidates import make_builder
-    from evomerge.search.run import load_run_space
+    from evomerge.search.runs import load_run_space
 
     builder = _RecordingBuilder(make_builder(load_run_space(run_dir)))
     top = validate_top_trials(run_dir, 3, progress=False, builder=builder)
@@ -174,7 +175,7 @@ class _RecordingBuilder:
 def test_kill_between_stages_then_resume(zoo_dir, tmp_path):
     """A worker killed while a trial is between stages: the trial is failed on resume, never half-recorded."""
     from evomerge.cli import main
-    from evomerge.search.run import open_existing_study
+    from evomerge.search.runs import open_existing_study
 
     budget = 8
     space = write_racing_space(zoo_dir, tmp_path / "space.yaml", trials=budget, name="killed", stages=[5, 15])

@@ -13,7 +13,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.cli import main
-from evomerge.search.run import open_existing_study
+from evomerge.search.runs import open_existing_study
 from test_search_e2e import one_thread, write_space  # noqa: F401 (one_thread: autouse fixture)
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -19,7 +19,8 @@ import yaml
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
 from evomerge.merge import MergeCore, Recipe
-from evomerge.search.run import export_trial, open_existing_study, start_run
+from evomerge.search.run import export_trial
+from evomerge.search.runs import open_existing_study, start_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,8 +164,7 @@ def test_kill_minus_nine_then_resume(zoo_dir, tmp_path):
     best_before = max(t.values[0] for t in before)
     assert len(before) < budget
 
-    space, run_dir, resume = start_run(space_file, runs)
-    assert resume
+    space, run_dir = start_run(space_file, runs)
     assert main(["resume", str(run_dir), "--no-progress"]) == 0
     trials = open_existing_study(run_dir).get_trials(deepcopy=False)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -43,9 +43,9 @@ def complete(study):
     return study.get_trials(states=(TrialState.COMPLETE,))
 
 
-def search(run_dir, name, n_trials, resume, optimizer="tpe", objective=toy, config=None):
+def search(run_dir, name, n_trials, optimizer="tpe", objective=toy, config=None):
     config = dict(config or CONFIG, n_trials=n_trials)
-    study = open_study(run_dir, name, ["maximize"], config, resume=resume)
+    study = open_study(run_dir, name, ["maximize"], config)
     driver = SearchDriver(study, make_optimizer(optimizer, SPACE, ["maximize"], seed=5), progress=False)
     driver.run(objective, n_trials)
     return study
@@ -58,7 +58,7 @@ def test_storage_url(tmp_path):
 
 
 def test_trials_store_genome_values_and_attrs(tmp_path):
-    search(tmp_path, "s", 4, resume=False)
+    search(tmp_path, "s", 4)
     reloaded = optuna.load_study(study_name="s", storage=storage_url(tmp_path))
     trial = complete(reloaded)[0]
     assert set(trial.params) == set(SPACE)
@@ -73,10 +73,10 @@ def test_trials_store_genome_values_and_attrs(tmp_path):
 @pytest.mark.parametrize("optimizer", ["tpe", "ng_de"])
 def test_resume_continues_exactly_to_a_larger_budget(tmp_path, optimizer):
     config = dict(CONFIG, optimizer=optimizer)
-    first = search(tmp_path, "s", 8, resume=False, optimizer=optimizer, config=config)
+    first = search(tmp_path, "s", 8, optimizer=optimizer, config=config)
     best_before = first.best_value
     genomes_before = {tuple(t.params.values()) for t in complete(first)}
-    study = search(tmp_path, "s", 14, resume=True, optimizer=optimizer, config=config)
+    study = search(tmp_path, "s", 14, optimizer=optimizer, config=config)
     trials = complete(study)
     assert len(trials) == 14
     assert sorted(t.number for t in trials) == list(range(14))
@@ -84,31 +84,45 @@ def test_resume_continues_exactly_to_a_larger_budget(tmp_path, optimizer):
     new_genomes = {tuple(t.params.values()) for t in trials} - genomes_before
     assert len(new_genomes) == 6  # no point re-proposed after the resume
     # resuming at the budget does nothing
-    study = search(tmp_path, "s", 14, resume=True, optimizer=optimizer, config=config)
+    study = search(tmp_path, "s", 14, optimizer=optimizer, config=config)
     assert len(study.trials) == 14
 
 
 def test_changed_config_is_refused_but_budget_may_grow(tmp_path):
-    search(tmp_path, "s", 3, resume=False)
+    search(tmp_path, "s", 3)
     changed = dict(CONFIG, genome_space={"w0": (0.0, 1.0), "w1": (0.0, 2.0)})
     with pytest.raises(EvomergeError, match=r"changed: genome_space\.w1"):
-        open_study(tmp_path, "s", ["maximize"], changed, resume=True)
+        open_study(tmp_path, "s", ["maximize"], changed)
     with pytest.raises(EvomergeError, match="changed: tasks"):
-        open_study(tmp_path, "s", ["maximize"], dict(CONFIG, tasks=["arith"]), resume=True)
+        open_study(tmp_path, "s", ["maximize"], dict(CONFIG, tasks=["arith"]))
     with pytest.raises(EvomergeError, match="directions"):
-        open_study(tmp_path, "s", ["minimize"], CONFIG, resume=True)
-    study = open_study(tmp_path, "s", ["maximize"], dict(CONFIG, n_trials=50), resume=True)
+        open_study(tmp_path, "s", ["minimize"], CONFIG)
+    study = open_study(tmp_path, "s", ["maximize"], dict(CONFIG, n_trials=50))
     assert study.user_attrs["evomerge_config"]["n_trials"] == 50
 
 
-def test_new_vs_resume_mistakes(tmp_path):
-    with pytest.raises(EvomergeError, match="no study 's' to resume"):
-        open_study(tmp_path, "s", ["maximize"], CONFIG, resume=True)
-    open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
-    with pytest.raises(EvomergeError, match="already exists"):
-        open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+def test_a_study_without_results_takes_a_new_config(tmp_path):
+    """A first start that failed or was killed before any trial completed never blocks the study."""
+    first = open_study(tmp_path, "s", ["maximize"], CONFIG)
+    first.enqueue_trial({"w0": 0.5, "w1": 0.5})
+    assert open_study(tmp_path, "s", ["maximize"], CONFIG).trials[0].state == TrialState.WAITING  # kept
+    changed = dict(CONFIG, genome_space={"w0": (0.0, 1.0), "w1": (0.0, 2.0)})
+    study = open_study(tmp_path, "s", ["maximize"], changed)
+    assert study.user_attrs["evomerge_config"]["genome_space"]["w1"] == [0.0, 2.0]
+    assert [t.state for t in study.trials] == [TrialState.FAIL]  # enqueued under the old config
+    study = open_study(tmp_path, "s", ["maximize", "maximize"], changed)  # directions too
+    assert len(study.directions) == 2 and study.trials == []
     with pytest.raises(EvomergeError, match="cannot open study storage"):
-        open_study("nosuchdriver://x/y", "s", ["maximize"], CONFIG, resume=False)
+        open_study("nosuchdriver://x/y", "s", ["maximize"], CONFIG)
+
+
+def test_workers_racing_to_create_a_study_end_with_one(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        studies = list(pool.map(lambda _: open_study(tmp_path, "s", ["maximize"], CONFIG), range(4)))
+    assert len({s._study_id for s in studies}) == 1
+    assert optuna.study.get_all_study_names(storage_url(tmp_path)) == ["s"]
 
 
 def test_failed_objective_fails_the_trial_and_search_goes_on(tmp_path):
@@ -120,7 +134,7 @@ def test_failed_objective_fails_the_trial_and_search_goes_on(tmp_path):
             raise RuntimeError("CUDA out of memory")
         return toy(params)
 
-    study = search(tmp_path, "s", 5, resume=False, objective=flaky)
+    study = search(tmp_path, "s", 5, objective=flaky)
     assert len(complete(study)) == 5
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1 and "CUDA out of memory" in failed[0].user_attrs["error"]
@@ -134,16 +148,16 @@ def test_a_broken_objective_stops_after_three_failures(tmp_path):
         raise KeyError("task 'arith' has no estimator")
 
     with pytest.raises(EvomergeError, match="first 3 trials all failed.*no estimator"):
-        search(tmp_path, "s", 10, resume=False, objective=broken)
+        search(tmp_path, "s", 10, objective=broken)
 
 
 def test_wrong_number_of_values_fails_the_trial(tmp_path):
     with pytest.raises(EvomergeError, match="2 values for 1 objectives"):
-        search(tmp_path, "s", 5, resume=False, objective=lambda p: ([1.0, 2.0], {}))
+        search(tmp_path, "s", 5, objective=lambda p: ([1.0, 2.0], {}))
 
 
 def test_only_dead_workers_of_this_host_are_stale(tmp_path):
-    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     workers = {
         "dead": {"host": socket.gethostname(), "pid": int(dead.stdout), "start": None},
@@ -161,7 +175,7 @@ def test_only_dead_workers_of_this_host_are_stale(tmp_path):
 
 
 def test_a_trial_orphaned_before_naming_its_worker_is_failed_after_a_grace(tmp_path, monkeypatch):
-    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG)
     study.ask({"w0": optuna.distributions.FloatDistribution(0, 1)})  # no worker attr: died right after ask
     assert fail_stale_trials(study) == []  # could still be a live worker about to name itself
     monkeypatch.setattr(study_module, "UNNAMED_GRACE_S", -1.0)
@@ -171,29 +185,29 @@ def test_a_trial_orphaned_before_naming_its_worker_is_failed_after_a_grace(tmp_p
 
 def test_a_trial_orphaned_before_naming_its_worker_holds_no_budget(tmp_path):
     """A kill between creating a trial and naming its worker must not end the resume one trial short."""
-    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG)
     SearchDriver(study, make_optimizer("random", SPACE, "maximize"), progress=False).run(toy, 2)
     study.ask({"w0": optuna.distributions.FloatDistribution(0, 1)})  # the orphan, younger than the grace
-    resumed = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=True)
+    resumed = open_study(tmp_path, "s", ["maximize"], CONFIG)
     SearchDriver(resumed, make_optimizer("random", SPACE, "maximize"), progress=False).run(toy, 3)
     assert len(complete(resumed)) == 3
 
 
 def test_the_driver_records_its_worker_on_each_trial(tmp_path):
-    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG)
     SearchDriver(study, make_optimizer("random", SPACE, "maximize"), progress=False).run(toy, 1)
     assert study.trials[0].user_attrs["worker"]["pid"] == os.getpid()
 
 
 def test_best_trials_multi_objective(tmp_path):
-    study = open_study(tmp_path, "m", ["maximize", "maximize"], CONFIG, resume=False)
+    study = open_study(tmp_path, "m", ["maximize", "maximize"], CONFIG)
     driver = SearchDriver(study, make_optimizer("random", SPACE, ["maximize", "maximize"], seed=0), progress=False)
     driver.run(lambda p: ([p["w0"], 1 - p["w0"]], {}), 6)
     assert len(best_trials(study)) == 6  # every point of this line is Pareto optimal
 
 
 def test_progress_bar_runs(tmp_path):
-    study = open_study(tmp_path, "s", ["maximize"], CONFIG, resume=False)
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG)
     SearchDriver(study, make_optimizer("random", SPACE, "maximize"), progress=True).run(toy, 3)
     assert len(complete(study)) == 3
 
@@ -252,7 +266,7 @@ def test_kill_9_then_resume_reaches_the_budget(tmp_path, optimizer):
 
 
 def test_per_task_ranking_uses_benchmark_weights():
-    from evomerge.search.run import ranked_trials
+    from evomerge.search.study import ranked_trials
 
     study = optuna.create_study(directions=["maximize", "maximize"])
     for values in ([0.9, 0.1], [0.2, 0.7]):

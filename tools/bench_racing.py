@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from evomerge.benchmarks import score_items  # noqa: E402
 from evomerge.estimate import responses_path  # noqa: E402
-from evomerge.search.racing import fitness, preferred_trial, trial_items  # noqa: E402
+from evomerge.search.racing import preferred_trial, trial_items  # noqa: E402
 from evomerge.search.run import MergeSearch  # noqa: E402
+from evomerge.search.study import fitness  # noqa: E402
 from evomerge.search.space import parse_search_space  # noqa: E402
 
 FRACTIONS = (0.5, 1.0)
@@ -125,7 +126,7 @@ def bench_one(zoo: Path, out: Path, seed: int, name: str, evaluation: dict, budg
         (run_dir / "done").write_text("")
     else:
         search.prepare()
-    from evomerge.search.run import open_existing_study
+    from evomerge.search.runs import open_existing_study
 
     trials = complete(open_existing_study(run_dir))
     weights = [b.weight for b in space.benchmarks]

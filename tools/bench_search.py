@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge.benchmarks import score_items  # noqa: E402
-from evomerge.search.run import MergeSearch, load_search_space  # noqa: E402
+from evomerge.search.run import MergeSearch  # noqa: E402
+from evomerge.search.space import load_search_space  # noqa: E402
 
 
 def quiet_libraries() -> None:

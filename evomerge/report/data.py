@@ -98,7 +98,7 @@ class StudyData:
 
 def weighted(scores: dict[str, float], weights: dict[str, float]) -> float:
     """Weighted mean of per-benchmark scores (the search's fitness over benchmarks)."""
-    from evomerge.search.run import weighted_mean
+    from evomerge.search.study import weighted_mean
 
     names = [n for n in weights if n in scores]
     return weighted_mean([scores[n] for n in names], [weights[n] for n in names]) if names else float("nan")
@@ -106,7 +106,7 @@ def weighted(scores: dict[str, float], weights: dict[str, float]) -> float:
 
 def load_study_data(run_dir: str | Path, storage: str | None = None, study=None) -> StudyData:
     """Everything the report draws, read from the run folder and its study (``study``: already open)."""
-    from evomerge.search.run import load_run_space, open_existing_study
+    from evomerge.search.runs import load_run_space, open_existing_study
     from evomerge.search.study import CONFIG_ATTR
     from evomerge.search.validate import stored_full_accuracies
 

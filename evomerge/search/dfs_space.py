@@ -222,7 +222,8 @@ def _run_source(name: str, folder: Path, trial: int | None, where: str) -> DataF
     from optuna.trial import TrialState
 
     from evomerge.merge.loading import open_model
-    from evomerge.search.run import SPACE_FILE, load_run_space, open_existing_study, ranked_trials
+    from evomerge.search.runs import SPACE_FILE, load_run_space, open_existing_study
+    from evomerge.search.study import ranked_trials, weighted_mean
     from evomerge.search.validate import stored_full_accuracies
 
     if not (folder / SPACE_FILE).is_file():
@@ -244,8 +245,6 @@ def _run_source(name: str, folder: Path, trial: int | None, where: str) -> DataF
                 f"finish it with `evomerge resume {folder}` or pick a trial with `trial: N`")
         measured = stored_full_accuracies(study)
         if measured:  # the best measured of the validated trials, as `export --validate-top` picks
-            from evomerge.search.run import weighted_mean
-
             names = [b.name for b in run_space.benchmarks]
             trial = max((n for n in measured if n in complete),
                         key=lambda n: weighted_mean([measured[n].get(b, 0.0) for b in names], weights),

@@ -23,6 +23,7 @@ import numpy as np
 
 from evomerge.benchmarks import score_items
 from evomerge.estimate import SubsetEstimator
+from evomerge.search.study import fitness, weighted_mean  # noqa: F401 (their one home is study.py)
 
 STAGE_ATTR = "stage"
 """User attr: the last stage a trial was scored on (0-based)."""
@@ -31,18 +32,6 @@ ITEMS_ATTR = "items"
 INTERVALS_ATTR = "intervals"
 FITNESS_INTERVAL_ATTR = "fitness_interval"
 STAGE_FITNESS_ATTR = "fitness_by_stage"
-
-
-def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
-    """The fitness over several benchmarks: their accuracies weighted by the space's benchmark weights."""
-    return float(np.dot(weights, values) / np.sum(weights))
-
-
-def fitness(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
-    """One number per trial: its value, or with one objective per benchmark their weighted mean."""
-    if weights is not None and len(weights) == len(values) > 1:
-        return weighted_mean(values, weights)
-    return float(np.mean(values))
 
 
 def answers_string(correct: np.ndarray) -> str:

@@ -9,36 +9,32 @@ estimators and starts in seconds.
 
 from __future__ import annotations
 
+import json
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-import yaml
 
 from evomerge.benchmarks import score_items
+from evomerge.console import say
 from evomerge.errors import EvomergeError
 from evomerge.estimate import ResponseMatrix, SubsetEstimator, fit_subset_estimator, responses_path
 from evomerge.estimate.extract import stage_sizes
+from evomerge.jsonfile import read_json, write_json
 from evomerge.search.candidates import CandidateBuilder, candidate_seed, make_builder  # noqa: F401 (candidate_seed re-exported)
 from evomerge.search.optimizers import make_optimizer
-from evomerge.search.racing import (  # noqa: F401 (answers_string, weighted_mean re-exported)
-    FITNESS_INTERVAL_ATTR, STAGE_ATTR, StagedScorer, answers_string, fitness, preferred_trial, trial_items,
-    weighted_mean,
+from evomerge.search.racing import (  # noqa: F401 (answers_string re-exported)
+    FITNESS_INTERVAL_ATTR, STAGE_ATTR, StagedScorer, answers_string, preferred_trial, trial_items,
 )
-from evomerge.search.space import SearchSpace, load_search_space
-from evomerge.search.study import SearchDriver, open_study
+from evomerge.search.runs import load_run_space, open_existing_study, open_run_study
+from evomerge.search.space import SearchSpace
+from evomerge.search.study import SearchDriver, complete_trials, enqueue_first, ranked_trials
 
-SPACE_FILE = "space.yaml"
 BASELINE_ATTR = "baseline"
 """User attr naming an enqueued baseline trial ("expert arith", "base", "uniform weight 1, density 0.7")."""
 STRATEGY_ALIASES = {"anchor": "anchor-irt"}
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+CALIBRATION_FILE = "calibration.json"
 
 
 def _synchronize(device) -> None:
@@ -49,8 +45,6 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_dir_for(space: SearchSpace, runs_root: str | Path = "runs") -> Path:
-    return Path(runs_root) / space.name
 
 
 class MergeSearch:
@@ -117,8 +111,29 @@ class MergeSearch:
         model = model_cls.from_pretrained(str(path), dtype=self.builder.dtype).to(self.builder.device).eval()
         return model, tokenizer_cls.from_pretrained(str(path))
 
+    def calibration_inputs(self) -> dict:
+        """What the cached calibration depends on: the responses on the models, merge space and
+        benchmarks; the estimators also on the estimator settings."""
+        raw = self.space.raw
+        estimator = dict(raw.get("estimator") or {})
+        responses = {key: raw.get(key) for key in ("models", "merge", "dfs", "benchmarks", "device")}
+        responses["calibration"] = [estimator.get("extra_models"), estimator.get("calibration_merges"), self.space.seed]
+        return json.loads(json.dumps({"responses": responses, "estimators": estimator}))
+
+    def _drop_stale_calibration(self) -> None:
+        """Forget cached responses / estimators made for another space (replaced before any trial)."""
+        record = self.run_dir / CALIBRATION_FILE
+        inputs = self.calibration_inputs()
+        stored = read_json(record, "calibration record") if record.exists() else inputs  # older folders: trusted
+        if stored.get("responses") != inputs["responses"]:
+            shutil.rmtree(self.run_dir / "responses", ignore_errors=True)
+        if stored != inputs:
+            shutil.rmtree(self.run_dir / "estimators", ignore_errors=True)
+        write_json(record, inputs)
+
     def prepare(self) -> None:
         """Score calibration models fully (cached) and fit or load each benchmark's estimator."""
+        self._drop_stale_calibration()
         endpoint_names = ["base", *self.space.expert_names, *self.builder.extra_endpoints()]
         strategy = STRATEGY_ALIASES.get(self.space.strategy, self.space.strategy)
         for bench_name, bench in self.benchmarks.items():
@@ -190,25 +205,31 @@ class MergeSearch:
         """Named genomes the search starts from, so it never ends below them (see the builder)."""
         return self.builder.baseline_genomes()
 
-    def open(self, resume: bool):
+    def open(self):
+        """Create or continue the run's study (see `evomerge.search.runs`), baselines enqueued first."""
         config = {**self.space.study_config(), **self.builder.study_config(),
                   "genome": {k: list(v) for k, v in self.genome.items()}}
-        study = open_study(self.storage or self.run_dir, self.space.name, self.directions, config, resume=resume)
-        if not resume and self.space.baselines:
-            for label, genome in self.baseline_genomes().items():
-                study.enqueue_trial(genome, user_attrs={BASELINE_ATTR: label})
+        study = open_run_study(self.run_dir, self.space, self.storage, self.directions, config)
+        if self.space.baselines:
+            enqueue_first(study, [(genome, {BASELINE_ATTR: label}) for label, genome in self.baseline_genomes().items()])
         return study
 
-    def run(self, n_trials: int | None = None, resume: bool = False):
-        """Run (or continue) the search until the study holds the budget of complete trials."""
+    def run(self, n_trials: int | None = None):
+        """Start or continue the search until the study holds the budget of complete trials.
+
+        The study is opened before calibration, so a run killed while calibrating
+        is a run folder that `evomerge resume` continues from its cache.
+        """
+        budget = self.space.trials if n_trials is None else n_trials
+        study = self.open()
+        done = len(complete_trials(study))
+        say(f"{'resuming' if done else 'starting'} search {self.space.name!r} in {self.run_dir}"
+            + (f" ({done} of {budget} trials complete)" if done else ""))
         self.prepare()
-        study = self.open(resume)
-        optimizer = make_optimizer(
-            self.space.optimizer, self.genome, self.directions, seed=self.space.seed, budget=n_trials or self.space.trials
-        )
+        optimizer = make_optimizer(self.space.optimizer, self.genome, self.directions, seed=self.space.seed, budget=budget)
         driver = SearchDriver(study, optimizer, progress=self.progress)
         self.scorer.bind(study)
-        summary = driver.run(self.objective, n_trials or self.space.trials)
+        summary = driver.run(self.objective, budget)
         return study, summary
 
 
@@ -220,77 +241,6 @@ def _checked_stages(estimator: SubsetEstimator, space: SearchSpace, path: Path) 
         raise EvomergeError(f"{path} was calibrated for stages {have}, the space asks for {want}; "
                             "delete it to recalibrate (or start a new run)")
     return estimator
-
-
-def start_run(space_path: str | Path, runs_root: str | Path = "runs", run_dir: str | Path | None = None) -> tuple[SearchSpace, Path, bool]:
-    """Load the space and find its run folder; returns (space, run_dir, is_resume).
-
-    A run folder holds a copy of the space it was started with: a later start
-    on the same folder resumes, and a changed space is refused by the study.
-    """
-    space = load_search_space(space_path)
-    run_dir = Path(run_dir) if run_dir else run_dir_for(space, runs_root)
-    stored = run_dir / SPACE_FILE
-    resume = stored.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        shutil.copyfile(space_path, stored)
-    return space, run_dir, resume
-
-
-def load_run_space(run_dir: str | Path) -> SearchSpace:
-    """The search space a run was started with."""
-    path = Path(run_dir) / SPACE_FILE
-    if not path.exists():
-        raise EvomergeError(f"{run_dir} is not an evomerge run folder (no {SPACE_FILE})")
-    return load_search_space(path)
-
-
-def dump_space(space: SearchSpace) -> str:
-    return yaml.safe_dump(space.raw, sort_keys=False)
-
-
-STORAGE_FILE = "storage.url"
-
-
-def remember_storage(run_dir: str | Path, storage: str | None) -> str | None:
-    """The study's storage URL: the one given now, else the one the run was started with.
-
-    Kept in the run folder so `resume`, `status` and `export` find a PostgreSQL
-    study without the URL being typed again.
-    """
-    path = Path(run_dir) / STORAGE_FILE
-    if storage:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        path.write_text(storage)
-        return storage
-    return path.read_text().strip() if path.exists() else None
-
-
-def open_existing_study(run_dir: str | Path, storage: str | None = None):
-    """Load a run's study read-only-ish (no config check, nothing enqueued)."""
-    import optuna
-
-    from evomerge.search.study import storage_url
-
-    space = load_run_space(run_dir)
-    url = storage_url(remember_storage(run_dir, storage) or run_dir)
-    try:
-        return optuna.load_study(study_name=space.name, storage=url)
-    except KeyError:
-        raise EvomergeError(f"no study {space.name!r} in {url}; start it with `evomerge search`") from None
-
-
-def ranked_trials(study, weights: Sequence[float] | None = None) -> list:
-    """Complete trials, best first.
-
-    Several objectives (one per benchmark) rank by their mean, weighted by the
-    benchmarks' ``weights`` from the search space when given.
-    """
-    from optuna.trial import TrialState
-
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    return sorted(trials, key=lambda t: -fitness(t.values, weights))
 
 
 def export_trial(

@@ -119,6 +119,7 @@ class SearchSpace:
     def study_config(self) -> dict:
         """What must not change between a study and its resume (the budget and the memory budgets may)."""
         config = copy.deepcopy(self.raw)
+        config["name"] = self.name  # as a run folder stores it, whether or not the file named it
         config.get("optimizer", {}).pop("trials", None)
         config.pop("memory", None)
         return config

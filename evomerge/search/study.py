@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.study import Study
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -59,7 +60,7 @@ def storage_url(target: str | os.PathLike) -> str:
     return f"sqlite:///{(folder / STUDY_DB).resolve()}"
 
 
-def _make_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str) -> optuna.storages.BaseStorage:
     """RDB storage; a server database (workers on several machines) also keeps a heartbeat.
 
     SQLite is one machine's file, where the pid check of ``fail_stale_trials``
@@ -67,17 +68,23 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
     """
     heartbeat = {} if url.startswith("sqlite:") else {
         "heartbeat_interval": HEARTBEAT_INTERVAL_S, "grace_period": HEARTBEAT_GRACE_S}
-    for attempt in range(3):
+    attempts = 5
+    for attempt in range(attempts):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, **heartbeat)
         except Exception as error:  # bad URL, missing driver, unreachable server
-            if attempt < 2 and "already exists" in str(error):
-                time.sleep(0.5)  # another worker is creating the tables right now
+            text = str(error).lower()
+            if attempt < attempts - 1 and any(sign in text for sign in _CREATION_RACE_SIGNS):
+                time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables right now
                 continue
             raise EvomergeError(f"cannot open study storage {url!r}: {error}") from None
     raise AssertionError("unreachable")
+
+
+#: What a storage says while another worker creates its tables at the same moment.
+_CREATION_RACE_SIGNS = ("already exists", "unique constraint", "duplicate key", "database is locked")
 
 
 # -- config ------------------------------------------------------------------
@@ -117,44 +124,73 @@ def open_study(
     name: str,
     directions: Sequence[str] | str,
     config: Mapping[str, Any],
-    resume: bool,
 ) -> Study:
-    """Create (``resume=False``) or reopen (``resume=True``) the study ``name``.
+    """Create the study ``name``, or continue it.
 
     ``target`` is a run folder (SQLite ``study.db`` inside) or an Optuna RDB
-    URL shared by several workers. ``config`` must be JSON-like; it is stored on
-    creation and, on resume, must equal the stored one except for the keys in
-    ``RESUMABLE_KEYS`` (the budget may grow). Stale trials of dead workers of
-    this host are failed here.
+    URL shared by several workers. ``config`` must be JSON-like. A study that
+    holds results (a COMPLETE trial, or one a live worker is running) must have
+    been created with the same directions and config, except for the keys in
+    ``RESUMABLE_KEYS`` (the budget may grow). A study holding no result yet
+    (a first start that failed or was killed before any trial completed) takes
+    the new config: trials enqueued under the old one are failed, and the study
+    is re-created when the directions differ.
+    Workers racing to create the study end with one. Stale trials of dead
+    workers of this host are failed here.
     """
     dirs = validate_directions(directions)
     config = _jsonable(dict(config))
     url = storage_url(target)
-    storage = _make_storage(url)
-    exists = name in optuna.study.get_all_study_names(storage)
-    if resume and not exists:
-        raise EvomergeError(f"no study {name!r} to resume in {url}")
-    if not resume and exists:
-        raise EvomergeError(f"study {name!r} already exists in {url}; resume it or choose another name")
-    if not resume:
-        study = optuna.create_study(storage=storage, study_name=name, directions=dirs)
+    storage = open_storage(url)
+    study = _create_or_load(storage, name, dirs)
+    fail_stale_trials(study)
+    stored_dirs = validate_directions([d.name.lower() for d in study.directions])
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored_dirs == dirs and stored == config:
+        return study
+    if not holds_results(study):
+        if stored_dirs != dirs:  # Optuna fixes directions at creation
+            optuna.delete_study(study_name=name, storage=storage)
+            study = _create_or_load(storage, name, dirs)
+        elif stored is not None and config_differences(stored, config):
+            _fail_waiting_trials(study, "enqueued under an earlier config of this study")
         study.set_user_attr(CONFIG_ATTR, config)
         return study
-    study = optuna.load_study(study_name=name, storage=storage)
-    stored_dirs = validate_directions([d.name.lower() for d in study.directions])
     if stored_dirs != dirs:
-        raise EvomergeError(f"study {name!r} was created with directions {stored_dirs}, not {dirs}")
-    stored = study.user_attrs.get(CONFIG_ATTR, {})
-    changed = config_differences(stored, config)
+        raise EvomergeError(f"study {name!r} in {url} was created with directions {stored_dirs}, not {dirs}")
+    changed = config_differences(stored or {}, config)
     if changed:
         raise EvomergeError(
-            f"study {name!r} was created with a different config (changed: {', '.join(changed)}); "
-            f"only {', '.join(RESUMABLE_KEYS)} may change on resume: start a new study instead"
+            f"study {name!r} in {url} holds trials of a different config (changed: {', '.join(changed)}); "
+            "only the trial budget may change once a trial is complete: start a new study (another name) instead"
         )
-    if config != stored:
-        study.set_user_attr(CONFIG_ATTR, config)  # record the new budget
-    fail_stale_trials(study)
+    study.set_user_attr(CONFIG_ATTR, config)  # record the new budget
     return study
+
+
+def _create_or_load(storage: optuna.storages.BaseStorage, name: str, directions: list[str]) -> Study:
+    """The study ``name``, created when missing; of two workers creating it at once, one wins."""
+    try:
+        return optuna.create_study(storage=storage, study_name=name, directions=directions)
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage)
+
+
+def _fail_waiting_trials(study: Study, reason: str) -> None:
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR, reason)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            pass  # another worker took or failed it first
+
+
+def holds_results(study: Study) -> bool:
+    """Whether the study has a COMPLETE trial, or a RUNNING one (a live worker's: call after
+    ``fail_stale_trials``). Enqueued and failed trials are not results."""
+    states = (TrialState.COMPLETE, TrialState.RUNNING)
+    return bool(study.get_trials(deepcopy=False, states=states))
 
 
 # -- workers and stale trials ------------------------------------------------
@@ -262,9 +298,40 @@ class _Heartbeat:
             self._thread.join()
 
 
+def enqueue_first(study: Study, trials: Sequence[tuple[Mapping[str, float], Mapping[str, Any]]]) -> bool:
+    """Enqueue ``(genome, user_attrs)`` pairs as the first trials, unless the study already holds
+    trials to run or results (a restart after a kill during calibration keeps its enqueued ones)."""
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)):
+        return False
+    for genome, user_attrs in trials:
+        study.enqueue_trial(dict(genome), user_attrs=dict(user_attrs))
+    return True
+
+
 # -- results -----------------------------------------------------------------
 def complete_trials(study: Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """The fitness over several benchmarks: their accuracies weighted by the space's benchmark weights."""
+    return float(np.dot(weights, values) / np.sum(weights))
+
+
+def fitness(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """One number per trial: its value, or with one objective per benchmark their weighted mean."""
+    if weights is not None and len(weights) == len(values) > 1:
+        return weighted_mean(values, weights)
+    return float(np.mean(values))
+
+
+def ranked_trials(study: Study, weights: Sequence[float] | None = None) -> list[FrozenTrial]:
+    """Complete trials, best first.
+
+    Several objectives (one per benchmark) rank by their mean, weighted by the
+    benchmarks' ``weights`` from the search space when given.
+    """
+    return sorted(complete_trials(study), key=lambda t: -fitness(t.values, weights))
 
 
 def best_trials(study: Study) -> list[FrozenTrial]:

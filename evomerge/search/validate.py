@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from evomerge.console import say
 from evomerge.errors import EvomergeError
+from evomerge.search.runs import load_run_space, open_existing_study
+from evomerge.search.study import ranked_trials, weighted_mean
 
 FULL_ACCURACY_ATTR = "full_accuracy:"
 
@@ -38,8 +41,6 @@ class ValidatedTrial:
 
 
 def _weighted_mean(scores: dict[str, float], weights: dict[str, float]) -> float:
-    from evomerge.search.run import weighted_mean
-
     names = [n for n in weights if n in scores]
     if not names:
         return float("nan")
@@ -67,7 +68,6 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
     """
     from evomerge.benchmarks import score_records, write_records
     from evomerge.search.candidates import make_builder
-    from evomerge.search.run import load_run_space, open_existing_study, ranked_trials, say
 
     if top < 1:
         raise EvomergeError(f"--validate-top must be at least 1, got {top}")

@@ -1,0 +1,39 @@
+"""Where evomerge talks to the user: progress lines on stderr, tables, warnings.
+
+Tables go through `console()`: on a terminal rich fits them to its width; in a
+pipe, a log file or CI it would cut them to 80 columns ("benc…"), so there they
+are printed at their full width instead (unless COLUMNS says otherwise).
+Suspicious input that is not an error (NaN weights, duplicate item ids) is a
+`EvomergeWarning`, shown by the CLI as one `evomerge: warning: ...` line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from evomerge.errors import EvomergeWarning
+
+#: Width given to rich when stdout/stderr is not a terminal: wide enough for any table.
+UNBOUNDED_WIDTH = 10_000
+
+
+def say(message: str) -> None:
+    """A progress line for the user, on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """Report suspicious input that does not stop the run."""
+    warnings.warn(message, EvomergeWarning, stacklevel=2)
+
+
+def console(stderr: bool = False):
+    """A rich Console that prints tables whole when its stream is not a terminal."""
+    from rich.console import Console
+
+    out = Console(stderr=stderr)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(stderr=stderr, width=UNBOUNDED_WIDTH)
+    return out

@@ -1,0 +1,130 @@
+"""Run folders: a first start that failed never blocks the folder, racing workers share one study,
+and a storage URL is remembered only once a search opened its study (evomerge/search/runs.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+import evomerge.search.run as run_module
+from evomerge.cli import main
+from evomerge.search.runs import STORAGE_FILE, load_run_space, open_existing_study
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_space(zoo_dir: Path, path: Path, name: str = "r", items: int = 60, **sections) -> Path:
+    """Two experts, two 60-item benchmarks, no calibration merges: a run that calibrates in a second."""
+    tasks = json.loads((zoo_dir / "zoo.json").read_text())["tasks"][:2]
+    benchmarks = []
+    for task in tasks:
+        lines = (zoo_dir / "bench" / f"{task}.jsonl").read_text().splitlines()[:items]
+        (path.parent / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+        benchmarks.append({"name": task, "path": str(path.parent / f"{task}.jsonl")})
+    space = {
+        "name": name,
+        "models": {"base": str(zoo_dir / "base"), "experts": {t: str(zoo_dir / "experts" / t) for t in tasks}},
+        "merge": {"method": "ties", "granularity": "global", "params": {"weight": [0.0, 1.2]}},
+        "benchmarks": benchmarks,
+        "estimator": {"method": "mean", "strategy": "random", "subset_size": 10, "calibration_merges": 0},
+        "optimizer": {"name": "tpe", "trials": 3, "seed": 0},
+        "device": "cpu",
+    }
+    for section, values in sections.items():
+        space[section] = {**space.get(section, {}), **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def complete(study) -> list:
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.fixture
+def scoring_calls(monkeypatch):
+    """Counts full-benchmark scorings (calibration); `interrupt_after` raises Ctrl-C after that many."""
+    calls = {"full": 0, "interrupt_after": None}
+    real = run_module.score_items
+
+    def counting(model, tokenizer, bench, indices=None, **kwargs):
+        if indices is None:
+            if calls["interrupt_after"] is not None and calls["full"] >= calls["interrupt_after"]:
+                raise KeyboardInterrupt
+            calls["full"] += 1
+        return real(model, tokenizer, bench, indices=indices, **kwargs)
+
+    monkeypatch.setattr(run_module, "score_items", counting)
+    return calls
+
+
+def test_a_first_start_killed_in_calibration_starts_again_and_may_change_its_space(
+        zoo_dir, tmp_path, scoring_calls, capsys):
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "r"
+    space = small_space(zoo_dir, tmp_path / "space.yaml")
+    scoring_calls["interrupt_after"] = 2  # Ctrl-C in the first calibration, two models scored and cached
+    assert main(["search", str(space), "--runs-root", str(runs), "--no-progress"]) == 130
+    assert f"evomerge resume {run_dir}" in capsys.readouterr().err
+    assert complete(open_existing_study(run_dir)) == []
+
+    # a new space replaces the stored one while no trial exists; calibration goes on from its cache
+    scoring_calls.update(full=0, interrupt_after=None)
+    changed = small_space(zoo_dir, tmp_path / "space.yaml", optimizer={"name": "random"})
+    assert main(["search", str(changed), "--runs-root", str(runs), "--no-progress"]) == 0
+    assert scoring_calls["full"] == 2 * 3 - 2  # 3 models x 2 benchmarks, 2 cached
+    assert len(complete(open_existing_study(run_dir))) == 3
+    assert load_run_space(run_dir).optimizer == "random"
+    assert "starting search 'r'" in capsys.readouterr().err
+
+    # once trials exist the space is fixed, and that is said before any scoring
+    scoring_calls["full"] = 0
+    other = small_space(zoo_dir, tmp_path / "space.yaml", optimizer={"name": "random"},
+                        merge={"params": {"weight": [0.0, 2.0]}})
+    assert main(["search", str(other), "--runs-root", str(runs), "--no-progress"]) == 2
+    assert "merge.params.weight" in capsys.readouterr().err
+    assert scoring_calls["full"] == 0
+    assert main(["resume", str(run_dir), "--trials", "4", "--no-progress"]) == 0
+    assert len(complete(open_existing_study(run_dir))) == 4
+
+
+def test_two_workers_racing_on_a_new_folder_share_one_study(zoo_dir, tmp_path):
+    """Two workers (threads here: same storage, same folder) started at once on a new folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    space = small_space(zoo_dir, tmp_path / "space.yaml", optimizer={"trials": 4})
+    command = ["search", str(space), "--runs-root", str(tmp_path / "runs"), "--no-progress"]
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda _: main(command), range(2))) == [0, 0]
+    run_dir = tmp_path / "runs" / "r"
+    assert optuna.study.get_all_study_names(f"sqlite:///{run_dir / 'study.db'}") == ["r"]
+    assert len(complete(open_existing_study(run_dir))) >= 4
+
+
+def test_a_storage_is_remembered_only_by_a_search_that_opened_it(zoo_dir, tmp_path, capsys):
+    space = small_space(zoo_dir, tmp_path / "space.yaml")
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "r"
+    bad = "sqlite:////nonexistent/dir/x.db"
+    assert main(["search", str(space), "--runs-root", str(runs), "--storage", bad, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open study storage" in err and "Traceback" not in err
+    assert not (run_dir / STORAGE_FILE).exists()
+
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert main(["search", str(space), "--runs-root", str(runs), "--storage", shared, "--no-progress",
+                 "--trials", "2"]) == 0
+    assert (run_dir / STORAGE_FILE).read_text() == shared
+    assert main(["status", str(run_dir), "--storage", bad]) == 2  # a read-only command: one error ...
+    assert "cannot open study storage" in capsys.readouterr().err
+    assert (run_dir / STORAGE_FILE).read_text() == shared        # ... and nothing remembered
+    assert main(["status", str(run_dir)]) == 0
+    assert "2 complete" in capsys.readouterr().out
