@@ -41,9 +41,12 @@ def export_checkpoint(
         model, tokenizer = core.new_model()
     core.merge_into(model, recipe, seed=seed)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
     num_layers = model.config.num_hidden_layers
-    mergekit_yaml = recipe_to_mergekit_yaml(recipe, base_path, expert_paths, num_layers)
+    # the core's dtype: mergekit then computes deltas and TIES selections in it, as the core did
+    dtype = str(core.dtype).removeprefix("torch.")
+    mergekit_yaml = recipe_to_mergekit_yaml(recipe, base_path, expert_paths, num_layers, dtype=dtype)
     (out_dir / MERGEKIT_FILE).write_text(mergekit_yaml)
     (out_dir / RECIPE_FILE).write_text(
         json.dumps(

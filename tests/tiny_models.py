@@ -70,3 +70,29 @@ def write_tiny_family(root, num_experts: int = 3, sharded_expert: int = 1, dtype
         shard = "20KB" if i == sharded_expert else None
         experts.append(write_tiny_expert(base, root / f"expert{i}", seed=100 + i, max_shard_size=shard))
     return base, experts
+
+
+def write_tiny_qwen2_family(root, num_experts: int = 2, num_layers: int = 3, dtype=torch.bfloat16):
+    """A small Qwen2-architecture base (q/k/v biases) and noisy experts saved in `dtype`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = Path(root)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base_model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for param in base_model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    _save(base_model.to(dtype), root / "base", None)
+    experts = []
+    for i in range(num_experts):
+        model = Qwen2ForCausalLM.from_pretrained(str(root / "base"), dtype=dtype)
+        generator = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator).to(dtype) * 0.01)
+        _save(model, root / f"expert{i}", None)
+        experts.append(root / f"expert{i}")
+    return root / "base", experts
