@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from evomerge.console import one_line_warnings
 from evomerge.errors import EvomergeError
 
 
@@ -38,6 +39,20 @@ def _with_memory(space, args):
                              parse_bytes(args.host_memory, "--host-memory"))
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,29 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("space", help="search-space YAML (see search_spaces/)")
     search.add_argument("--runs-root", default="runs", help="parent of the run folder (default: runs)")
     search.add_argument("--run-dir", help="run folder (default: RUNS_ROOT/<space name>)")
-    search.add_argument("--trials", type=int, help="total complete trials wanted (default: the space's budget)")
+    search.add_argument("--trials", type=at_least(1), help="total complete trials wanted (default: the space's budget)")
     search.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_storage(search)
     _add_memory(search)
 
     resume = commands.add_parser("resume", help="continue a run from its folder")
     resume.add_argument("run_dir")
-    resume.add_argument("--trials", type=int, help="new total budget (default: the space's budget)")
+    resume.add_argument("--trials", type=at_least(1), help="new total budget (default: the space's budget)")
     resume.add_argument("--no-progress", action="store_true")
     _add_storage(resume)
     _add_memory(resume)
 
     status = commands.add_parser("status", help="table of a run's best trials")
     status.add_argument("run_dir")
-    status.add_argument("--top", type=int, default=10)
+    status.add_argument("--top", type=at_least(1), default=10, help="how many of the best trials (default: 10)")
     _add_storage(status)
 
     export = commands.add_parser("export", help="write the best (or a chosen) trial as an HF checkpoint")
     export.add_argument("run_dir")
-    export.add_argument("--trial", type=int, help="trial number (default: the best)")
+    export.add_argument("--trial", type=at_least(0), help="trial number (default: the best)")
     export.add_argument("--out", help="output folder (default: RUN_DIR/export-trial<N>)")
     export.add_argument("--max-shard-size", default="1GB", help="safetensors shard size (default: 1GB)")
-    export.add_argument("--validate-top", type=int, default=0, metavar="K",
+    export.add_argument("--validate-top", type=at_least(0), default=0, metavar="K",
                         help="score the K best-estimated trials on all items and export the best measured one")
     _add_storage(export)
     _add_memory(export)
@@ -84,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="score a run's top trials on the full benchmarks (estimate vs measured)")
     validate.add_argument("run_dir")
-    validate.add_argument("--top", type=int, default=5, help="how many of the best-estimated trials (default: 5)")
+    validate.add_argument("--top", type=at_least(1), default=5, help="how many of the best-estimated trials (default: 5)")
     _add_storage(validate)
 
     report = commands.add_parser(
@@ -98,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--bench", nargs="+", help="benchmark jsonl files or local datasets")
     source.add_argument("--space", help="use the benchmarks of this search space YAML or run folder")
-    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--batch-size", type=at_least(1), default=128)
     evaluate.add_argument("--records", metavar="DIR",
                           help="write each item's answer (prompt, generation, extracted answer, target, correct) to "
                           "DIR/<model>/<benchmark>.jsonl (default: MODEL/eval/<benchmark>.jsonl)")
@@ -113,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="build the zoo, evolve a merge, export it, compare with baselines")
     demo.add_argument("--space", default="search_spaces/demo.yaml")
-    demo.add_argument("--trials", type=int)
+    demo.add_argument("--trials", type=at_least(1))
     demo.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return COMMANDS[args.command](args)
+        with one_line_warnings():
+            return COMMANDS[args.command](args)
     except EvomergeError as error:
         print(f"evomerge: error: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 
 from evomerge.errors import EvomergeWarning
 
@@ -27,6 +28,22 @@ def say(message: str) -> None:
 def warn(message: str) -> None:
     """Report suspicious input that does not stop the run."""
     warnings.warn(message, EvomergeWarning, stacklevel=2)
+
+
+@contextmanager
+def one_line_warnings():
+    """Within: an `EvomergeWarning` prints as `evomerge: warning: ...` (others as Python prints them)."""
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, EvomergeWarning):
+                print(f"evomerge: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def console(stderr: bool = False):

@@ -93,6 +93,14 @@ def test_every_shipped_space_is_valid(path):
         (lambda r: r.update(evaluation={"stages": [40], "top_k": 0}), "evaluation.top_k"),
         (lambda r: r.update(evaluation={"stages": [40], "level": 1.5}), "evaluation.level"),
         (lambda r: r.update(evaluation={"stages": [40], "race": True}), "unknown key evaluation.race"),
+        # ranges against the method's own parameter domain, at parse time (issue 15)
+        (lambda r: r["merge"]["params"].update(density=[-0.5, 1]), r"merge\.params\.density: density must be in \(0, 1\]"),
+        (lambda r: r["merge"]["params"].update(density=[0.3, 2.0]), r"merge\.params\.density: density must be in \(0, 1\], got \[0\.3, 2\]"),
+        (lambda r: r["merge"]["params"].update(weight=[0.0, float("inf")]), r"merge\.params\.weight must be .*finite"),
+        (lambda r: r["merge"]["params"].update(t=[0.0, 1.0]), r"merge\.params\.t: unknown parameter 't' for merge method 'ties'"),
+        (lambda r: r["merge"].update(fixed={"density": 1.5}), r"merge\.fixed\.density: density must be in"),
+        (lambda r: r.update(name="../escaped"), r"name '\.\./escaped' must be a folder name inside --runs-root"),
+        (lambda r: r.update(name="/tmp/abs"), "must be a folder name"),
     ],
 )
 def test_bad_space_names_the_key(mutate, message):

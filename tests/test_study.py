@@ -273,3 +273,42 @@ def test_per_task_ranking_uses_benchmark_weights():
         study.add_trial(optuna.trial.create_trial(values=values))
     assert [t.number for t in ranked_trials(study)] == [0, 1]            # plain mean: 0.50 vs 0.45
     assert [t.number for t in ranked_trials(study, [1.0, 2.0])] == [1, 0]  # weighted: 0.37 vs 0.53
+
+
+def test_a_genome_already_evaluated_is_not_scored_again(tmp_path):
+    """Optuna's CMA-ES proposes trial 2's genome again at trial 12 (seed 0, two enqueued trials)."""
+    genes = {f"g{i}": (0.0, 1.2) for i in range(30)}
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG)
+    for k in range(2):
+        study.enqueue_trial({name: 0.5 + 0.1 * k for name in genes})
+    calls = []
+
+    def objective(params):
+        calls.append(params)
+        return [sum(params.values())], {"estimates": {"t": 0.5}}
+
+    SearchDriver(study, make_optimizer("cmaes", genes, ["maximize"], seed=0), progress=False).run(objective, 13)
+    duplicates = [t for t in complete(study) if "duplicate_of" in t.user_attrs]
+    assert [(t.number, t.user_attrs["duplicate_of"]) for t in duplicates] == [(12, 2)]
+    assert len(calls) == 12  # 13 complete trials, 12 scored
+    source = study.trials[2]
+    assert duplicates[0].values == source.values and duplicates[0].user_attrs["estimates"] == {"t": 0.5}
+
+
+@pytest.mark.parametrize("where", ["ask", "tell"])
+def test_ctrl_c_during_the_storage_writes_leaves_no_running_trial(tmp_path, monkeypatch, where):
+    study = open_study(tmp_path, "s", ["maximize"], CONFIG)
+    real = getattr(study, where)
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # lands in the middle of the optimizer's ask / tell
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        SearchDriver(study, make_optimizer("random", SPACE, "maximize"), progress=True).run(toy, 3)
+    (trial,) = study.get_trials(deepcopy=False)
+    if where == "ask":
+        assert trial.state == TrialState.FAIL and trial.user_attrs["error"] == "interrupted"
+    else:
+        assert trial.state == TrialState.COMPLETE  # the tell finished, then the interrupt

@@ -88,6 +88,20 @@ class Benchmark:
         kind = get_kind(self.kind, where)
         if self.settings is None:
             self.settings = kind.settings({}, where)
+        _warn_duplicate_ids(self.items, where)
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def _warn_duplicate_ids(items: list[Item], where: str) -> None:
+    """Responses and subsets are kept per item id: a repeated id usually means a file read twice."""
+    from collections import Counter
+
+    from evomerge.console import warn
+
+    repeated = {item_id: n for item_id, n in Counter(item.id for item in items).items() if n > 1}
+    if repeated:
+        first, count = next(iter(repeated.items()))
+        warn(f"{where}: {len(repeated)} item id(s) appear more than once (first: {first!r}, {count} times); "
+             "duplicated items weigh more in its accuracy")

@@ -24,6 +24,7 @@ from evomerge.estimate.extract import stage_sizes
 from evomerge.jsonfile import read_json, write_json
 from evomerge.search.candidates import CandidateBuilder, candidate_seed, make_builder  # noqa: F401 (candidate_seed re-exported)
 from evomerge.search.optimizers import make_optimizer
+from evomerge.search.preflight import check_inputs
 from evomerge.search.racing import (  # noqa: F401 (answers_string re-exported)
     FITNESS_INTERVAL_ATTR, STAGE_ATTR, StagedScorer, answers_string, preferred_trial, trial_items,
 )
@@ -68,12 +69,10 @@ class MergeSearch:
         self.storage = storage
         self.progress = progress
         self.batch_size = batch_size
+        self.benchmarks = check_inputs(space)  # seconds, before any weight is loaded
         self.builder: CandidateBuilder = make_builder(space)
         self.tokenizer = self.builder.tokenizer
-        if self.tokenizer is None:
-            raise EvomergeError(f"base model {space.base} has no tokenizer; benchmarks need one")
         self.genome = self.builder.genome
-        self.benchmarks = {b.name: b.load(tokenizer=self.tokenizer) for b in space.benchmarks}
         self.weights = np.array([b.weight for b in space.benchmarks], dtype=float)
         self.estimators: dict[str, SubsetEstimator] = {}
         self._scorer: StagedScorer | None = None
@@ -227,7 +226,7 @@ class MergeSearch:
             + (f" ({done} of {budget} trials complete)" if done else ""))
         self.prepare()
         optimizer = make_optimizer(self.space.optimizer, self.genome, self.directions, seed=self.space.seed, budget=budget)
-        driver = SearchDriver(study, optimizer, progress=self.progress)
+        driver = SearchDriver(study, optimizer, progress=self.progress, label_attrs=(BASELINE_ATTR,))
         self.scorer.bind(study)
         summary = driver.run(self.objective, budget)
         return study, summary

@@ -26,12 +26,8 @@ STORAGE_FILE = "storage.url"
 
 
 def run_dir_for(space: SearchSpace, runs_root: str | Path = "runs") -> Path:
-    """`RUNS_ROOT/<name>`; a name that would lead outside `runs_root` is refused."""
-    root = Path(runs_root)
-    run_dir = root / space.name
-    if not run_dir.resolve().is_relative_to(root.resolve()) or run_dir.resolve() == root.resolve():
-        raise EvomergeError(f"name {space.name!r} leads outside --runs-root {root}; use a plain folder name")
-    return run_dir
+    """`RUNS_ROOT/<name>` (a space's name never leads outside it: see `space._run_name`)."""
+    return Path(runs_root) / space.name
 
 
 def start_run(space_path: str | Path, runs_root: str | Path = "runs",

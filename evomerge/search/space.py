@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         subset_size = evaluation.stages[0]
 
     return SearchSpace(
-        name=str(raw.get("name") or Path(source).stem),
+        name=_run_name(raw.get("name"), Path(source).stem, source),
         base=base,
         experts=experts,
         method=method,
@@ -357,14 +358,30 @@ def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]):
         if (
             not isinstance(bounds, (list, tuple))
             or len(bounds) != 2
-            or not all(isinstance(b, (int, float)) for b in bounds)
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)
             or not bounds[0] < bounds[1]
         ):
-            raise EvomergeError(f"{source}: merge.params.{name} must be [low, high] with low < high, got {bounds!r}")
+            raise EvomergeError(
+                f"{source}: merge.params.{name} must be [low, high], finite numbers with low < high, got {bounds!r}")
         ranges[name] = (float(bounds[0]), float(bounds[1]))
-    fixed = dict(merge.get("fixed", {}) or {})
+    fixed = merge.get("fixed", {}) or {}
+    if not isinstance(fixed, dict):
+        raise EvomergeError(f"{source}: merge.fixed must map a parameter to its value")
+    fixed = dict(fixed)
+    spec = METHODS[method]  # the method's own parameter spec decides what is valid
+    for name, value in fixed.items():
+        try:
+            spec.check_param(str(name), value, "merge.fixed")
+        except EvomergeError as error:
+            raise EvomergeError(f"{source}: merge.fixed.{name}: {error}") from None
     for name in set(fixed) & set(ranges):
         ranges.pop(name)  # a fixed value is not searched
+    for name, (low, high) in ranges.items():
+        try:
+            spec.param(name)
+        except EvomergeError as error:  # a parameter this method does not have
+            raise EvomergeError(f"{source}: merge.params.{name}: {error}") from None
+        spec.check_range(name, low, high, f"{source}: merge.params.{name}")
     if not ranges:
         raise EvomergeError(f"{source}: merge method {method} leaves no parameter to search")
     return method, granularity, layer_groups, split_modules, ranges, fixed
@@ -383,6 +400,16 @@ def _memory_budgets(reader: "_Reader", memory) -> dict:
         raise EvomergeError(f"{reader.source}: memory must map device / host / scoring_headroom to sizes like 20GiB")
     reader.reject_unknown(memory, set(MEMORY_KEYS), "memory")
     return {MEMORY_KEYS[k]: parse_bytes(v, f"{reader.source}: memory.{k}") for k, v in memory.items() if v is not None}
+
+
+def _run_name(name, default: str, source: str) -> str:
+    """The study and run-folder name: a relative path that stays inside `--runs-root`."""
+    name = default if name is None or name == "" else name
+    path = Path(str(name))
+    if not isinstance(name, str) or path.is_absolute() or ".." in path.parts or str(path) in ("", "."):
+        raise EvomergeError(
+            f"{source}: name {name!r} must be a folder name inside --runs-root (no absolute path, no '..')")
+    return str(name)
 
 
 class _Reader:

@@ -16,11 +16,13 @@ import datetime
 import json
 import math
 import os
+import signal
 import socket
 import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ CONFIG_ATTR = "evomerge_config"
 WORKER_ATTR = "worker"
 ERROR_ATTR = "error"
 WALL_TIME_ATTR = "wall_time_s"
+DUPLICATE_ATTR = "duplicate_of"
+"""On a trial whose genome an earlier COMPLETE trial already had: that trial's number (its result is reused)."""
+_OWN_ATTRS = (WORKER_ATTR, ERROR_ATTR, WALL_TIME_ATTR, DUPLICATE_ATTR)
 #: Config keys that may change on resume (the budget may grow).
 RESUMABLE_KEYS = ("n_trials", "budget")
 HEARTBEAT_INTERVAL_S = 60
@@ -385,11 +390,12 @@ class SearchDriver:
     """
 
     def __init__(self, study: Study, optimizer: SearchOptimizer, *, progress: bool = True,
-                 max_initial_failures: int = 3):
+                 max_initial_failures: int = 3, label_attrs: Sequence[str] = ()):
         self.study = study
         self.optimizer = optimizer
         self.progress = progress
         self.max_initial_failures = max_initial_failures
+        self.label_attrs = tuple(label_attrs)  # a trial's own name (set when enqueued): never copied to a duplicate
         optimizer.bind(study)
 
     def _budget_left(self, n_trials: int) -> int:
@@ -430,24 +436,56 @@ class SearchDriver:
         return SearchSummary(len(complete_trials(self.study)), new_complete, new_failed, best_trials(self.study))
 
     def _run_one(self, objective_fn: ObjectiveFn) -> FrozenTrial:
-        trial = self.optimizer.ask({WORKER_ATTR: _worker_identity()})
-        started = time.perf_counter()
+        """One trial. Its storage writes (ask, tell) finish before a Ctrl-C takes effect, and a
+        trial interrupted anywhere else is failed before the interrupt goes on: none is left RUNNING."""
+        trial, told = None, False
         try:
-            with _Heartbeat(self.study, trial):
-                values, user_attrs = objective_fn(dict(trial.params))
-            values = self._checked_values(values)
-            for key, value in (user_attrs or {}).items():
-                trial.set_user_attr(str(key), _jsonable(value))
-        except Exception as error:
-            trial.set_user_attr(ERROR_ATTR, f"{type(error).__name__}: {error}"[:2000])
-            trial.set_user_attr(WALL_TIME_ATTR, time.perf_counter() - started)
-            return self.optimizer.tell(trial, None)
-        except BaseException:  # Ctrl-C: leave no RUNNING trial behind
-            trial.set_user_attr(ERROR_ATTR, "interrupted")
-            self.optimizer.tell(trial, None)
+            with _sigint_deferred():
+                trial = self.optimizer.ask({WORKER_ATTR: _worker_identity()})
+            started = time.perf_counter()
+            stored = self._stored_result(trial)
+            try:
+                if stored is not None:
+                    values, user_attrs = stored
+                else:
+                    with _Heartbeat(self.study, trial):
+                        values, user_attrs = objective_fn(dict(trial.params))
+                values = self._checked_values(values)
+                user_attrs = {str(key): _jsonable(value) for key, value in (user_attrs or {}).items()}
+            except Exception as error:
+                values, user_attrs = None, {ERROR_ATTR: f"{type(error).__name__}: {error}"[:2000]}
+            with _sigint_deferred():
+                for key, value in {**user_attrs, WALL_TIME_ATTR: time.perf_counter() - started}.items():
+                    trial.set_user_attr(key, value)
+                frozen, told = self.optimizer.tell(trial, values), True
+            return frozen
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # SQLite has no row locks: another worker popped the same enqueued trial and finished it first
+            return self.study._storage.get_trial(trial._trial_id)
+        except BaseException:  # Ctrl-C or a kill signal turned exception: leave no RUNNING trial behind
+            if trial is not None and not told:
+                with _sigint_deferred():
+                    try:
+                        trial.set_user_attr(ERROR_ATTR, "interrupted")
+                        self.optimizer.tell(trial, None)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        pass
             raise
-        trial.set_user_attr(WALL_TIME_ATTR, time.perf_counter() - started)
-        return self.optimizer.tell(trial, values)
+
+    def _stored_result(self, trial: Trial) -> tuple[list[float], dict] | None:
+        """The values and attrs of a COMPLETE trial with this very genome, or None.
+
+        Optuna's CMA-ES can propose a genome twice (its per-trial seed collides); the
+        objective is deterministic in the genome, so the stored result is what scoring
+        again would give, and the optimizer is told the true value of its own sample.
+        The new trial records which one it reuses (user attr ``duplicate_of``).
+        """
+        key = _genome_key(trial.params)
+        for done in complete_trials(self.study):
+            if done.number != trial.number and _genome_key(done.params) == key:
+                attrs = {k: v for k, v in done.user_attrs.items() if k not in _OWN_ATTRS + self.label_attrs}
+                return list(done.values), {**attrs, DUPLICATE_ATTR: done.number}
+        return None
 
     def _checked_values(self, values: Sequence[float] | float) -> list[float]:
         if isinstance(values, (int, float)):
@@ -459,6 +497,30 @@ class SearchDriver:
         if not all(math.isfinite(v) for v in values):
             raise EvomergeError(f"objective returned a non-finite value: {values}")
         return values
+
+
+def _genome_key(params: Mapping[str, float]) -> tuple:
+    return tuple(sorted((name, round(float(value), 12)) for name, value in params.items()))
+
+
+@contextmanager
+def _sigint_deferred():
+    """Within: a Ctrl-C waits for the block to finish, then interrupts (main thread only).
+
+    Storage writes of ask and tell take milliseconds; deferring the interrupt over them
+    means a trial is never left half-created or RUNNING by a Ctrl-C.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])  # Python's default handler raises KeyboardInterrupt
 
 
 class _progress_display:

@@ -70,7 +70,7 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
     from evomerge.search.candidates import make_builder
 
     if top < 1:
-        raise EvomergeError(f"--validate-top must be at least 1, got {top}")
+        raise EvomergeError(f"the number of top trials to validate must be at least 1, got {top}")
     space = load_run_space(run_dir)
     study = open_existing_study(run_dir, storage)
     weights = {b.name: b.weight for b in space.benchmarks}

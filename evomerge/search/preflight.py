@@ -1,0 +1,59 @@
+"""Checks of a search's inputs that need no weights, run before any model is loaded or scored.
+
+The space file itself is checked when parsed (`space.py`). What needs the
+inputs is checked here, from the model headers (config and safetensors
+index), the tokenizer and the benchmark items: a mistake then fails in
+seconds, naming the key or file at fault, instead of after a calibration
+that takes hours on real models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evomerge.console import warn
+from evomerge.errors import EvomergeError
+from evomerge.search.space import SearchSpace
+
+
+def check_inputs(space: SearchSpace) -> dict:
+    """Check the models' headers, the tokenizer and the benchmarks; returns the loaded benchmarks by name."""
+    from evomerge.estimate.extract import stage_sizes
+
+    if space.dfs is None:
+        _check_models(space)
+    tokenizer = _load_tokenizer(space.base)
+    for path in space.extra_models:
+        if not (Path(path) / "config.json").is_file():
+            raise EvomergeError(f"estimator.extra_models: {path} is not a model folder (no config.json)")
+    key, asked = ("evaluation.stages", space.stages) if space.evaluation else ("estimator.subset_size", space.subset_size)
+    benchmarks = {}
+    for spec in space.benchmarks:
+        bench = spec.load(tokenizer=tokenizer)
+        try:
+            stage_sizes(space.stages, len(bench.items), key)  # the estimator's own rule, at calibration
+        except EvomergeError as error:
+            raise EvomergeError(f"{key} {asked} does not fit benchmark {spec.name!r} "
+                                f"({len(bench.items)} items in {spec.path}): {error}") from None
+        benchmarks[spec.name] = bench
+    return benchmarks
+
+
+def _check_models(space: SearchSpace) -> None:
+    """Base and experts can be merged tensor by tensor; the granularity fits the layers."""
+    from evomerge.merge.loading import check_compatible, open_model
+
+    base = open_model(space.base)
+    check_compatible(base, [open_model(path) for path in space.expert_paths])
+    if space.granularity == "layer_group" and space.layer_groups > base.num_layers:
+        warn(f"merge.layer_groups {space.layer_groups} is more than the {base.num_layers} layers of "
+             f"{space.base}: searching {base.num_layers} groups of one layer")
+
+
+def _load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(base))
+    except (OSError, ValueError, TypeError) as error:
+        raise EvomergeError(f"base model {base} has no usable tokenizer ({error}); benchmarks need one") from None
