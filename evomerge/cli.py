@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from evomerge.console import one_line_warnings
+from evomerge.console import full_width_console, one_line_warnings
 from evomerge.errors import EvomergeError
 
 
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--trial", type=at_least(0), help="trial number (default: the best)")
     export.add_argument("--out", help="output folder (default: RUN_DIR/export-trial<N>)")
+    export.add_argument("--force", action="store_true",
+                        help="replace --out even if it is not an earlier export of this run (its contents are deleted)")
     export.add_argument("--max-shard-size", default="1GB", help="safetensors shard size (default: 1GB)")
     export.add_argument("--validate-top", type=at_least(0), default=0, metavar="K",
                         help="score the K best-estimated trials on all items and export the best measured one")
@@ -200,7 +202,6 @@ def _print_status(study, top: int, weights: list[float] | None = None, n_stages:
 
     Each row says how far the trial was scored: its stage (racing) and items, and its fitness interval.
     """
-    from rich.console import Console
     from rich.table import Table
 
     from evomerge.search.run import BASELINE_ATTR, FITNESS_INTERVAL_ATTR, STAGE_ATTR, trial_items
@@ -210,7 +211,7 @@ def _print_status(study, top: int, weights: list[float] | None = None, n_stages:
     counts = {}
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-    console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)  # piped: no truncated columns
+    console = full_width_console()
     console.print(f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
     if not trials:
         return
@@ -259,7 +260,8 @@ def cmd_export(args) -> int:
     memory = {"device_memory": parse_bytes(args.device_memory, "--device-memory"),
               "host_memory": parse_bytes(args.host_memory, "--host-memory")}
     out = export_trial(args.run_dir, trial_number=args.trial, out_dir=args.out, storage=args.storage,
-                       max_shard_size=args.max_shard_size, validate_top=args.validate_top, memory=memory)
+                       max_shard_size=args.max_shard_size, validate_top=args.validate_top, memory=memory,
+                       force=args.force)
     print(f"exported to {out}")
     return 0
 

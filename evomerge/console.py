@@ -1,6 +1,6 @@
 """Where evomerge talks to the user: progress lines on stderr, tables, warnings.
 
-Tables go through `console()`: on a terminal rich fits them to its width; in a
+Tables go through `full_width_console()`: on a terminal rich fits them to its width; in a
 pipe, a log file or CI it would cut them to 80 columns ("benc…"), so there they
 are printed at their full width instead (unless COLUMNS says otherwise).
 Suspicious input that is not an error (NaN weights, duplicate item ids) is a
@@ -46,7 +46,7 @@ def one_line_warnings():
         yield
 
 
-def console(stderr: bool = False):
+def full_width_console(stderr: bool = False):
     """A rich Console that prints tables whole when its stream is not a terminal."""
     from rich.console import Console
 

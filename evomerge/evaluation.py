@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomerge.benchmarks import Benchmark, load_benchmark, score_records, write_records
+from evomerge.console import full_width_console
 from evomerge.errors import EvomergeError
 
 
@@ -60,7 +61,6 @@ def evaluate_models(models: dict, benchmarks: dict[str, Benchmark], batch_size: 
 
 
 def print_accuracy_table(results: dict[str, dict[str, float]], tasks: list[str], title: str = "full-benchmark accuracy") -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -71,4 +71,4 @@ def print_accuracy_table(results: dict[str, dict[str, float]], tasks: list[str],
     for name, scores in results.items():
         values = [scores[t] for t in tasks]
         table.add_row(name, *(f"{v:.3f}" for v in values), f"{sum(values) / len(values):.3f}")
-    Console().print(table)
+    full_width_console().print(table)

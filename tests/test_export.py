@@ -3,6 +3,7 @@ all or nothing, and a folder that is not an earlier export of the same run is ne
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -48,3 +49,66 @@ def test_exported_mergekit_yaml_remakes_a_bf16_ties_merge_tensor_for_tensor(bf16
     for name, tensor in ours.items():
         assert theirs[name].dtype == tensor.dtype == torch.bfloat16, name
         assert torch.equal(theirs[name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def bf16_core(bf16_family):
+    base, experts = bf16_family
+    return MergeCore(base, experts, device="cpu")
+
+
+def export(core, out, recipe=None, **kwargs):
+    base = core.base_path
+    return export_checkpoint(core, recipe or Recipe("task_arithmetic", {"weight": 0.5}), out, seed=0,
+                             base_path=str(base), expert_paths=[str(e) for e in core.expert_paths], **kwargs)
+
+
+RUN = {"study": "s", "run": "/runs/s"}
+
+
+def test_an_export_is_all_or_nothing(bf16_core, tmp_path, monkeypatch):
+    import evomerge.export as export_module
+
+    out = tmp_path / "out"
+    export(bf16_core, out, max_shard_size="20KB", owner=RUN)  # sharded: an index and several files
+    assert (out / "model.safetensors.index.json").is_file()
+    before = sorted(p.name for p in out.iterdir())
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if Ctrl-C / a kill arrived while writing the card
+
+    monkeypatch.setattr(export_module, "model_card", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(bf16_core, out, owner=RUN)
+    assert sorted(p.name for p in out.iterdir()) == before  # the earlier export, whole
+    with pytest.raises(KeyboardInterrupt):
+        export(bf16_core, tmp_path / "new", owner=RUN)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+
+    export(bf16_core, out, owner=RUN)  # unsharded now: nothing of the sharded export is left
+    assert not (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial or old sibling left
+    open_model(out).load()
+
+
+def test_a_folder_that_is_not_an_export_of_the_same_run_is_not_replaced(bf16_family, bf16_core, tmp_path):
+    import shutil
+
+    from evomerge.errors import EvomergeError
+
+    base_copy = tmp_path / "base-copy"
+    shutil.copytree(bf16_family[0], base_copy)
+    weights = (base_copy / "model.safetensors").read_bytes()
+    with pytest.raises(EvomergeError, match="is not empty and is not an earlier export of this run.*--force"):
+        export(bf16_core, base_copy, owner=RUN)
+    assert (base_copy / "model.safetensors").read_bytes() == weights
+
+    export(bf16_core, tmp_path / "mine", owner=RUN)
+    export(bf16_core, tmp_path / "mine", owner=RUN)  # an earlier export of the same run: replaced
+    with pytest.raises(EvomergeError, match="not an earlier export of this run"):
+        export(bf16_core, tmp_path / "mine", owner={"study": "other", "run": "/runs/other"})
+    with pytest.raises(EvomergeError, match="holds the run"):
+        export(bf16_core, tmp_path, owner={"study": "s", "run": str(tmp_path / "mine" / "..")})
+    export(bf16_core, base_copy, owner=RUN, force=True)
+    assert json.loads((base_copy / "evomerge_export.json").read_text())["owner"] == RUN

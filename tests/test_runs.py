@@ -107,3 +107,13 @@ def test_a_storage_is_remembered_only_by_a_search_that_opened_it(zoo_dir, tmp_pa
     assert (run_dir / STORAGE_FILE).read_text() == shared        # ... and nothing remembered
     assert main(["status", str(run_dir)]) == 0
     assert "2 complete" in capsys.readouterr().out
+    # exporting over a folder that is not an earlier export of this run is refused before any model loads
+    import shutil
+
+    base_copy = tmp_path / "base-copy"
+    shutil.copytree(zoo_dir / "base", base_copy)
+    assert main(["export", str(run_dir), "--out", str(base_copy)]) == 2
+    assert "is not an earlier export of this run" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--out", str(base_copy), "--force"]) == 0
+    assert main(["export", str(run_dir), "--out", str(base_copy)]) == 0  # now it is one
+    assert (base_copy / "evomerge_export.json").is_file()

@@ -97,24 +97,33 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str 
 
 def export_path(pool: LayerPool, path: DataFlowPath, out_dir: str | Path, *, tokenizer, model_refs: dict[str, str],
                 intermediates: dict[str, str] | None = None, sources: dict | None = None, details: dict | None = None,
-                max_shard_size: str = "1GB") -> Path:
-    """Write ``path`` (checkpoint, config, tokenizer, mergekit YAML, path JSON, card) into ``out_dir``."""
+                max_shard_size: str = "1GB", owner: dict | None = None, force: bool = False,
+                finish=None) -> Path:
+    """Write ``path`` (checkpoint, config, tokenizer, mergekit YAML, path JSON, card) into ``out_dir``.
+
+    Written all or nothing through `evomerge.export.export_folder` (``owner``, ``force``: see there);
+    ``finish(folder)`` adds to the export before it is complete (e.g. the card's figures).
+    """
+    from evomerge.export import export_folder
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = pool.assemble(path)
-    dtype = str(model.dtype).removeprefix("torch.")
-    write_safetensors(pool.state_dict(path), out_dir, max_shard_size)
-    config = model.config
-    config.dtype = dtype
-    config.save_pretrained(out_dir)
-    model.generation_config.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    mergekit_yaml = path_to_mergekit_yaml(path, model_refs, dtype=dtype, intermediates=intermediates)
-    (out_dir / MERGEKIT_FILE).write_text(mergekit_yaml)
-    record = {"path": path.to_dict(), "layers": path.describe(), "sources": sources or {}, "details": details or {}}
-    (out_dir / PATH_FILE).write_text(json.dumps(record, indent=2))
-    (out_dir / "README.md").write_text(path_card(path, sources or {}, details or {}, mergekit_yaml, bool(intermediates)))
+    with export_folder(out_dir, owner, force) as folder:
+        model = pool.assemble(path)
+        dtype = str(model.dtype).removeprefix("torch.")
+        write_safetensors(pool.state_dict(path), folder, max_shard_size)
+        config = model.config
+        config.dtype = dtype
+        config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        mergekit_yaml = path_to_mergekit_yaml(path, model_refs, dtype=dtype, intermediates=intermediates)
+        (folder / MERGEKIT_FILE).write_text(mergekit_yaml)
+        record = {"path": path.to_dict(), "layers": path.describe(), "sources": sources or {}, "details": details or {}}
+        (folder / PATH_FILE).write_text(json.dumps(record, indent=2))
+        (folder / "README.md").write_text(path_card(path, sources or {}, details or {}, mergekit_yaml, bool(intermediates)))
+        if finish is not None:
+            finish(folder)
     return out_dir
 
 

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from evomerge.console import full_width_console
 from evomerge.errors import EvomergeError
 from evomerge.estimate.estimators import DEFAULT_LEVEL, METHODS, fit_subset_estimator
 from evomerge.estimate.responses import ResponseMatrix, benchmark_item_ids, responses_path, score_model
@@ -86,10 +87,9 @@ class EstimateCheckTable:
         return {"rows": self.rows, "coverage": self.coverage, "methods": self.methods, "facts": self.facts}
 
     def print(self, console=None) -> None:
-        from rich.console import Console
         from rich.table import Table
 
-        console = console or Console()
+        console = console or full_width_console()
         head, lines = self.error_cells()
         table = Table(title="estimator mean absolute error vs. full-benchmark accuracy (held-out merges; "
                             "worst: the task with the largest error)")

@@ -54,8 +54,13 @@ class CandidateBuilder(ABC):
 
     @abstractmethod
     def export(self, attrs: Mapping[str, Any], out_dir: str | Path, *, details: dict | None = None,
-               max_shard_size: str = "1GB") -> Path:
-        """Write the trial's model as a Hugging Face checkpoint folder; returns it."""
+               max_shard_size: str = "1GB", owner: dict | None = None, force: bool = False,
+               finish=None) -> Path:
+        """Write the trial's model as a Hugging Face checkpoint folder, all or nothing; returns it.
+
+        ``owner`` / ``force``: who may be replaced there (see `evomerge.export.export_folder`);
+        ``finish(folder)`` adds to the export before it is complete.
+        """
 
     @abstractmethod
     def baseline_genomes(self) -> dict[str, dict[str, float]]:
@@ -119,7 +124,7 @@ class ParameterMerge(CandidateBuilder):
 
         return self.core.merge_into(self.model, Recipe.from_dict(attrs["recipe"]), seed=int(attrs["merge_seed"]))
 
-    def export(self, attrs, out_dir, *, details=None, max_shard_size="1GB"):
+    def export(self, attrs, out_dir, *, details=None, max_shard_size="1GB", owner=None, force=False, finish=None):
         from evomerge.export import export_checkpoint
         from evomerge.merge import Recipe
 
@@ -128,6 +133,7 @@ class ParameterMerge(CandidateBuilder):
             model=self.model, tokenizer=self.tokenizer,
             base_path=self.space.base, expert_paths=self.space.expert_paths,
             expert_names=self.space.expert_names, details=details, max_shard_size=max_shard_size,
+            owner=owner, force=force, finish=finish,
         )
 
     def baseline_genomes(self):
@@ -221,7 +227,7 @@ class DataFlowMerge(CandidateBuilder):
     def rebuild(self, attrs):
         return self.pool.assemble(self._path(attrs))
 
-    def export(self, attrs, out_dir, *, details=None, max_shard_size="1GB"):
+    def export(self, attrs, out_dir, *, details=None, max_shard_size="1GB", owner=None, force=False, finish=None):
         from evomerge.dataflow.export import export_path
         from evomerge.merge import Recipe, recipe_to_mergekit_yaml
 
@@ -235,7 +241,7 @@ class DataFlowMerge(CandidateBuilder):
                     Recipe.from_dict(source.recipe), source.run_base, source.run_experts, source.num_layers, dtype=dtype)
         return export_path(self.pool, self._path(attrs), out_dir, tokenizer=self.tokenizer, model_refs=refs,
                            intermediates=intermediates, sources=self._sources(), details=details,
-                           max_shard_size=max_shard_size)
+                           max_shard_size=max_shard_size, owner=owner, force=force, finish=finish)
 
     def baseline_genomes(self):
         """Every source alone (when it fits the budgets), then the space's hand-written paths."""

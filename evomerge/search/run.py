@@ -252,14 +252,17 @@ def export_trial(
     progress: bool = True,
     builder: CandidateBuilder | None = None,
     memory: dict | None = None,
+    force: bool = False,
 ) -> Path:
-    """Export the best (or a chosen) trial of a run as an HF checkpoint.
+    """Export the best (or a chosen) trial of a run as an HF checkpoint, all or nothing.
 
     ``validate_top=K`` scores the K best-estimated trials on the full benchmarks
     first and exports the best measured one (see `evomerge.search.validate`).
     ``builder``: a candidate builder already holding the run's models (else they are loaded).
     ``memory``: merge-core budgets (``device_memory`` / ``host_memory`` bytes) replacing the space's.
+    A non-empty ``out_dir`` is replaced only when it is an earlier export of this run, or with ``force``.
     """
+    from evomerge.export import check_export_target
     from evomerge.search.validate import stored_full_accuracies, validate_top_trials
 
     space = load_run_space(run_dir).with_memory(**(memory or {}))
@@ -272,6 +275,9 @@ def export_trial(
         raise EvomergeError(
             f"trial {trial_number} is not a complete trial of {run_dir}; complete: {sorted(by_number)}"
         )
+    owner = {"study": space.name, "run": str(Path(run_dir).resolve())}
+    if out_dir is not None:
+        check_export_target(out_dir, owner, force)  # before any model is loaded
     if builder is None:
         builder = make_builder(space)
     if trial_number is None and validate_top:
@@ -289,9 +295,12 @@ def export_trial(
     measured = stored_full_accuracies(study).get(trial.number)
     if measured:
         details["measured accuracy (all items)"] = ", ".join(f"{k} {v:.3f}" for k, v in measured.items())
-    out = builder.export(trial.user_attrs, out_dir, details=details, max_shard_size=max_shard_size)
-    _embed_search_figures(out, run_dir, study, trial.number, progress)
-    return out
+
+    def figures(folder: Path) -> None:  # written inside the export, so it is complete or absent with them
+        _embed_search_figures(folder, run_dir, study, trial.number, progress)
+
+    return builder.export(trial.user_attrs, out_dir, details=details, max_shard_size=max_shard_size,
+                          owner=owner, force=force, finish=figures)
 
 
 def scored_on(trial, space: SearchSpace) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evomerge.console import say
+from evomerge.console import full_width_console, say
 from evomerge.errors import EvomergeError
 from evomerge.search.runs import load_run_space, open_existing_study
 from evomerge.search.study import ranked_trials, weighted_mean
@@ -111,7 +111,6 @@ def _scored_on_every_item(trial, space) -> bool:
 
 
 def print_validation_table(rows: list[ValidatedTrial]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="top trials: estimated vs measured full-benchmark accuracy")
@@ -124,4 +123,4 @@ def print_validation_table(rows: list[ValidatedTrial]) -> None:
     for row in rows:
         table.add_row(str(row.number), f"{row.estimated_mean:.3f}", f"{row.measured_mean:.3f}",
                       *(f"{row.measured.get(t, float('nan')):.3f}" for t in tasks))
-    Console().print(table)
+    full_width_console().print(table)
