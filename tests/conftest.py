@@ -20,3 +20,14 @@ QUICK_ZOO_DIR = REPO_ROOT / "runs" / ".cache" / f"zoo-quick-{ZOO_VERSION}"
 def zoo_dir() -> Path:
     """Path to a complete quick-profile zoo (seed 0): base/, experts/<task>/, bench/, zoo.json."""
     return ensure_zoo(QUICK_ZOO_DIR, seed=0, profile="quick", progress=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models merge and score fastest on one thread (no OpenMP spinning on a busy CI box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,12 +30,7 @@ MIXED = [("a", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 1), ("b", 2)]
 SCALES = [1.0, 1.0, 0.8, 1.0, 1.5, 0.9]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 
 import evomerge.search.run as run_module
 from evomerge.cli import main
@@ -18,12 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from small_space import small_space  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def complete(study) -> list:

@@ -25,13 +25,7 @@ from evomerge.search.runs import open_existing_study, start_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models merge and score fastest on one thread (no OpenMP spinning on a busy CI box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_space(zoo_dir: Path, path: Path, optimizer: str, trials: int, name: str) -> Path:
