@@ -133,29 +133,6 @@ def _straddling_ties(core, density: float) -> int:
     return count
 
 
-@pytest.fixture
-def mergekit_stable_sorts(monkeypatch):
-    """mergekit's magnitude sorts made stable (ties by lowest index), as torch's CUDA sort is."""
-    pytest.importorskip("mergekit", reason="mergekit (test extra, ==0.1.5) is not installed")
-    import mergekit.sparsify as sparsify_module
-
-    class StableSorts:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def argsort(input, dim=-1, descending=False, **kwargs):
-            kwargs["stable"] = kwargs.get("stable") or input.dim() == 1
-            return torch.argsort(input, dim=dim, descending=descending, **kwargs)
-
-        @staticmethod
-        def sort(input, dim=-1, descending=False, **kwargs):
-            kwargs["stable"] = kwargs.get("stable") or input.dim() == 1
-            return torch.sort(input, dim=dim, descending=descending, **kwargs)
-
-    monkeypatch.setattr(sparsify_module, "torch", StableSorts())
-
-
 def test_threshold_tables_equal_rank_caches_and_mergekit_on_bf16(family, resident, tmp_path, mergekit_stable_sorts):
     from mergekit_run import assert_same, run_mergekit
 
