@@ -14,7 +14,9 @@ from optuna.trial import TrialState
 
 from evomerge.cli import main
 from evomerge.search.runs import open_existing_study
-from test_search_e2e import one_thread, write_space  # noqa: F401 (one_thread: autouse fixture)
+from test_search_e2e import write_space
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
