@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.jsonfile import temporary_sibling
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ class ResponseMatrix:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = temporary_sibling(path, ".tmp.npz")
         np.savez_compressed(tmp, correct=self.correct, model_names=np.array(self.model_names, dtype=str),
                             item_ids=np.array(self.item_ids, dtype=str), benchmark=np.array(self.benchmark))
         tmp.replace(path)  # atomic: a crash mid-write never leaves a torn file

@@ -12,13 +12,13 @@ write to the folder.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.jsonfile import write_text_atomic
 from evomerge.search.space import SearchSpace, load_search_space
 
 SPACE_FILE = "space.yaml"
@@ -69,9 +69,9 @@ def open_run_study(run_dir: str | Path, space: SearchSpace, storage: str | None,
     storage = storage_for(run_dir, storage)
     study = open_study(storage or run_dir, space.name, directions, config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / SPACE_FILE, dump_space(space))
-    if storage:
-        _write_atomic(run_dir / STORAGE_FILE, storage)
+    for path, text in ((run_dir / SPACE_FILE, dump_space(space)), (run_dir / STORAGE_FILE, storage)):
+        if text and not (path.exists() and path.read_text() == text):
+            write_text_atomic(path, text)
     return study
 
 
@@ -87,12 +87,3 @@ def open_existing_study(run_dir: str | Path, storage: str | None = None):
         return optuna.load_study(study_name=space.name, storage=open_storage(url))
     except KeyError:
         raise EvomergeError(f"no study {space.name!r} in {url} yet; start it with `evomerge search`") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary sibling and a rename, so racing workers never leave a torn file."""
-    if path.exists() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
