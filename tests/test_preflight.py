@@ -33,6 +33,20 @@ def test_subset_larger_than_a_benchmark_fails_before_any_model_is_loaded(zoo_dir
     assert not (tmp_path / "runs").exists()  # nothing written for a search that never started
 
 
+
+def test_a_racing_stage_larger_than_a_benchmark_fails_before_any_model_is_loaded(zoo_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import yaml
+
+    import evomerge.search.run as run_module
+
+    monkeypatch.setattr(run_module, "make_builder", lambda space: pytest.fail("weights loaded before the check"))
+    space = small_space(zoo_dir, tmp_path / "space.yaml", evaluation={"stages": [10, 100], "top_k": 2})
+    assert main(["search", str(space), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.stages [10, 100] does not fit benchmark" in err and "(60 items in" in err
+    assert not (tmp_path / "runs").exists()
+
 @pytest.mark.parametrize("argv, option", [
     (["resume", "runs/x", "--trials", "0"], "--trials"),
     (["search", "x.yaml", "--trials", "-3"], "--trials"),

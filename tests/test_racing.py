@@ -124,7 +124,7 @@ def _check_consistent(trials, sizes):
         assert all(len(a) == sizes[stage] for a in answers.values()), trial.number
         assert trial.user_attrs[ITEMS_ATTR] == sizes[stage] * len(answers)
         low, high = trial.user_attrs[racing.FITNESS_INTERVAL_ATTR]
-        assert low - 1e-9 <= trial.values[0] <= high + 1e-9
+        assert low - 1e-9 <= racing.fitness(trial.values) <= high + 1e-9  # per task: their mean
 
 
 def test_racing_search_status_and_export(zoo_dir, tmp_path, capsys):
@@ -205,3 +205,24 @@ def test_kill_between_stages_then_resume(zoo_dir, tmp_path):
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == budget
     _check_consistent(done, [5, 15])
+
+
+@pytest.mark.parametrize("optimizer, objectives", [("ng_cma", "mean"), ("nsga2", "per_task")])
+def test_racing_with_other_optimizers_and_per_task_objectives(zoo_dir, tmp_path, optimizer, objectives):
+    """Every optimizer sees one set of values per trial, whatever stage the trial reached."""
+    from small_space import small_space
+
+    from evomerge.cli import main
+    from evomerge.search.runs import open_existing_study
+
+    space = small_space(zoo_dir, tmp_path / "space.yaml", name="raced",
+                        estimator={"subset_size": 5}, optimizer={"name": optimizer, "objectives": objectives,
+                                                                  "trials": 5},
+                        evaluation={"stages": [5, 15, "all"], "top_k": 2})
+    assert main(["search", str(space), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 0
+    trials = [t for t in open_existing_study(tmp_path / "runs" / "raced").get_trials(deepcopy=False)
+              if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 5
+    assert all(len(t.values) == (2 if objectives == "per_task" else 1) for t in trials)
+    _check_consistent(trials, [5, 15, 60])
+    assert {t.user_attrs[STAGE_ATTR] for t in trials[:2]} == {2}  # fewer than top_k complete: promoted
