@@ -74,11 +74,10 @@ def demo_space(zoo: Path, name: str, seed: int, evaluation: dict) -> dict:
 
 def run_until(search: MergeSearch, budget_items: int, chunk: int) -> None:
     """Search in chunks of trials until the study has scored ``budget_items`` items."""
-    study, resume, n_trials = None, False, 0
+    n_trials = 0
     while True:
         n_trials += chunk
-        study, _ = search.run(n_trials, resume=resume)
-        resume = True
+        study, _ = search.run(n_trials)  # continues the run folder's study
         if sum(trial_items(t) for t in complete(study)) >= budget_items:
             return
 

@@ -1,7 +1,7 @@
 """How wrong is the subset estimate? Held-out random merges scored fully and on the subset.
 
-``run_estimate_check`` fits a ``SubsetEstimator`` per benchmark and subset size
-on the zoo's endpoint models (base + experts, plus optional extra random merges),
+``run_estimate_check`` fits a ``SubsetEstimator`` per benchmark of the zoo (each
+expert's task and any composite one) and subset size on the zoo's endpoint models (base + experts, plus optional extra random merges),
 then scores ``n_heldout`` other random task-arithmetic merges on every item and
 compares each estimator's prediction (from the subset answers only) with the
 true full accuracy. It reports the mean absolute error per estimator and size
@@ -147,11 +147,14 @@ def run_estimate_check(
     zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
     sizes = sorted(set(sizes))
     manifest = load_zoo_manifest(zoo_dir)
-    tasks = list(manifest["tasks"])
-    bench_files = manifest.get("bench") or {t: f"bench/{t}.jsonl" for t in tasks}
-    benches = {t: load_benchmark(zoo_dir / bench_files[t], name=t) for t in tasks}
-    expert_paths = [zoo_dir / manifest["experts"][t] for t in tasks]
-    specs = _model_specs(tasks, n_extra, n_heldout, seed)
+    experts = list(manifest["tasks"])
+    # every benchmark of the zoo: the experts' tasks and any composite one (zoo v4), with its scoring keys
+    bench_files = manifest.get("bench") or {t: f"bench/{t}.jsonl" for t in experts}
+    options = manifest.get("benchmarks") or {}
+    tasks = list(bench_files)
+    benches = {t: load_benchmark(zoo_dir / bench_files[t], name=t, **options.get(t, {})) for t in tasks}
+    expert_paths = [zoo_dir / manifest["experts"][t] for t in experts]
+    specs = _model_specs(experts, n_extra, n_heldout, seed)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     core = MergeCore(zoo_dir / manifest.get("base", "base"), expert_paths, device=device)
