@@ -100,6 +100,24 @@ def test_streamed_merge_is_bit_identical_and_within_budget(label, family, reside
     core.close()
 
 
+def test_tight_plan_keeps_no_per_element_side_data(family, resident):
+    """No device room left: TIES answers from threshold tables, DELLA recomputes its ranks, DARE keeps nothing."""
+    base, experts = family
+    fixed, _one_expert = fixed_bytes(family)
+    core = MergeCore(base, experts, device="cpu", device_memory=fixed, host_memory=0, block_elements=BLOCK_ELEMENTS,
+                     methods=["ties", "della", "dare_ties"])
+    assert core.plan.cache_room < core.plan.cache_bytes_wanted  # the plan is tight
+    for name in ("ties", "breadcrumbs_ties", "della", "dare_ties"):
+        ours, theirs = core.merge(RECIPES[name], seed=3), resident.merge(RECIPES[name], seed=3)
+        assert all(torch.equal(ours[n], theirs[n]) for n in theirs), name
+    report = core.memory_report()
+    assert report["side_data_cached_bytes"] <= core.plan.cache_room
+    assert report["peak_device_bytes"] <= core.budgets.device
+    della = [core._context.side.get(("della", s.index, e)) for s in core.slots for e in range(core.num_experts)]
+    assert della.count(False) > 0  # at least some DELLA ranks are recomputed per candidate, not cached
+    core.close()
+
+
 def test_endpoints_load_into_the_merge_target(family, resident):
     """Calibration scores the base and experts in the model the merges write to: no second copy."""
     base, experts = family
@@ -186,6 +204,24 @@ def test_disk_tier_needs_safetensors(family, tmp_path):
     broken.write_bytes(b"\x05")
     with pytest.raises(EvomergeError, match="cannot memory-map model.safetensors for the disk tier"):
         SafetensorsMap(broken, tmp_path)
+
+
+def test_checkpoint_that_is_not_safetensors_is_refused_before_loading(family, tmp_path, monkeypatch):
+    """Weights the disk tier cannot map (pytorch_model.bin): a clear error naming the model, nothing loaded."""
+    import shutil
+
+    import evomerge.merge.core as core_module
+
+    base, experts = family
+    pickled = tmp_path / "expert_bin"
+    pickled.mkdir()
+    shutil.copy(experts[0] / "config.json", pickled / "config.json")
+    torch.save({"w": torch.zeros(3)}, pickled / "pytorch_model.bin")
+    monkeypatch.setattr(core_module.MergeCore, "_load", lambda self: pytest.fail("loaded weights"))
+    fixed, _ = fixed_bytes(family)
+    with pytest.raises(EvomergeError, match=r"expert_bin: no safetensors weights"):
+        MergeCore(base, [pickled, *experts[1:]], device="cpu", device_memory=fixed, host_memory=0,
+                  block_elements=BLOCK_ELEMENTS)
 
 
 def test_parse_bytes():
