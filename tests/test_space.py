@@ -74,7 +74,7 @@ def test_every_shipped_space_is_valid(path):
         (lambda r: r["estimator"].update(method="magic"), "estimator.method"),
         (lambda r: r["optimizer"].update(trials="many"), "optimizer.trials"),
         (lambda r: r.update(colour="blue"), "unknown key colour"),
-        (lambda r: r["merge"].update(method="slerp"), "exactly one expert"),
+        (lambda r: r["merge"].update(method="slerp"), "merge method 'slerp' needs exactly 1 expert"),
         (lambda r: r["optimizer"].update(name="cmaex"), "optimizer.name: unknown optimizer 'cmaex'"),
         (lambda r: r["benchmarks"][0].update(fields={"question": "q"}), r"benchmarks\[0\] \(arith\): fields maps unknown item key"),
         (lambda r: r["benchmarks"][0].update(template=3), r"benchmarks\[0\] \(arith\): template must be a string"),
@@ -97,7 +97,7 @@ def test_every_shipped_space_is_valid(path):
         (lambda r: r["merge"]["params"].update(density=[-0.5, 1]), r"merge\.params\.density: density must be in \(0, 1\]"),
         (lambda r: r["merge"]["params"].update(density=[0.3, 2.0]), r"merge\.params\.density: density must be in \(0, 1\], got \[0\.3, 2\]"),
         (lambda r: r["merge"]["params"].update(weight=[0.0, float("inf")]), r"merge\.params\.weight must be .*finite"),
-        (lambda r: r["merge"]["params"].update(t=[0.0, 1.0]), r"merge\.params\.t: unknown parameter 't' for merge method 'ties'"),
+        (lambda r: r["merge"]["params"].update(t=[0.0, 1.0]), r"merge\.params\.t is not a searchable parameter of ties; choose from weight, density, lambda"),
         (lambda r: r["merge"].update(fixed={"density": 1.5}), r"merge\.fixed\.density: density must be in"),
         (lambda r: r.update(name="../escaped"), r"name '\.\./escaped' must be a folder name inside --runs-root"),
         (lambda r: r.update(name="/tmp/abs"), "must be a folder name"),
@@ -157,3 +157,50 @@ def test_uniform_genome_is_clipped():
     space = load_search_space(DEMO)
     genome = uniform_genome(space, 4, {"weight": 9.0, "density": 0.5})
     assert set(genome.values()) == {1.5, 0.5}
+
+
+def test_a_new_method_is_one_class_registered_once(tmp_path):
+    """A method with a parameter no other has: searched, mapped to recipes and merged with no other file edited."""
+    import sys
+
+    import torch
+
+    from evomerge.merge import MergeCore, Recipe
+    from evomerge.merge.methods import METHODS, MergeMethod, Param, register
+
+    class ScaledSum(MergeMethod):
+        name = "scaled_sum"
+        params = (Param("scale", 1.0, per_expert=True, low=0.0, high=2.0, search=(0.0, 2.0)),
+                  Param("offset", 0.0, low=-1.0, high=1.0))
+
+        def elementwise(self, params):
+            return True
+
+        def merge(self, unit, block, params, seed, out, ctx):
+            out.copy_(block.base_range(unit.start, unit.end)).add_(params["offset"])
+            for e in range(ctx.num_experts):
+                out.add_(block.tv_range(e, unit.start, unit.end), alpha=params["scale"][e])
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import write_tiny_family
+
+    base, experts = write_tiny_family(tmp_path, num_experts=2, sharded_expert=None)
+    register(ScaledSum())
+    try:
+        raw = demo_raw()
+        raw["models"] = {"base": str(base), "experts": {"a": str(experts[0]), "b": str(experts[1])}}
+        raw["merge"] = {"method": "scaled_sum", "granularity": "global", "params": {"offset": [-0.1, 0.1]}}
+        space = parse_search_space(raw, source="new.yaml")
+        genes = genome_space(space, num_layers=2)
+        assert genes == {"scale.a.all": (0.0, 2.0), "scale.b.all": (0.0, 2.0), "offset.all": (-0.1, 0.1)}
+        recipe = genome_to_recipe(space, {"scale.a.all": 0.5, "scale.b.all": 1.5, "offset.all": 0.0}, 2)
+        assert recipe.params == {"scale": [0.5, 1.5], "offset": 0.0}
+        core = MergeCore(base, experts, device="cpu")
+        merged, expected = core.merge(recipe), core.merge(Recipe("task_arithmetic", {"weight": [0.5, 1.5]}))
+        assert all(torch.allclose(merged[n], expected[n], atol=1e-6) for n in expected)
+        raw["merge"]["params"] = {"normalize": [0, 1]}
+        with pytest.raises(EvomergeError, match="merge.params.normalize is not a searchable parameter of scaled_sum; "
+                                                "choose from scale, offset"):
+            parse_search_space(raw, source="new.yaml")
+    finally:
+        METHODS.pop("scaled_sum", None)

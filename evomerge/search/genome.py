@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evomerge.merge import Override, Recipe
-from evomerge.search.space import PER_EXPERT_PARAMS, SearchSpace
+from evomerge.search.space import SearchSpace, per_expert_params
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,10 @@ def tensor_groups(space: SearchSpace, num_layers: int) -> list[TensorGroup]:
 def genome_space(space: SearchSpace, num_layers: int) -> dict[str, tuple[float, float]]:
     """Every searched value with its bounds, e.g. `weight.arith.G0_mlp: (0.0, 1.2)`."""
     genome = {}
+    per_expert = per_expert_params(space.method)
     for group in tensor_groups(space, num_layers):
         for param, bounds in space.ranges.items():
-            if param in PER_EXPERT_PARAMS:
+            if param in per_expert:
                 for expert in space.expert_names:
                     genome[f"{param}.{expert}.{group.name}"] = bounds
             else:
@@ -60,9 +61,9 @@ def genome_space(space: SearchSpace, num_layers: int) -> dict[str, tuple[float, 
 
 
 def _group_params(space: SearchSpace, genome: dict[str, float], group: TensorGroup) -> dict:
-    params = {}
+    params, per_expert = {}, per_expert_params(space.method)
     for param in space.ranges:
-        if param in PER_EXPERT_PARAMS:
+        if param in per_expert:
             params[param] = [float(genome[f"{param}.{e}.{group.name}"]) for e in space.expert_names]
         else:
             params[param] = float(genome[f"{param}.{group.name}"])

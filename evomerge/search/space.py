@@ -25,13 +25,18 @@ SPLITTABLE_MODULES = ("attention", "mlp")
 STRATEGIES = ("random", "stratified", "anchor", "anchor-irt", "anchor-correctness")
 ESTIMATORS = ("mean", "anchor", "pirt", "gpirt", "mpirt", "gmpirt")
 OBJECTIVE_MODES = ("mean", "per_task")
-# Which merge parameters each method searches by default, with their ranges (from each method's spec).
-DEFAULT_RANGES: dict[str, dict[str, tuple[float, float]]] = {
-    name: method.search_ranges() for name, method in METHODS.items()
-}
-# Parameters that take one value per expert; the others are shared by all.
-PER_EXPERT_PARAMS = ("weight", "density", "epsilon", "gamma")
-SHARED_PARAMS = ("t", "lambda")
+
+
+# What a space may search, and how, comes from each method's parameter spec (`evomerge.merge.methods`),
+# looked up when a space is read, so a method registered later is known too.
+def searchable_params(method: str) -> list[str]:
+    """The parameters of `method` a space may search (its numeric ones; the method's spec decides)."""
+    return [p.name for p in METHODS[method].params if not p.boolean]
+
+
+def per_expert_params(method: str) -> frozenset:
+    """The parameters of `method` that take one value per expert (the others are shared by all)."""
+    return METHODS[method].per_expert
 
 
 @dataclass
@@ -330,14 +335,14 @@ def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]):
         merge, {"method", "granularity", "layer_groups", "split_modules", "params", "fixed"}, "merge"
     )
     method = reader.string(merge, "method", "merge")
-    if method not in DEFAULT_RANGES:
+    if method not in METHODS:
         raise EvomergeError(
-            f"{source}: merge.method {method!r} is unknown; choose one of {', '.join(DEFAULT_RANGES)}"
+            f"{source}: merge.method {method!r} is unknown; choose one of {', '.join(METHODS)}"
         )
-    if method == "slerp" and len(experts) != 1:
-        raise EvomergeError(f"{source}: slerp merges the base with exactly one expert, got {len(experts)}")
-    if method == "model_stock" and len(experts) < 2:
-        raise EvomergeError(f"{source}: model_stock needs at least two experts")
+    try:
+        METHODS[method].check_experts(len(experts))
+    except EvomergeError as error:
+        raise EvomergeError(f"{source}: {error}") from None
     granularity = merge.get("granularity", "layer_group")
     if granularity not in GRANULARITIES:
         raise EvomergeError(
@@ -345,15 +350,15 @@ def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]):
         )
     layer_groups = reader.integer(merge, "layer_groups", "merge", default=2, minimum=1)
     split_modules = bool(merge.get("split_modules", False))
-    ranges = dict(DEFAULT_RANGES[method])
+    ranges = dict(METHODS[method].search_ranges())  # the method's default searched parameters
     user_ranges = merge.get("params", {}) or {}
     if not isinstance(user_ranges, dict):
         raise EvomergeError(f"{source}: merge.params must map a parameter to [low, high]")
     for name, bounds in user_ranges.items():
-        if name not in PER_EXPERT_PARAMS + SHARED_PARAMS:
+        if name not in searchable_params(method):
             raise EvomergeError(
-                f"{source}: merge.params.{name} is not a searchable parameter; "
-                f"choose from {', '.join(PER_EXPERT_PARAMS + SHARED_PARAMS)}"
+                f"{source}: merge.params.{name} is not a searchable parameter of {method}; "
+                f"choose from {', '.join(searchable_params(method))}"
             )
         if (
             not isinstance(bounds, (list, tuple))
