@@ -23,6 +23,7 @@ with 3 experts on a 24 GB GPU with 64 GB of host RAM and on an 80 GB GPU with
     python tools/bench_memory.py                      # all families (needs ~14 GB free RAM for 1B)
     python tools/bench_memory.py --families 0.25B --repeats 2
     python tools/bench_memory.py --plans-only
+    python tools/bench_memory.py --markdown runs/bench_memory.json   # the docs tables from saved figures
 """
 
 from __future__ import annotations
@@ -199,15 +200,19 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--plans-only", action="store_true")
     parser.add_argument("--cache", default=str(ROOT / "runs" / ".cache"))
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--markdown", metavar="JSON", help="print the docs/merge.md tables of figures saved by --json")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cache = Path(args.cache)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
     if args.one:
         methods = [m for m in args.methods.split(",") if m != "ties" or args.one[0] in args.ties_families.split(",")]
         print(json.dumps(measure(args.one[0], args.one[1], methods, args.repeats, cache)))
         return
-    figures = {"merges": [], "plans": plans()}
+    figures = {"machine": machine(), "merges": [], "plans": plans()}
     if not args.plans_only:
         for size in args.families.split(","):
             family_paths(size, cache)  # built once, outside the measured processes
@@ -225,6 +230,18 @@ def main(argv=None):
     print_plans(figures["plans"])
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def machine() -> dict:
+    """Where and when the figures were measured."""
+    import datetime
+    import os
+    import platform
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def family_bytes(size: str) -> int:
@@ -259,6 +276,59 @@ def print_plans(rows: list) -> None:
               f"{gb(row['workspace_bytes'])}), host {gb(row['planned_host_bytes'])} GB, disk "
               f"{gb(row['disk_blocks_bytes'])} GB; streamed {gb(row['streamed_bytes_per_candidate'])} GB/candidate, "
               f"projected transfer {row['transfer_s']:.2f} s/candidate")
+
+
+def markdown(figures: dict) -> str:
+    """The merge and plan tables of docs/merge.md ("Memory benchmark") from saved figures.
+
+    effective GB/s = bytes moved / merge time; "staging alone" walks the same blocks
+    with no merge; both are given as a share of the copy bandwidth measured in the
+    same process, and the merge time also against the same family's 0% row.
+    """
+    lines = []
+    if "machine" in figures:
+        m = figures["machine"]
+        lines += [f"Measured {m['date']} on {m['cpus']} CPU(s) ({m['cpu']}), GPU: {m['gpu'] or 'none'}, "
+                  f"torch {m['torch']} ({m['torch_threads']} threads).", ""]
+    lines += [
+        "| family | budget (task vectors streamed) | method | merge s / candidate (first) | x 0% row | moved GB "
+        "| effective GB/s (% of copy) | staging alone GB/s (% of copy) | copy GB/s | peak accounted device GB / budget "
+        "| peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    resident = {(r["family"], m): v["merge_s"] for r in figures["merges"] if r["budget"] == "0%"
+                for m, v in r["methods"].items()}
+    for row in figures["merges"]:
+        copy = row["copy_GBps"]
+        for name, m in row["methods"].items():
+            moved = row["moved_bytes"]
+            effective = f"{moved / m['merge_s'] / 1e9:.2f} ({100 * moved / m['merge_s'] / 1e9 / copy:.0f}%)" if moved else "-"
+            walk = f"{row['walk_GBps']:.2f} ({100 * row['walk_GBps'] / copy:.0f}%)" if row["walk_GBps"] else "-"
+            ratio = m["merge_s"] / resident[(row["family"], name)] if (row["family"], name) in resident else None
+            lines.append(
+                f"| {row['family']} ({row['params_M']:.0f}M) | {row['budget']} ({100 * row['tv_share_streamed']:.0f}%) "
+                f"| {name} | {m['merge_s']:.2f} ({m['first_s']:.2f}) | {'-' if ratio is None else f'{ratio:.2f}'} "
+                f"| {gb(moved)} | {effective} | {walk} | {copy:.1f} | {gb(row['peak_device_bytes'])} / "
+                f"{gb(row['device_memory'])} | {gb(row['peak_rss_bytes'])} |"
+            )
+    lines += [
+        "",
+        "| model | machine | device GB planned / budget | host GB | disk GB | streamed GB / candidate "
+        "| projected transfer s / candidate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in figures["plans"]:
+        head = f"| {row['model']} ({row['params_B']:.2f}B) | {row['machine']} |"
+        if "refused" in row:
+            lines.append(f"{head} refused: {row['refused'].split(': ', 1)[1].split('; ')[0]} | | | | |")
+            continue
+        lines.append(
+            f"{head} {gb(row['planned_device_bytes'])} / {gb(row['device_budget_bytes'])} (resident "
+            f"{gb(row['resident_model_bytes'])}, blocks {gb(row['device_blocks_bytes'])}, staging "
+            f"{gb(row['staging_bytes'])}, workspace {gb(row['workspace_bytes'])}) | {gb(row['planned_host_bytes'])} "
+            f"| {gb(row['disk_blocks_bytes'])} | {gb(row['streamed_bytes_per_candidate'])} | {row['transfer_s']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
