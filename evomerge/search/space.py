@@ -35,8 +35,9 @@ def searchable_params(method: str) -> list[str]:
 
 
 def per_expert_params(method: str) -> frozenset:
-    """The parameters of `method` that take one value per expert (the others are shared by all)."""
-    return METHODS[method].per_expert
+    """The parameters of `method` that take one value per expert (the others are shared by all; a
+    data-flow-only space's "passthrough" has none)."""
+    return METHODS[method].per_expert if method in METHODS else frozenset()
 
 
 @dataclass
