@@ -312,3 +312,23 @@ def test_ties_bf16_equal_mergekit_on_cuda(family, tmp_path):
     recipe = RECIPES["ties"]
     theirs = run_mergekit(recipe, base, experts, core.num_layers, tmp_path / "out", dtype="bfloat16", cuda=True)
     assert_same(core.merge(recipe), theirs, "ties cuda", exact=True)
+
+
+def test_memory_flags_on_search_resume_export_and_plan(family, tmp_path):
+    """--device-memory / --host-memory on every command that builds a merge core; they override the space's block."""
+    import evomerge.cli as cli
+    from evomerge.search.space import parse_search_space
+
+    parser = cli.build_parser()
+    for argv in (["search", "s.yaml"], ["resume", "runs/x"], ["export", "runs/x"], ["plan", "s.yaml"]):
+        args = parser.parse_args([*argv, "--device-memory", "20GiB", "--host-memory", "60GB"])
+        assert (args.device_memory, args.host_memory) == ("20GiB", "60GB"), argv[0]
+    base, experts = family
+    raw = {"name": "m", "models": {"base": str(base), "experts": [str(e) for e in experts]},
+           "merge": {"method": "ties"}, "benchmarks": [{"name": "b", "path": str(tmp_path / "b.jsonl")}],
+           "memory": {"device": "1GiB", "host": "2GiB", "scoring_headroom": "1GiB"}}
+    (tmp_path / "b.jsonl").write_text('{"id": "1", "prompt": "1+1=", "answer": "2"}\n')
+    space = parse_search_space(raw, source="m.yaml")
+    args = parser.parse_args(["search", "s.yaml", "--device-memory", "20GiB"])
+    assert cli._with_memory(space, args).memory == {"device_memory": 20 << 30, "host_memory": 2 << 30,
+                                                    "scoring_headroom": 1 << 30}

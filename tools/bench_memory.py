@@ -7,13 +7,13 @@ least the given share of the task vectors; the base stays on the device; the
 streamed blocks live in host memory, or on disk for the last row) a fresh
 process loads the core and reports:
 
-* merge s: median per-candidate time of `merge_into` (first s: the first one,
-  which also prepares side data such as threshold tables);
+* merge s: per-candidate time of `merge_into`, the best of the repeats (first
+  s: the first one, which also prepares side data such as threshold tables);
 * moved: bytes copied into device staging per candidate, and "walk s" /
   "walk GB/s": the same blocks staged with no merge at all, i.e. what the
   staging pipeline alone achieves, against the copy bandwidth measured in the
   same process ("copy GB/s": one 256 MB bf16 copy_ from host memory to the
-  device, bytes counted once);
+  device, bytes counted once); walks and copies alternate, best of each;
 * peak accounted device bytes against the budget, and the process's peak RSS.
 
 Then, without weights (configs only), the plans for Llama-2 7B, 13B and 70B
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -128,7 +129,7 @@ def measure(size: str, label: str, methods: list, repeats: int, cache: Path) -> 
     result = {"family": size, "budget": label, "device": str(core.device), "params_M": core.numel / 1e6,
               "load_s": load_s, "device_memory": device_memory, "host_memory": host_memory,
               "tv_share_streamed": tv_share_streamed(core.plan, model_bytes),
-              "copy_GBps": host_copy_bandwidth(core.device), "methods": {}}
+              "load_average_start": os.getloadavg()[0], "methods": {}}
     for name in methods:
         times = []
         for seed in range(repeats + 1):
@@ -137,18 +138,62 @@ def measure(size: str, label: str, methods: list, repeats: int, cache: Path) -> 
             core.merge_into(model, RECIPES[name], seed=seed)
             sync(core.device)
             times.append(time.perf_counter() - start)
-        result["methods"][name] = {"first_s": times[0], "merge_s": statistics.median(times[1:])}
+        # best of the repeats: on a shared machine the least disturbed run is the closest to the cost itself
+        result["methods"][name] = {"first_s": times[0], "merge_s": min(times[1:]),
+                                   "median_s": statistics.median(times[1:]), "times_s": times}
     moved = core.memory_report()["bytes_moved_per_candidate"]
-    start = time.perf_counter()
-    for _block, _data in core.stager.walk(core.layout.blocks):
-        pass
-    sync(core.device)
-    walk_s = time.perf_counter() - start
+    copies, walks = [], []
+    for _ in range(max(3, repeats)):  # interleaved, so both see the same load; best of each
+        copies.append(host_copy_bandwidth(core.device))
+        start = time.perf_counter()
+        for _block, _data in core.stager.walk(core.layout.blocks):
+            pass
+        sync(core.device)
+        walks.append(time.perf_counter() - start)
+    walk_s = min(walks)
     report = core.memory_report()
     result.update(moved_bytes=moved, walk_s=walk_s, walk_GBps=moved / walk_s / 1e9 if moved else None,
+                  copy_GBps=max(copies), copies_GBps=copies, walks_s=walks,
                   peak_device_bytes=report["peak_device_bytes"], peak_host_bytes=report["peak_host_bytes"],
-                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  load_average_end=os.getloadavg()[0])
     core.close()
+    return result
+
+
+def paired(size: str, rounds: int, cache: Path) -> dict:
+    """One family with three cores in one process (0%, 100% from host, 100% from disk), merges alternated.
+
+    On a shared machine the load drifts between processes; alternating the three cores
+    round by round compares them under the same load (per-round ratios, median).
+    """
+    base, experts = family_paths(size, cache)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cores, models = {}, {}
+    for label in ("0%", "100%", "100% disk"):
+        share, tier = next((s, t) for lab, s, t in BUDGETS if lab == label)
+        device_memory, host_memory = budgets_for(base, share, tier, device)
+        cores[label] = MergeCore(base, experts, device=device, device_memory=device_memory,
+                                 host_memory=host_memory, cache_orderings=False)
+        models[label], _ = cores[label].new_model()
+    recipe = RECIPES["task_arithmetic"]
+    times = {label: [] for label in cores}
+    for seed in range(rounds + 1):
+        for label, core in cores.items():
+            sync(device)
+            start = time.perf_counter()
+            core.merge_into(models[label], recipe, seed=seed)
+            sync(device)
+            times[label].append(time.perf_counter() - start)
+    result = {"family": size, "rounds": rounds, "method": "task_arithmetic", "times_s": times,
+              "moved_bytes": {label: core.memory_report()["bytes_moved_per_candidate"] for label, core in cores.items()},
+              "best_s": {label: min(t[1:]) for label, t in times.items()},
+              "ratio_to_resident": {label: statistics.median(a / b for a, b in zip(t[1:], times["0%"][1:]))
+                                    for label, t in times.items()},
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "load_average": os.getloadavg()[0]}
+    for core in cores.values():
+        core.close()
     return result
 
 
@@ -197,22 +242,39 @@ def main(argv=None):
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--methods", default="task_arithmetic,ties")
     parser.add_argument("--ties-families", default="0.25B", help="families that also run TIES (slow on CPU)")
+    parser.add_argument("--budgets", default=",".join(label for label, _s, _t in BUDGETS),
+                        help="which budget rows to measure (default: all)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--plans-only", action="store_true")
     parser.add_argument("--cache", default=str(ROOT / "runs" / ".cache"))
     parser.add_argument("--json", default=None, help="also write the figures to this file")
-    parser.add_argument("--markdown", metavar="JSON", help="print the docs/merge.md tables of figures saved by --json")
+    parser.add_argument("--markdown", metavar="JSON", nargs="+",
+                        help="print the docs/merge.md tables of figures saved by --json (several runs: their rows in order)")
+    parser.add_argument("--paired", metavar="FAMILY",
+                        help="0%%, 100%% host and 100%% disk cores of one family in one process, merges alternated")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cache = Path(args.cache)
     if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+        runs = [json.loads(Path(path).read_text()) for path in args.markdown]
+        print("\n\n".join(markdown(figures, plans=i == len(runs) - 1) for i, figures in enumerate(runs)))
+        return
+    if args.paired:
+        row = paired(args.paired, max(3, args.repeats), cache)
+        print(json.dumps(row))
+        print(f"{row['family']} paired, task_arithmetic, {row['rounds']} rounds: " + ", ".join(
+            f"{label}: best {row['best_s'][label]:.2f} s, {row['ratio_to_resident'][label]:.2f} x resident "
+            f"(moved {gb(row['moved_bytes'][label])} GB)" for label in row["best_s"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine(), "command": " ".join(
+                ["python tools/bench_memory.py", *sys.argv[1:]]), "paired": row}, indent=2))
         return
     if args.one:
         methods = [m for m in args.methods.split(",") if m != "ties" or args.one[0] in args.ties_families.split(",")]
         print(json.dumps(measure(args.one[0], args.one[1], methods, args.repeats, cache)))
         return
-    figures = {"machine": machine(), "merges": [], "plans": plans()}
+    figures = {"machine": machine(), "command": " ".join(["python tools/bench_memory.py", *sys.argv[1:]]),
+               "merges": [], "plans": plans()}
     if not args.plans_only:
         for size in args.families.split(","):
             family_paths(size, cache)  # built once, outside the measured processes
@@ -220,13 +282,15 @@ def main(argv=None):
             if available_host_bytes() < need:
                 print(f"skipping {size}: {available_host_bytes() / 1e9:.1f} GB available, {need / 1e9:.1f} GB needed")
                 continue
-            for label, _share, _tier in BUDGETS:
+            for label in args.budgets.split(","):
                 command = [sys.executable, __file__, "--one", size, label, "--methods", args.methods,
                            "--ties-families", args.ties_families, "--repeats", str(args.repeats), "--cache", args.cache]
                 out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 row = json.loads(out.strip().splitlines()[-1])
                 figures["merges"].append(row)
                 print_merge_row(row, flush=True)
+                if args.json:  # kept as it grows: a long run cut short still has its rows
+                    Path(args.json).write_text(json.dumps(figures, indent=2))
     print_plans(figures["plans"])
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
@@ -235,7 +299,6 @@ def main(argv=None):
 def machine() -> dict:
     """Where and when the figures were measured."""
     import datetime
-    import os
     import platform
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -278,7 +341,7 @@ def print_plans(rows: list) -> None:
               f"projected transfer {row['transfer_s']:.2f} s/candidate")
 
 
-def markdown(figures: dict) -> str:
+def markdown(figures: dict, plans: bool = True) -> str:
     """The merge and plan tables of docs/merge.md ("Memory benchmark") from saved figures.
 
     effective GB/s = bytes moved / merge time; "staging alone" walks the same blocks
@@ -288,8 +351,9 @@ def markdown(figures: dict) -> str:
     lines = []
     if "machine" in figures:
         m = figures["machine"]
-        lines += [f"Measured {m['date']} on {m['cpus']} CPU(s) ({m['cpu']}), GPU: {m['gpu'] or 'none'}, "
-                  f"torch {m['torch']} ({m['torch_threads']} threads).", ""]
+        lines += [f"`{figures.get('command', 'python tools/bench_memory.py')}`: measured {m['date']} on "
+                  f"{m['cpus']} CPU(s) ({m['cpu']}), GPU: {m['gpu'] or 'none'}, torch {m['torch']} "
+                  f"({m['torch_threads']} threads).", ""]
     lines += [
         "| family | budget (task vectors streamed) | method | merge s / candidate (first) | x 0% row | moved GB "
         "| effective GB/s (% of copy) | staging alone GB/s (% of copy) | copy GB/s | peak accounted device GB / budget "
@@ -311,6 +375,8 @@ def markdown(figures: dict) -> str:
                 f"| {gb(moved)} | {effective} | {walk} | {copy:.1f} | {gb(row['peak_device_bytes'])} / "
                 f"{gb(row['device_memory'])} | {gb(row['peak_rss_bytes'])} |"
             )
+    if not plans:
+        return "\n".join(lines)
     lines += [
         "",
         "| model | machine | device GB planned / budget | host GB | disk GB | streamed GB / candidate "
