@@ -354,6 +354,20 @@ def markdown(figures: dict, plans: bool = True) -> str:
         lines += [f"`{figures.get('command', 'python tools/bench_memory.py')}`: measured {m['date']} on "
                   f"{m['cpus']} CPU(s) ({m['cpu']}), GPU: {m['gpu'] or 'none'}, torch {m['torch']} "
                   f"({m['torch_threads']} threads).", ""]
+    if "paired" in figures:
+        row = figures["paired"]
+        lines += [
+            f"| {row['family']}, {row['method']}, {row['rounds']} rounds alternated in one process | merge s / candidate "
+            "(best) | x resident (median of per-round ratios) | moved GB | effective GB/s |",
+            "|---|---|---|---|---|",
+        ]
+        for label, best in row["best_s"].items():
+            moved = row["moved_bytes"][label]
+            lines.append(f"| {label} | {best:.2f} | {row['ratio_to_resident'][label]:.2f} | {gb(moved)} "
+                         f"| {f'{moved / best / 1e9:.2f}' if moved else '-'} |")
+        lines.append(f"\nPeak RSS of the process holding the three cores: {gb(row['peak_rss_bytes'])} GB; load average "
+                     f"{row['load_average']:.1f}.")
+        return "\n".join(lines)
     lines += [
         "| family | budget (task vectors streamed) | method | merge s / candidate (first) | x 0% row | moved GB "
         "| effective GB/s (% of copy) | staging alone GB/s (% of copy) | copy GB/s | peak accounted device GB / budget "
