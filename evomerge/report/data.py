@@ -2,9 +2,10 @@
 
 Reading only: the study is loaded, never written, so a report can be made
 while workers are still searching (their RUNNING trials are counted, not
-drawn). Calibration figures come from the run folder's cached responses and
-estimators: each calibration model's subset answers are re-estimated with the
-study's estimator and set against its full-benchmark accuracy.
+drawn). Calibration figures come from the responses and estimators stored in the
+study (the run folder's cache for runs from before): each calibration model's
+subset answers are re-estimated with the study's estimator and set against its
+full-benchmark accuracy.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def load_study_data(run_dir: str | Path, storage: str | None = None, study=None)
     measured = stored_full_accuracies(study)
     config = study.user_attrs.get(CONFIG_ATTR, {})
     bounds = {name: (float(lo), float(hi)) for name, (lo, hi) in config.get("genome", {}).items()}
-    calibration = _validated_points(trials, measured) + _calibration_model_points(run_dir, tasks, space.estimator)
+    calibration = _validated_points(trials, measured) + _calibration_model_points(run_dir, tasks, space.estimator, study)
     return StudyData(
         run_dir=run_dir, study_name=study.study_name, storage=_shown_storage(study), tasks=tasks, weights=weights,
         experts=space.expert_names, n_objectives=len(study.directions), estimator=space.estimator, trials=trials,
@@ -166,18 +167,26 @@ def _validated_points(trials: list[TrialRecord], measured: dict[int, dict[str, f
     return points
 
 
-def _calibration_model_points(run_dir: Path, tasks: list[str], method: str) -> list[CalibrationPoint]:
-    """Each calibration model's estimate from its own subset answers vs its accuracy on every item."""
-    from evomerge.estimate import ResponseMatrix, SubsetEstimator, responses_path
+def _calibration_model_points(run_dir: Path, tasks: list[str], method: str, study=None) -> list[CalibrationPoint]:
+    """Each calibration model's estimate from its own subset answers vs its accuracy on every item.
 
+    Read from the study's storage (`evomerge.search.calibration`), else from the run folder's cache.
+    """
+    from evomerge.estimate import ResponseMatrix, SubsetEstimator, responses_path
+    from evomerge.search.calibration import CalibrationStore
+
+    store = CalibrationStore.of(study, create=False) if study is not None else None
+    stored = store.estimators() if store is not None else None
     points = []
     for task in tasks:
         estimator_file = run_dir / "estimators" / f"{task}.json"
         responses_file = responses_path(run_dir, task)
-        if not (estimator_file.exists() and responses_file.exists()):
+        if stored and task in stored and store.get_responses(task) is not None:
+            estimator, matrix = stored[task], store.get_responses(task)
+        elif estimator_file.exists() and responses_file.exists():
+            estimator, matrix = SubsetEstimator.load(estimator_file), ResponseMatrix.load(responses_file)
+        else:
             continue
-        estimator = SubsetEstimator.load(estimator_file)
-        matrix = ResponseMatrix.load(responses_file)
         if matrix.n_items != estimator.n_total:
             continue  # responses of another benchmark version: nothing comparable
         for name, row in zip(matrix.model_names, matrix.correct):

@@ -1,10 +1,11 @@
 """A merge search: the merge core, the subset estimators and a study, wired together.
 
 The run folder (`runs/NAME/`) holds a copy of the search space, the Optuna
-SQLite storage (unless an RDB URL is given), the full-benchmark responses of
-the calibration models and the fitted subset estimators. Everything costly is
-cached there, so a resumed search scores the same items with the same
-estimators and starts in seconds.
+SQLite storage (unless an RDB URL is given) and a cache of the calibration: the
+full-benchmark responses of the calibration models and the fitted subset
+estimators. The calibration itself is stored in the study's database
+(`evomerge.search.calibration`), so a resumed search, and every worker on any
+machine, scores the same items with the same estimators and starts in seconds.
 """
 
 from __future__ import annotations
@@ -130,9 +131,60 @@ class MergeSearch:
             shutil.rmtree(self.run_dir / "estimators", ignore_errors=True)
         write_json(record, inputs)
 
-    def prepare(self) -> None:
-        """Score calibration models fully (cached) and fit or load each benchmark's estimator."""
+    def prepare(self, study=None) -> None:
+        """Score calibration models fully and fit or load each benchmark's estimator.
+
+        With ``study`` the calibration lives in the study's database
+        (`evomerge.search.calibration`): loaded when stored, else made by exactly one
+        worker under the study's lock while the others wait, then stored. The run
+        folder's ``responses/`` and ``estimators/`` are a cache either way (a folder
+        from before the study stored its calibration hands its estimators over).
+        """
         self._drop_stale_calibration()
+        if study is None:
+            self._calibrate(None)
+            return
+        from evomerge.search.calibration import CalibrationStore
+        from evomerge.search.study import worker_identity
+
+        store = CalibrationStore.of(study)
+        if store is None:
+            self._calibrate(None)
+            return
+        inputs = self.calibration_inputs()
+        stored, mine = store.estimators(inputs), False
+        if stored is None:
+            def done() -> bool:
+                nonlocal stored
+                stored = store.estimators(inputs)
+                return stored is not None
+
+            with store.locked(worker_identity(), wait=say if self.progress else None, done=done) as mine:
+                if mine and not done():
+                    if store.get_json("inputs") != json.loads(json.dumps(inputs, sort_keys=True)):
+                        store.clear()  # made for another space of this study name (no trial was kept)
+                        store.put_json("inputs", inputs)
+                    self._calibrate(store)
+                    for name, estimator in self.estimators.items():
+                        store.put_json(f"estimators/{name}", estimator.to_dict())
+                    store.put_json("complete", list(self.estimators))
+                    stored = store.estimators(inputs)  # what every worker loads, this one included
+        where = f"the stored calibration of study {self.space.name!r}"
+        missing = set(self.benchmarks) - set(stored)
+        if missing:
+            raise EvomergeError(f"{where} has no estimator for {sorted(missing)}")
+        for name in self.benchmarks:
+            self.estimators[name] = _checked_stages(stored[name], self.space, where)
+            stored[name].save(self.run_dir / "estimators" / f"{name}.json")  # the folder's cache
+            responses = store.get_responses(name)
+            if responses is not None and not responses_path(self.run_dir, name).exists():
+                responses.save(responses_path(self.run_dir, name))
+        if self.progress and not mine:
+            say(f"loaded the calibration of study {self.space.name!r} from its storage")
+
+    def _calibrate(self, store) -> None:
+        """Fit (or load from the folder's cache) each benchmark's estimator; with ``store``,
+        responses are stored after every model, so a worker taking over continues from them."""
         endpoint_names = ["base", *self.space.expert_names, *self.builder.extra_endpoints()]
         strategy = STRATEGY_ALIASES.get(self.space.strategy, self.space.strategy)
         for bench_name, bench in self.benchmarks.items():
@@ -143,18 +195,25 @@ class MergeSearch:
                 continue
             path = responses_path(self.run_dir, bench_name)
             matrix = ResponseMatrix.load(path) if path.exists() else None
+            if store is not None:
+                matrix = _merged(matrix, store.get_responses(bench_name))
             known = set(matrix.model_names) if matrix is not None else set()
             if self.progress:
                 n_models = (1 + len(self.space.experts) + len(self.space.extra_models)
                             + len(self.builder.extra_endpoints()) + self.space.calibration_merges)
                 say(f"calibrating the {bench_name} estimator: scoring {n_models - len(known)} of "
-                    f"{n_models} models on all {len(bench.items)} items (cached in {self.run_dir})")
+                    f"{n_models} models on all {len(bench.items)} items (cached in {self.run_dir}"
+                    + (" and the study's storage)" if store is not None else ")"))
             for name, model, tokenizer in self._calibration_models(known):
                 correct = score_items(model, tokenizer, bench, batch_size=self.batch_size, progress=self.progress)
                 if matrix is None:
                     matrix = ResponseMatrix.empty([item.id for item in bench.items], bench_name)
                 matrix = matrix.with_model(name, np.asarray(correct, dtype=bool))
                 matrix.save(path)
+                if store is not None:
+                    store.put_responses(bench_name, matrix)
+            if store is not None and matrix is not None:
+                store.put_responses(bench_name, matrix)  # also responses that came from the folder's cache
             estimator = fit_subset_estimator(
                 matrix,
                 None,
@@ -210,7 +269,16 @@ class MergeSearch:
                   "genome": {k: list(v) for k, v in self.genome.items()}}
         study = open_run_study(self.run_dir, self.space, self.storage, self.directions, config)
         if self.space.baselines:
-            enqueue_first(study, [(genome, {BASELINE_ATTR: label}) for label, genome in self.baseline_genomes().items()])
+            baselines = [(genome, {BASELINE_ATTR: label}) for label, genome in self.baseline_genomes().items()]
+            from evomerge.search.calibration import CalibrationStore
+            from evomerge.search.study import worker_identity
+
+            store = CalibrationStore.of(study)
+            if store is None:
+                enqueue_first(study, baselines)
+            else:  # workers starting together: one enqueues them
+                with store.locked(worker_identity(), name="baselines"):
+                    enqueue_first(study, baselines)
         return study
 
     def run(self, n_trials: int | None = None):
@@ -224,7 +292,7 @@ class MergeSearch:
         done = len(complete_trials(study))
         say(f"{'resuming' if done else 'starting'} search {self.space.name!r} in {self.run_dir}"
             + (f" ({done} of {budget} trials complete)" if done else ""))
-        self.prepare()
+        self.prepare(study)
         optimizer = make_optimizer(self.space.optimizer, self.genome, self.directions, seed=self.space.seed, budget=budget)
         driver = SearchDriver(study, optimizer, progress=self.progress, label_attrs=(BASELINE_ATTR,))
         self.scorer.bind(study)
@@ -232,7 +300,19 @@ class MergeSearch:
         return study, summary
 
 
-def _checked_stages(estimator: SubsetEstimator, space: SearchSpace, path: Path) -> SubsetEstimator:
+def _merged(local: ResponseMatrix | None, stored: ResponseMatrix | None) -> ResponseMatrix | None:
+    """The folder's cached responses with the models only the study's storage holds added."""
+    if local is None or stored is None:
+        return local if stored is None else stored
+    if local.item_ids != stored.item_ids:
+        return stored
+    for name in stored.model_names:
+        if name not in local.model_names:
+            local = local.with_model(name, stored.row(name))
+    return local
+
+
+def _checked_stages(estimator: SubsetEstimator, space: SearchSpace, path) -> SubsetEstimator:
     """A cached estimator must have the stages the space asks for (they are fixed at calibration)."""
     want = stage_sizes(space.stages, estimator.n_total, "evaluation.stages")
     have = [stage.size for stage in estimator.stages]

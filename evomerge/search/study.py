@@ -45,8 +45,14 @@ DUPLICATE_ATTR = "duplicate_of"
 _OWN_ATTRS = (WORKER_ATTR, ERROR_ATTR, WALL_TIME_ATTR, DUPLICATE_ATTR)
 #: Config keys that may change on resume (the budget may grow).
 RESUMABLE_KEYS = ("n_trials", "budget")
-HEARTBEAT_INTERVAL_S = 60
-HEARTBEAT_GRACE_S = 300
+HEARTBEAT_INTERVAL_S = int(os.environ.get("EVOMERGE_HEARTBEAT_S", 60))
+HEARTBEAT_GRACE_S = int(os.environ.get("EVOMERGE_HEARTBEAT_GRACE_S", 300))
+"""A server database's trials beat every interval; one silent for the grace period is failed (its worker died)."""
+DB_RETRY_S = float(os.environ.get("EVOMERGE_DB_RETRY_S", 300))
+"""How long a worker retries (with backoff) a database that stopped answering before it gives up."""
+SQLITE_TIMEOUT_S = 60
+"""How long an SQLite write waits for another process's write to finish (several workers on one folder)."""
+STALE_CHECK_S = 1.0
 UNNAMED_GRACE_S = 60
 """A RUNNING trial still naming no worker this long after its start was orphaned between
 its creation and the (immediately following) write of its worker: fail it."""
@@ -71,25 +77,147 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     SQLite is one machine's file, where the pid check of ``fail_stale_trials``
     already finds dead workers at once.
     """
-    heartbeat = {} if url.startswith("sqlite:") else {
-        "heartbeat_interval": HEARTBEAT_INTERVAL_S, "grace_period": HEARTBEAT_GRACE_S}
+    url = _with_driver(url)
+    if url.startswith("sqlite:"):
+        options = {"engine_kwargs": {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}}
+    else:
+        options = {"heartbeat_interval": HEARTBEAT_INTERVAL_S, "grace_period": HEARTBEAT_GRACE_S,
+                   "engine_kwargs": {"pool_pre_ping": True}}
     attempts = 5
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, **heartbeat)
+                return RetryingRDBStorage(url, **options)
         except Exception as error:  # bad URL, missing driver, unreachable server
             text = str(error).lower()
             if attempt < attempts - 1 and any(sign in text for sign in _CREATION_RACE_SIGNS):
                 time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables right now
                 continue
-            raise EvomergeError(f"cannot open study storage {url!r}: {error}") from None
+            hint = ("; install the PostgreSQL driver: pip install 'evomerge[postgres]'"
+                    if isinstance(error, ImportError) and "postgres" in url else "")
+            raise EvomergeError(f"cannot open study storage {_hidden_password(url)!r}: {error}{hint}") from None
     raise AssertionError("unreachable")
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` means psycopg2 to SQLAlchemy; evomerge's extra installs psycopg 3, so
+    the URL names it when psycopg2 is absent (``postgresql+DRIVER://`` URLs are kept)."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            import importlib.util
+
+            if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+                return "postgresql+psycopg://" + url[len(scheme):]
+            return "postgresql://" + url[len(scheme):]
+    return url
+
+
+def _hidden_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
 
 
 #: What a storage says while another worker creates its tables at the same moment.
 _CREATION_RACE_SIGNS = ("already exists", "unique constraint", "duplicate key", "database is locked")
+_SQLITE_BUSY_SIGNS = ("database is locked", "database table is locked", "database is busy")
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) says the database is out of reach or busy for now:
+    a server restarting or a dropped connection, an SQLite file locked by another process.
+    Other errors (a missing table, bad data, a finished trial) are raised at once."""
+    import sqlite3
+
+    import sqlalchemy.exc as sa_exc
+
+    connection_errors: tuple = (sa_exc.OperationalError, sa_exc.InterfaceError)
+    try:
+        import psycopg
+
+        connection_errors += (psycopg.OperationalError, psycopg.InterfaceError)
+    except ImportError:
+        pass
+    seen: BaseException | None = error
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        text = str(seen).lower()
+        if isinstance(seen, sqlite3.Error) or "sqlite" in str(getattr(seen, "statement", "") or "").lower() \
+                or "(sqlite3." in text:
+            if any(sign in text for sign in _SQLITE_BUSY_SIGNS):
+                return True
+        elif isinstance(seen, connection_errors):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+_gave_up = threading.Event()
+"""Set once this process gave up on its database: later calls fail at once instead of waiting again."""
+
+
+def with_retries(call: Callable[[], Any], what: str, budget_s: float | None = None) -> Any:
+    """``call()``, retried with growing pauses (0.5 s doubling to 15 s) while the database is
+    unreachable, for at most ``budget_s`` (``EVOMERGE_DB_RETRY_S``, default 300 s); then one
+    EvomergeError that says what failed and how to continue."""
+    from evomerge.console import say
+
+    budget = DB_RETRY_S if budget_s is None else budget_s
+    started, pause, attempts = time.monotonic(), 0.5, 0
+    while True:
+        attempts += 1
+        try:
+            result = call()
+            if attempts > 1:
+                say(f"evomerge: the study database answers again ({what}, after {attempts - 1} retries)")
+            _gave_up.clear()
+            return result
+        except Exception as error:
+            if not _transient(error):
+                raise
+            elapsed = time.monotonic() - started
+            reason = str(error.__cause__ or error).strip().splitlines()[0][:300] if str(error.__cause__ or error).strip() else type(error).__name__
+            if _gave_up.is_set() or elapsed >= budget:
+                _gave_up.set()
+                raise EvomergeError(
+                    f"the study database stayed unreachable: {what} failed for {elapsed:.0f} s over {attempts} "
+                    f"attempts (retry budget EVOMERGE_DB_RETRY_S={budget:g} s); last error: {reason}. "
+                    "The trial this worker ran stays in the study and is failed as stale (heartbeat) once the "
+                    "database is back; start the worker again to continue the search") from None
+            if attempts == 1:
+                say(f"evomerge: the study database does not answer ({what}: {reason}); retrying for up to {budget:g} s")
+            time.sleep(max(0.0, min(pause, budget - elapsed)))
+            pause = min(pause * 2, 15.0)
+
+
+class RetryingRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose every call (one transaction each) survives a database restart:
+    see `with_retries`. Heartbeat writes are not retried (a missed beat is harmless)."""
+
+
+def _retrying(name: str, method: Callable) -> Callable:
+    import functools
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        return with_retries(lambda: method(self, *args, **kwargs), name.strip("_").replace("_", " "))
+    return call
+
+
+_NOT_RETRIED = {"record_heartbeat", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session",
+                "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
+for _name, _method in vars(optuna.storages.RDBStorage).items():
+    if (callable(_method) and (not _name.startswith("_") or _name == "_get_stale_trial_ids")
+            and _name not in _NOT_RETRIED):
+        setattr(RetryingRDBStorage, _name, _retrying(_name, _method))
+
 
 
 # -- config ------------------------------------------------------------------
@@ -208,9 +336,16 @@ def _process_start_ticks(pid: int) -> int | None:
         return None
 
 
-def _worker_identity() -> dict[str, Any]:
+def worker_host() -> str:
+    """This machine's name as workers record it (``EVOMERGE_WORKER_HOST`` overrides the hostname:
+    containers on several machines that share one hostname must each set a distinct one)."""
+    return os.environ.get("EVOMERGE_WORKER_HOST") or socket.gethostname()
+
+
+def worker_identity() -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _process_start_ticks(pid)}
+    return {"host": worker_host(), "pid": pid, "start": _process_start_ticks(pid)}
+
 
 
 def _is_alive(worker: Mapping[str, Any]) -> bool:
@@ -233,7 +368,7 @@ def fail_stale_trials(study: Study) -> list[int]:
     Same host: the worker's pid is checked at once. Other hosts: Optuna's
     heartbeat (RDB storage) fails them once they miss it for the grace period.
     """
-    host = socket.gethostname()
+    host = worker_host()
     storage = study._storage
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -252,13 +387,17 @@ def fail_stale_trials(study: Study) -> list[int]:
                 failed.append(trial.number)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker failed it first
-    if _heartbeat_interval(storage):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-        failed.extend(sorted(after - before - set(failed)))
+    interval = _heartbeat_interval(storage)
+    if interval:
+        backend = getattr(storage, "_backend", storage)
+        grace = getattr(backend, "grace_period", None) or 2 * interval
+        for trial_id in backend._get_stale_trial_ids(study._study_id):
+            try:
+                storage.set_trial_user_attr(trial_id, ERROR_ATTR, f"stale: no heartbeat for {grace} s (its worker died)")
+                if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                    failed.append(storage.get_trial(trial_id).number)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker failed it first
     return failed
 
 
@@ -417,10 +556,25 @@ class SearchDriver:
             raise EvomergeError(f"the trial budget must be at least 1, got {n_trials}")
         n_done_before = len(complete_trials(self.study))
         new_complete = new_failed = 0
+        said_waiting = False
         with _progress_display(self.progress, n_trials, n_done_before) as show:
             show(self.study)
-            while self._budget_left(n_trials) > 0:
-                frozen = self._run_one(objective_fn)
+            while True:
+                self._fail_stale()
+                if self._budget_left(n_trials) <= 0:
+                    running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                    if len(complete_trials(self.study)) >= n_trials or not running:
+                        break
+                    if not said_waiting:  # a worker dying now leaves a trial to run again
+                        from evomerge.console import say
+
+                        say(f"the budget is taken: waiting for {running} trial(s) of other workers to finish")
+                        said_waiting = True
+                    time.sleep(STALE_CHECK_S)
+                    continue
+                frozen = self._run_one(objective_fn, n_trials)
+                if frozen is None:
+                    continue  # surplus: other workers had filled the budget
                 if frozen.state == TrialState.COMPLETE:
                     new_complete += 1
                 else:
@@ -435,35 +589,63 @@ class SearchDriver:
                 show(self.study)
         return SearchSummary(len(complete_trials(self.study)), new_complete, new_failed, best_trials(self.study))
 
-    def _run_one(self, objective_fn: ObjectiveFn) -> FrozenTrial:
-        """One trial. Its storage writes (ask, tell) finish before a Ctrl-C takes effect, and a
-        trial interrupted anywhere else is failed before the interrupt goes on: none is left RUNNING."""
+    def _fail_stale(self) -> None:
+        """Fail the trials of dead workers (same host: pid; others: heartbeat), at most once a second."""
+        now = time.monotonic()
+        if now - getattr(self, "_stale_checked", -math.inf) >= STALE_CHECK_S:
+            self._stale_checked = now
+            fail_stale_trials(self.study)
+
+    def _surplus(self, trial: Trial, n_trials: int) -> bool:
+        """Whether the budget was full when ``trial`` was created: COMPLETE trials and the
+        in-flight trials created before it (named, or just created) already make ``n_trials``.
+        Two workers that both saw one trial left both ask; the later one steps back."""
+        states = (TrialState.COMPLETE, TrialState.RUNNING)
+        taken = sum(1 for t in self.study.get_trials(deepcopy=False, states=states)
+                    if t.state == TrialState.COMPLETE
+                    or (t.number < trial.number and (WORKER_ATTR in t.user_attrs or _age_seconds(t) <= UNNAMED_GRACE_S)))
+        return taken >= n_trials
+
+    def _run_one(self, objective_fn: ObjectiveFn, n_trials: int | None = None) -> FrozenTrial | None:
+        """One trial (None: it was surplus and is failed unrun). Its storage writes (ask, tell)
+        finish before a Ctrl-C takes effect, and a trial interrupted anywhere else is failed
+        before the interrupt goes on: none is left RUNNING."""
         trial, told = None, False
         try:
             with _sigint_deferred():
-                trial = self.optimizer.ask({WORKER_ATTR: _worker_identity()})
-            started = time.perf_counter()
-            stored = self._stored_result(trial)
-            try:
-                if stored is not None:
-                    values, user_attrs = stored
-                else:
-                    with _Heartbeat(self.study, trial):
+                trial = self.optimizer.ask({WORKER_ATTR: worker_identity()})
+            with _Heartbeat(self.study, trial):  # from its creation: a worker dying anywhere leaves a stale beat
+                if n_trials is not None and self._surplus(trial, n_trials):
+                    with _sigint_deferred():
+                        trial.set_user_attr(ERROR_ATTR, "surplus: other workers had filled the budget (not run)")
+                        self.optimizer.tell(trial, None)
+                        told = True
+                    return None
+                started = time.perf_counter()
+                stored = self._stored_result(trial)
+                try:
+                    if stored is not None:
+                        values, user_attrs = stored
+                    else:
                         values, user_attrs = objective_fn(dict(trial.params))
-                values = self._checked_values(values)
-                user_attrs = {str(key): _jsonable(value) for key, value in (user_attrs or {}).items()}
-            except Exception as error:
-                values, user_attrs = None, {ERROR_ATTR: f"{type(error).__name__}: {error}"[:2000]}
-            with _sigint_deferred():
-                for key, value in {**user_attrs, WALL_TIME_ATTR: time.perf_counter() - started}.items():
-                    trial.set_user_attr(key, value)
-                frozen, told = self.optimizer.tell(trial, values), True
+                    values = self._checked_values(values)
+                    user_attrs = {str(key): _jsonable(value) for key, value in (user_attrs or {}).items()}
+                except EvomergeError as error:
+                    if _gave_up.is_set():
+                        raise  # the database is gone: this worker stops (its trial is failed as stale)
+                    values, user_attrs = None, {ERROR_ATTR: f"{type(error).__name__}: {error}"[:2000]}
+                except Exception as error:
+                    values, user_attrs = None, {ERROR_ATTR: f"{type(error).__name__}: {error}"[:2000]}
+                with _sigint_deferred():
+                    for key, value in {**user_attrs, WALL_TIME_ATTR: time.perf_counter() - started}.items():
+                        trial.set_user_attr(key, value)
+                    frozen, told = self.optimizer.tell(trial, values), True
             return frozen
         except optuna.exceptions.UpdateFinishedTrialError:
             # SQLite has no row locks: another worker popped the same enqueued trial and finished it first
             return self.study._storage.get_trial(trial._trial_id)
         except BaseException:  # Ctrl-C or a kill signal turned exception: leave no RUNNING trial behind
-            if trial is not None and not told:
+            if trial is not None and not told and not _gave_up.is_set():
                 with _sigint_deferred():
                     try:
                         trial.set_user_attr(ERROR_ATTR, "interrupted")
