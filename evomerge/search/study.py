@@ -424,7 +424,7 @@ class _Heartbeat:
 
     def __enter__(self):
         if self._interval:
-            self._storage.record_heartbeat(self._trial_id)
+            with_retries(lambda: self._storage.record_heartbeat(self._trial_id), "recording a heartbeat")
             self._thread = threading.Thread(target=self._beat, daemon=True)
             self._thread.start()
         return self
