@@ -61,17 +61,23 @@ def write_params(storage, trial_id: int, held: list[tuple[str, float, BaseDistri
         return
     backend, scoped_session, models = support
     known = _known_distributions(storage, trial_id)
-    with scoped_session(backend.scoped_session, True) as session:
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        backend.check_trial_is_updatable(trial_id, trial.state)
-        for name, value, distribution in held:
-            previous = (known or {}).get(name)
-            if previous is None:  # first sight of this param in this process: Optuna's own check
-                backend._set_trial_param_without_commit(session, trial_id, name, value, distribution)
-                continue
-            check_distribution_compatibility(previous, distribution)
-            session.add(models.TrialParamModel(trial_id=trial_id, param_name=name, param_value=value,
-                                               distribution_json=distribution_to_json(distribution)))
+
+    def commit() -> None:
+        with scoped_session(backend.scoped_session, True) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            backend.check_trial_is_updatable(trial_id, trial.state)
+            for name, value, distribution in held:
+                previous = (known or {}).get(name)
+                if previous is None:  # first sight of this param in this process: Optuna's own check
+                    backend._set_trial_param_without_commit(session, trial_id, name, value, distribution)
+                    continue
+                check_distribution_compatibility(previous, distribution)
+                session.add(models.TrialParamModel(trial_id=trial_id, param_name=name, param_value=value,
+                                                   distribution_json=distribution_to_json(distribution)))
+
+    from evomerge.search.study import with_retries
+
+    with_retries(commit, "writing a trial's genome")  # one transaction: retried whole while the database is away
     if known is not None:
         with storage._lock:
             for name, _, distribution in held:

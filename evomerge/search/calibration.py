@@ -261,3 +261,43 @@ def _dead_on_this_host(owner: str) -> bool:
         return False
     return isinstance(worker, dict) and worker.get("host") == worker_host() and not _is_alive(worker)
 
+
+
+def worker_slot(study) -> int:
+    """This process's number among the workers of ``study`` (0: the first, or the only one).
+
+    Slots are rows of the lock table (``worker:<study>:<n>``); a worker takes the lowest
+    free one, or one whose holder is a dead process of its own host, and keeps it until
+    it exits. A worker with a slot above 0 knows it has company even when it starts at
+    the very moment the others do, before any of them runs a trial: its optimizer then
+    draws its own seed instead of proposing the same genomes (`optimizers.py`).
+    """
+    import atexit
+
+    from evomerge.search.study import worker_identity
+
+    store = CalibrationStore.of(study)
+    if store is None:
+        return 0
+    me = json.dumps(worker_identity(), sort_keys=True)
+    for slot in range(10_000):
+        store._lock = f"worker:{slot}"
+        if store._try_acquire(me):
+            atexit.register(_release_quietly, store, f"worker:{slot}", me)
+            return slot
+        holder = store._holder()
+        if holder is not None and (holder[0] == me or (_dead_on_this_host(holder[0])
+                                                         and store._compare_and_set(holder, me, 0))):
+            if holder[0] != me:
+                atexit.register(_release_quietly, store, f"worker:{slot}", me)
+            return slot
+    return 10_000
+
+
+def _release_quietly(store: CalibrationStore, lock: str, me: str) -> None:
+    try:
+        store._lock = lock
+        with store.engine.begin() as connection:
+            connection.execute(_locks.delete().where(_locks.c.name == store._lock_name(), _locks.c.owner == me))
+    except Exception:  # the database is gone: a later worker of this host takes the slot over
+        pass

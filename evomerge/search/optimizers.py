@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import warnings
 import zlib
 from abc import ABC, abstractmethod
@@ -127,14 +126,20 @@ class SearchOptimizer(ABC):
         self._study = study
         # Trials still RUNNING here belong to live workers (open_study failed the
         # dead ones): this worker joins them and must not propose their sequence.
-        self.joins_other_workers = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        # Workers starting together see no RUNNING trial yet: the study's worker slots tell them apart.
+        from evomerge.search.calibration import worker_slot
+
+        self.joins_other_workers = (bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                                    or worker_slot(study) > 0)
         self._attach(study)
 
     def _worker_salt(self) -> int:
         """0 for the only worker (a resume stays reproducible); else unique to this process."""
         if not self.joins_other_workers:
             return 0
-        return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+        from evomerge.search.study import worker_host
+
+        return zlib.crc32(f"{worker_host()}:{os.getpid()}".encode())
 
     def ask(self, user_attrs: Mapping[str, Any] | None = None) -> Trial:
         """Start a new trial whose params are the next genome to evaluate.

@@ -211,11 +211,13 @@ def _retrying(name: str, method: Callable) -> Callable:
     return call
 
 
+#: What Optuna's `_CachedStorage` calls on the storage beneath it, besides its public methods.
+_CACHE_CALLS = {"_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_stale_trial_ids"}
 _NOT_RETRIED = {"record_heartbeat", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session",
                 "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 for _name, _method in vars(optuna.storages.RDBStorage).items():
-    if (callable(_method) and (not _name.startswith("_") or _name == "_get_stale_trial_ids")
-            and _name not in _NOT_RETRIED):
+    if (callable(_method) and not isinstance(_method, (staticmethod, classmethod)) and _name not in _NOT_RETRIED
+            and (not _name.startswith("_") or _name in _CACHE_CALLS)):
         setattr(RetryingRDBStorage, _name, _retrying(_name, _method))
 
 
