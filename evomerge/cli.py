@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build the zoo, evolve a merge, export it, compare with baselines")
     demo.add_argument("--space", default="search_spaces/demo.yaml")
     demo.add_argument("--trials", type=at_least(1))
+    demo.add_argument("--validate-top", type=at_least(1), default=5,
+                      help="re-score this many best-estimated trials on every item before exporting (default: 5)")
     demo.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -338,7 +340,7 @@ def cmd_make_zoo(args) -> int:
 def cmd_demo(args) -> int:
     from evomerge.demo import run_demo
 
-    return run_demo(args.space, trials=args.trials, progress=not args.no_progress)
+    return run_demo(args.space, trials=args.trials, progress=not args.no_progress, validate_top=args.validate_top)
 
 
 COMMANDS = {

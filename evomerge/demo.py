@@ -23,7 +23,8 @@ BASELINE_RECIPES = {
 DEMO_VALIDATE_TOP = 5
 
 
-def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | None = None, progress: bool = True) -> int:
+def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | None = None, progress: bool = True,
+             validate_top: int = DEMO_VALIDATE_TOP) -> int:
     from evomerge.evaluation import evaluate_models, print_accuracy_table
     from evomerge.merge import Recipe
     from evomerge.console import say
@@ -43,9 +44,9 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
     space, run_dir = start_run(space_path)
     search = MergeSearch(space, run_dir, progress=progress)
     study, _ = search.run(trials)
-    # The top estimate is biased upwards (winner's curse): re-score the 5 best-estimated
+    # The top estimate is biased upwards (winner's curse): re-score the best-estimated (default 5)
     # trials on every item and export the best measured one.
-    exported = export_trial(run_dir, out_dir=run_dir / "best", validate_top=DEMO_VALIDATE_TOP, progress=progress,
+    exported = export_trial(run_dir, out_dir=run_dir / "best", validate_top=validate_top, progress=progress,
                             builder=search.builder)
     say(f"best merge exported to {exported}")
 

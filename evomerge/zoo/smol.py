@@ -255,7 +255,7 @@ def bench_entry(task: str, path: str) -> dict:
     """The search-space benchmark entry of a smol task (a space before answers; generation for ``add``)."""
     entry = {"name": task, "path": path, "delimiter": " "}
     if task == "add":
-        entry.update(scoring="generate", max_new_tokens=32, stop=["\n"], extract={"after": "Answer:"},
+        entry.update(scoring="generate", max_new_tokens=48, stop=["\n"], extract={"after": "Answer:"},
                      compare="numeric")
     return entry
 
