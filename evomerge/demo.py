@@ -23,6 +23,20 @@ BASELINE_RECIPES = {
 DEMO_VALIDATE_TOP = 5
 
 
+def _calibrated_accuracy(run_dir: Path, benchmarks: dict, name: str) -> dict[str, float] | None:
+    """``name``'s accuracy per benchmark from the calibration's full responses, or None if any is missing."""
+    from evomerge.estimate import ResponseMatrix, responses_path
+
+    scores = {}
+    for bench_name, bench in benchmarks.items():
+        path = responses_path(run_dir, bench_name)
+        matrix = ResponseMatrix.load(path) if path.exists() else None
+        if matrix is None or name not in matrix.model_names or list(matrix.item_ids) != [i.id for i in bench.items]:
+            return None
+        scores[bench_name] = float(matrix.row(name).mean())
+    return scores
+
+
 def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | None = None, progress: bool = True,
              validate_top: int = DEMO_VALIDATE_TOP) -> int:
     from evomerge.evaluation import evaluate_models, print_accuracy_table
@@ -53,7 +67,11 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
     say("scoring every model on the full benchmarks ...")
     benchmarks = search.benchmarks
     models: dict = {"base": space.base, **{f"expert {n}": p for n, p in space.experts.items()}}
-    results = evaluate_models(models, benchmarks)
+    # calibration already scored the base and each expert on every item: reuse those answers
+    results = {}
+    for label, name in [("base", "base"), *((f"expert {n}", n) for n in space.experts)]:
+        scores = _calibrated_accuracy(run_dir, benchmarks, name)
+        results[label] = scores if scores is not None else evaluate_models({label: models[label]}, benchmarks)[label]
     core, model, tokenizer = search.builder.core, search.builder.model, search.tokenizer  # already loaded
     for name, recipe in BASELINE_RECIPES.items():
         core.merge_into(model, Recipe.from_dict(recipe), seed=space.seed)

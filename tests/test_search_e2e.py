@@ -176,7 +176,7 @@ def test_kill_minus_nine_then_resume(zoo_dir, tmp_path):
 def test_demo_command_searches_exports_and_compares(zoo_dir, tmp_path, monkeypatch, capsys):
     space_file = write_space(zoo_dir, tmp_path / "space.yaml", "tpe", trials=3, name="demo")
     monkeypatch.chdir(tmp_path)  # the demo writes runs/demo/ under the working directory
-    assert main(["demo", "--space", str(space_file), "--no-progress"]) == 0
+    assert main(["demo", "--space", str(space_file), "--no-progress", "--validate-top", "2"]) == 0
     captured = capsys.readouterr()
     assert (tmp_path / "runs" / "demo" / "best" / "mergekit.yaml").is_file()
     assert "evolved merge mean accuracy" in captured.err

@@ -340,7 +340,8 @@ class SmolRecipe:
     lr: float = 2e-4
     batch_size: int = 8
     first_layer: int = 20        # layers 20-29 of 30 are trained
-    bench_items: int = 120
+    bench_items: int = 60        # scored items per task (the first of the held-out draw)
+    heldout_items: int = 120     # items per task the fine-tunes never see (more than scored: room to grow)
 
 
 RECIPE = SmolRecipe()
@@ -404,8 +405,9 @@ def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, se
 
             tasks = SmolTasks(seed)
             for task in SMOL_TASKS:
-                _write_jsonl(out / "bench" / f"{task}.jsonl", tasks.bench_items(task, recipe.bench_items, seed))
-                tasks.exclude |= {item["prompt"] for item in tasks.bench_items(task, recipe.bench_items, seed)}
+                heldout = tasks.bench_items(task, max(recipe.heldout_items, recipe.bench_items), seed)
+                _write_jsonl(out / "bench" / f"{task}.jsonl", heldout[: recipe.bench_items])
+                tasks.exclude |= {item["prompt"] for item in heldout}
 
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
