@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/bench-dfs")
     parser.add_argument("--ps-run", help="a finished, validated parameter-space demo run to use (default: run it)")
     parser.add_argument("--trials", type=int, help="budget of every search (default: each space's own)")
+    parser.add_argument("--spaces", default="dfs_demo,ps_dfs_demo", help="which DFS spaces (comma-separated)")
     args = parser.parse_args(argv)
     quiet_libraries()
     zoo, out = Path(args.zoo).resolve(), Path(args.out).resolve()
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     report, text = {"zoo": str(zoo), "ps_run": str(ps_run), "ps_export": str(ps_export), "spaces": {}}, []
     if ps is not None:
         report["ps"] = {"trials": ps["trials"], "search_s": round(ps["search_s"], 1), "trial": ps["trial"].number}
-    for name in ("dfs_demo", "ps_dfs_demo"):
+    for name in args.spaces.split(","):
         print(f"{name}: searching", file=sys.stderr, flush=True)
         done = search_and_export(shipped_space(name, zoo, ps_run, args.trials), out / name)
         space, search = done["space"], done["search"]
