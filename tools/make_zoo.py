@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the tiny model zoo (base + experts + benchmark items) on CPU.
 
-Usage: python tools/make_zoo.py --out runs/zoo --seed 0 [--quick]
+Usage: python tools/make_zoo.py --out runs/zoo --seed 0 [--quick] [--bench-items 5000]
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/zoo", help="zoo folder to write (default runs/zoo)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and weights (default 0)")
     parser.add_argument("--quick", action="store_true", help="small, fast profile (used by tests)")
+    parser.add_argument("--bench-items", type=int, default=None, help="items per benchmark (default: the profile's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         out = build_zoo(args.out, seed=args.seed, profile="quick" if args.quick else "full",
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, bench_items=args.bench_items)
     except EvomergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

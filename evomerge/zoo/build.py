@@ -17,10 +17,10 @@ from pathlib import Path
 
 from evomerge.errors import EvomergeError
 from evomerge.zoo.profiles import PROFILES
-from evomerge.zoo.tasks import TASKS, TaskSampler, make_bench_items
+from evomerge.zoo.tasks import BENCH_TASKS, BENCHMARK_OPTIONS, MAX_BENCH_ITEMS, TASKS, TaskSampler, make_bench_items
 from evomerge.zoo.training import _Progress, train_base, train_expert
 
-ZOO_VERSION = "3"
+ZOO_VERSION = "4"
 """Bump when the zoo recipe changes, so cached zoos (tests, demo) are rebuilt."""
 
 
@@ -41,24 +41,30 @@ def _save(model, tokenizer, directory: Path) -> None:
 
 
 
-def build_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", progress: bool = True) -> Path:
+def build_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", progress: bool = True,
+              bench_items: int | None = None) -> Path:
     """Train base + experts and write the zoo layout of docs/DESIGN.md; returns the zoo folder.
 
     Deterministic: the same seed and profile give bitwise-identical weights and items.
+    ``bench_items`` (default: the profile's) items per benchmark, at most ``MAX_BENCH_ITEMS``;
+    the weights do not depend on it, and a smaller benchmark is the start of a larger one.
     """
     if profile not in PROFILES:
         raise EvomergeError(f"unknown zoo profile {profile!r}; choose one of {sorted(PROFILES)}")
     settings = PROFILES[profile]
+    n_items = settings.bench_items if bench_items is None else bench_items
+    if not 1 <= n_items <= MAX_BENCH_ITEMS:
+        raise EvomergeError(f"bench_items must be between 1 and {MAX_BENCH_ITEMS}, got {n_items}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     cpu_started = time.process_time()
 
     sampler = TaskSampler(seed)
-    bench = {task: make_bench_items(task, sampler, settings.bench_items, seed) for task in TASKS}
-    sampler.exclude = {item["prompt"] for items in bench.values() for item in items}
-    for task, items in bench.items():
-        _write_jsonl(out / "bench" / f"{task}.jsonl", items)
+    held_out = {task: make_bench_items(task, sampler, MAX_BENCH_ITEMS, seed) for task in BENCH_TASKS}
+    sampler.exclude = {item["prompt"] for items in held_out.values() for item in items}
+    for task, items in held_out.items():
+        _write_jsonl(out / "bench" / f"{task}.jsonl", items[:n_items])
 
     total = settings.base_steps + settings.expert_steps * len(TASKS)
     with _Progress(progress, total) as bar:
@@ -73,10 +79,13 @@ def build_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", 
         "seed": seed,
         "profile": profile,
         "settings": asdict(settings),
+        "bench_items": n_items,
         "tasks": list(TASKS),
+        "composite_tasks": [t for t in BENCH_TASKS if t not in TASKS],
         "base": "base",
         "experts": {task: f"experts/{task}" for task in TASKS},
-        "bench": {task: f"bench/{task}.jsonl" for task in TASKS},
+        "bench": {task: f"bench/{task}.jsonl" for task in BENCH_TASKS},
+        "benchmarks": {task: BENCHMARK_OPTIONS.get(task, {}) for task in BENCH_TASKS},
         "build_seconds": round(time.time() - started, 1),
         "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
@@ -84,8 +93,9 @@ def build_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", 
     return out
 
 
-def zoo_is_complete(zoo_dir: str | os.PathLike, profile: str | None = None, seed: int | None = None) -> bool:
-    """True when ``zoo_dir`` holds a finished zoo of the current version (and profile/seed if given)."""
+def zoo_is_complete(zoo_dir: str | os.PathLike, profile: str | None = None, seed: int | None = None,
+                    bench_items: int | None = None) -> bool:
+    """True when ``zoo_dir`` holds a finished zoo of the current version (and profile/seed/benchmark size if given)."""
     manifest_path = Path(zoo_dir) / "zoo.json"
     if not manifest_path.is_file():
         return False
@@ -97,26 +107,28 @@ def zoo_is_complete(zoo_dir: str | os.PathLike, profile: str | None = None, seed
         manifest.get("version") == ZOO_VERSION
         and (profile is None or manifest.get("profile") == profile)
         and (seed is None or manifest.get("seed") == seed)
+        and (bench_items is None or manifest.get("bench_items") == bench_items)
     )
 
 
-def ensure_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", progress: bool = True) -> Path:
+def ensure_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", progress: bool = True,
+               bench_items: int | None = None) -> Path:
     """Build the zoo unless a complete one is already there; safe when several processes race.
 
     A file lock serialises builders, and the zoo is built in a temporary sibling folder
     and renamed into place, so readers never see a half-written zoo.
     """
     out = Path(out_dir)
-    if zoo_is_complete(out, profile, seed):
+    if zoo_is_complete(out, profile, seed, bench_items):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if zoo_is_complete(out, profile, seed):
+        if zoo_is_complete(out, profile, seed, bench_items):
             return out
         staging = out.parent / f".{out.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        build_zoo(staging, seed=seed, profile=profile, progress=progress)
+        build_zoo(staging, seed=seed, profile=profile, progress=progress, bench_items=bench_items)
         if out.exists():
             shutil.rmtree(out)
         os.rename(staging, out)

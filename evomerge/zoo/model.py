@@ -8,7 +8,7 @@ from evomerge.zoo.profiles import ZooProfile
 from evomerge.zoo.tasks import DIGITS, LETTERS, UPPER
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
-CHARACTERS = LETTERS + UPPER + DIGITS + "+= "
+CHARACTERS = LETTERS + UPPER + DIGITS + "+=: "
 
 
 def make_tokenizer():

@@ -19,14 +19,16 @@ class ZooProfile:
     expert_lr: float
     batch_size: int
     bench_items: int
-    replay_fraction: float = 0.25
+    replay_fraction: float = 0.4      # share of an expert's batch drawn from the base's mixture
+    pretrain_task_fraction: float = 0.6  # share of the base's mixture that is task formats
+    pretrain_full_fraction: float = 0.35  # share of those at full difficulty (on what the base may know)
     warmup_steps: int = 30
 
 
 PROFILES: dict[str, ZooProfile] = {
     "full": ZooProfile(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
-        base_steps=1000, base_lr=3e-3, expert_steps=250, expert_lr=1e-3,
+        base_steps=1500, base_lr=3e-3, expert_steps=250, expert_lr=3e-4,
         batch_size=64, bench_items=600,
     ),
     "quick": ZooProfile(
