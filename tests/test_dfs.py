@@ -287,6 +287,8 @@ def test_ps_then_dfs_search_validate_export(zoo_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, builder.rebuild(best.user_attrs)(ids).logits,
                                    atol=1e-5, rtol=1e-5)
+    with pytest.raises(EvomergeError, match="device memory budget"):  # the PS merge is re-made within the budgets
+        make_builder(space.with_memory(device_memory=1000))
 
 
 def test_tied_embeddings_export_and_mergekit(tmp_path):

@@ -197,7 +197,8 @@ class DataFlowMerge(CandidateBuilder):
             return model.to(self.device).eval()
         from evomerge.merge import MergeCore, Recipe
 
-        core = MergeCore(source.run_base, source.run_experts, device=self.device, dtype=self.dtype)
+        core = MergeCore(source.run_base, source.run_experts, device=self.device, dtype=self.dtype,
+                         **self.space.memory)  # the space's budgets hold while the PS merge is re-made
         model, _ = core.new_model()
         core.merge_into(model, Recipe.from_dict(source.recipe), seed=source.merge_seed)
         return model.eval()  # the core (base + task vectors) is freed here; the merged model stays
