@@ -44,8 +44,10 @@ def test_estimate_check_on_the_zoo(zoo, tmp_path):
     assert matrix.model_names[0] == "base" and "heldout00" in matrix.model_names
     est = SubsetEstimator.load(out / "estimators" / f"{tasks[0]}-n10.json")
     assert len(est.indices) == 10
-    # the expert endpoint beats the base on its own task (the zoo is meaningful)
-    assert matrix.row(f"expert:{tasks[0]}").mean() >= matrix.row("base").mean()
+    # the expert endpoint beats the base on its own task (the zoo is meaningful); lang: the task the quick
+    # profile's short fine-tunes learn (on zoo v4 they only start arith and reverse, see test_zoo)
+    lang = ResponseMatrix.load(responses_path(out, "lang"))
+    assert lang.row("expert:lang").mean() > lang.row("base").mean()
     # a rerun reuses the stored responses and gives the same table
     again = run_estimate_check(zoo, out, n_heldout=1, sizes=(10,), seed=0, quiet=True, n_timing=0)
     assert np.allclose([r["mae"]["gmpirt"] for r in again.rows], [r["mae"]["gmpirt"] for r in table.rows])

@@ -22,7 +22,7 @@ def test_demo_space_is_valid():
     assert space.method == "ties"
     assert space.expert_names == ["arith", "reverse", "lang"]
     assert space.ranges["weight"] == (0.0, 1.5)
-    assert [b.name for b in space.benchmarks] == ["arith", "reverse", "lang"]
+    assert [b.name for b in space.benchmarks] == ["arith", "reverse", "lang", "lang_arith"]  # zoo v4: the composite too
 
 
 def test_benchmark_entry_with_columns_and_template_loads(tmp_path):
