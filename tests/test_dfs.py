@@ -312,20 +312,12 @@ def test_tied_embeddings_export_and_mergekit(tmp_path):
 
 
 def test_two_workers_share_one_dfs_study(zoo_dir, tmp_path):
-    """Workers (processes: torch keeps process-wide state) run a data-flow search on one study."""
-    import os
-    import subprocess
-
+    """Two worker processes run a data-flow search on one study."""
     import optuna
 
-    space = write_yaml(tmp_path / "dfs.yaml", dfs_raw(zoo_dir, max_layers=6))
-    command = [sys.executable, "-m", "evomerge.cli", "search", str(space), "--runs-root", str(tmp_path / "runs"),
-               "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    workers = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-               for _ in range(2)]
-    outputs = [worker.communicate(timeout=300)[0].decode()[-3000:] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    from search_processes import run_search_workers
+
+    run_search_workers(write_yaml(tmp_path / "dfs.yaml", dfs_raw(zoo_dir, max_layers=6)), tmp_path / "runs")
     from evomerge.search.runs import open_existing_study
 
     trials = [t for t in open_existing_study(tmp_path / "runs" / "dfs").get_trials(deepcopy=False)

@@ -3,8 +3,6 @@ and a storage URL is remembered only once a search opened its study (evomerge/se
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from small_space import small_space  # noqa: E402
 
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -76,14 +73,10 @@ def test_a_first_start_killed_in_calibration_starts_again_and_may_change_its_spa
 def test_two_workers_racing_on_a_new_folder_share_one_study(zoo_dir, tmp_path):
     """Two worker processes started at once on a new folder (processes: torch and transformers
     keep process-wide state, which two searches in one process would share)."""
+    from search_processes import run_search_workers
+
     space = small_space(zoo_dir, tmp_path / "space.yaml", optimizer={"trials": 4})
-    command = [sys.executable, "-m", "evomerge.cli", "search", str(space), "--runs-root", str(tmp_path / "runs"),
-               "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    workers = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-               for _ in range(2)]
-    outputs = [worker.communicate(timeout=300)[0].decode()[-3000:] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    outputs = run_search_workers(space, tmp_path / "runs")
     assert not any("database is locked" in output or "Traceback" in output for output in outputs), outputs
     run_dir = tmp_path / "runs" / "r"
     assert optuna.study.get_all_study_names(f"sqlite:///{run_dir / 'study.db'}") == ["r"]
