@@ -234,17 +234,9 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def _cipher_choices(answer: str, rng, n_choices: int = 4) -> list[str]:
     """The right encoding plus distractors with 1-2 letters changed (the zoo's ``lang`` distractors)."""
-    letters = answer.split(" ")
-    choices = {answer}
-    changes = min(len(letters), rng.randint(1, 2))
-    while len(choices) < n_choices:
-        wrong = list(letters)
-        for pos in rng.sample(range(len(wrong)), changes):
-            wrong[pos] = rng.choice([c for c in LETTERS if c != wrong[pos]])
-        choices.add(" ".join(wrong))
-    ordered = sorted(choices)
-    rng.shuffle(ordered)
-    return ordered
+    from evomerge.zoo.tasks import near_miss_choices
+
+    return near_miss_choices(answer.split(" "), LETTERS, rng, n_choices, sep=" ")
 
 
 def _options(entry: dict) -> dict:

@@ -210,13 +210,21 @@ def make_bench_items(task: str, sampler: TaskSampler, count: int, seed: int) -> 
 
 def _lang_choices(answer: str, rng: random.Random, n_choices: int = 4) -> list[str]:
     """The right reading plus distractors with 1-2 characters changed (fewer = harder)."""
+    return near_miss_choices(list(answer), ENGLISH, rng, n_choices)
+
+
+def near_miss_choices(symbols: list[str], alphabet: str, rng: random.Random, n_choices: int = 4,
+                      sep: str = "") -> list[str]:
+    """Multiple-choice options: ``sep.join(symbols)`` plus distractors with the same 1-2 symbols
+    changed to others of ``alphabet`` (near misses, so the choice needs the skill), shuffled."""
+    answer = sep.join(symbols)
     choices = {answer}
-    changes = min(rng.randint(1, 2), len(answer))
+    changes = min(rng.randint(1, 2), len(symbols))
     while len(choices) < n_choices:
-        letters = list(answer)
-        for pos in rng.sample(range(len(letters)), changes):
-            letters[pos] = rng.choice([c for c in ENGLISH if c != letters[pos]])
-        choices.add("".join(letters))
+        wrong = list(symbols)
+        for pos in rng.sample(range(len(wrong)), changes):
+            wrong[pos] = rng.choice([c for c in alphabet if c != wrong[pos]])
+        choices.add(sep.join(wrong))
     ordered = sorted(choices)
     rng.shuffle(ordered)
     return ordered
