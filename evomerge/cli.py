@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trials", type=at_least(1))
     demo.add_argument("--validate-top", type=at_least(1), default=5,
                       help="re-score this many best-estimated trials on every item before exporting (default: 5)")
+    demo.add_argument("--zoo-seed", type=at_least(0), default=0,
+                      help="build the zoo with this seed (into runs/zoo-seedN, run demo-seedN): training differs "
+                           "across machines, another seed stands in for another machine")
     demo.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -343,7 +346,8 @@ def cmd_make_zoo(args) -> int:
 def cmd_demo(args) -> int:
     from evomerge.demo import run_demo
 
-    return run_demo(args.space, trials=args.trials, progress=not args.no_progress, validate_top=args.validate_top)
+    return run_demo(args.space, trials=args.trials, progress=not args.no_progress, validate_top=args.validate_top,
+                    zoo_seed=args.zoo_seed)
 
 
 COMMANDS = {

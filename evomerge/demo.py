@@ -69,8 +69,37 @@ def _calibrated_accuracy(run_dir: Path, benchmarks: dict, name: str) -> dict[str
     return scores
 
 
+def seeded_space(space_path: Path, zoo_seed: int) -> Path:
+    """The demo space pointed at a zoo built with ``zoo_seed`` (``runs/zoo`` -> ``runs/zoo-seedN``,
+    run ``NAME-seedN``), written beside the runs: another seed stands in for another machine,
+    whose training gives other experts, without touching the seed-0 zoo and run."""
+    import yaml
+
+    raw = yaml.safe_load(space_path.read_text())
+    zoo = str(raw.get("zoo") or "")
+    if not zoo:
+        raise EvomergeError(f"{space_path} names no zoo: --zoo-seed needs a space built on the zoo")
+    seeded = f"{zoo.rstrip('/')}-seed{zoo_seed}"
+
+    def moved(value):
+        if isinstance(value, str) and (value == zoo or value.startswith(zoo.rstrip("/") + "/")):
+            return seeded + value[len(zoo.rstrip("/")):]
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        return value
+
+    raw = moved(raw)
+    raw["name"] = f"{raw.get('name', space_path.stem)}-seed{zoo_seed}"
+    out = Path(seeded).parent / f"{raw['name']}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
 def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | None = None, progress: bool = True,
-             validate_top: int = DEMO_VALIDATE_TOP) -> int:
+             validate_top: int = DEMO_VALIDATE_TOP, zoo_seed: int = 0) -> int:
     from evomerge.evaluation import evaluate_models, print_accuracy_table
     from evomerge.merge import Recipe
     from evomerge.console import say
@@ -82,10 +111,12 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
     space_path = Path(space_path)
     if not space_path.exists():
         raise EvomergeError(f"demo search space not found: {space_path} (run the demo from the repository root)")
+    if zoo_seed:
+        space_path = seeded_space(space_path, zoo_seed)
     zoo = load_search_space(space_path).zoo
     if zoo:
-        say(f"model zoo: {zoo}")
-        ensure_zoo(zoo, progress=progress)
+        say(f"model zoo: {zoo}" + (f" (seed {zoo_seed})" if zoo_seed else ""))
+        ensure_zoo(zoo, seed=zoo_seed, progress=progress)
 
     space, run_dir = start_run(space_path)
     search = MergeSearch(space, run_dir, progress=progress)

@@ -183,6 +183,19 @@ def test_demo_command_searches_exports_and_compares(zoo_dir, tmp_path, monkeypat
     assert "evolved (exported)" in captured.out + captured.err  # the comparison table
 
 
+def test_demo_zoo_seed_points_the_space_at_its_own_zoo_and_run(tmp_path, monkeypatch):
+    from evomerge.demo import seeded_space
+    from evomerge.search.space import load_search_space
+
+    monkeypatch.chdir(tmp_path)
+    space = seeded_space(REPO / "search_spaces" / "demo.yaml", 2)
+    assert space == Path("runs") / "demo-seed2.yaml"
+    loaded = load_search_space(space)
+    assert loaded.name == "demo-seed2" and loaded.zoo == str(tmp_path / "runs" / "zoo-seed2")
+    assert loaded.base == str(tmp_path / "runs" / "zoo-seed2" / "base")
+    assert all("/runs/zoo-seed2/" in b.path for b in loaded.benchmarks)
+
+
 def test_per_task_objectives_search_and_export(zoo_dir, tmp_path):
     space_file = write_space(zoo_dir, tmp_path / "space.yaml", "nsga2", trials=4, name="multi")
     raw = yaml.safe_load(space_file.read_text())
