@@ -65,6 +65,13 @@ def test_a_contender_is_promoted_to_every_stage_scoring_each_item_once(staged_wo
     assert len(attrs[racing.STAGE_FITNESS_ATTR]) == 3
 
 
+def test_a_baseline_is_scored_on_the_first_stage_only(staged_world, monkeypatch):
+    scorer, scored = _scorer(staged_world, monkeypatch, threshold=None)  # no threshold yet: others are promoted
+    values, attrs = scorer.score(None, None, promote=False)
+    assert attrs[STAGE_ATTR] == 0 and attrs[ITEMS_ATTR] == 16
+    assert all(len(indices) == 8 for indices in scored.values())
+
+
 def test_a_candidate_that_cannot_reach_the_top_k_stops(staged_world, monkeypatch):
     scorer, scored = _scorer(staged_world, monkeypatch, threshold=1.01)
     values, attrs = scorer.score(None, None)
@@ -138,9 +145,12 @@ def test_racing_search_status_and_export(zoo_dir, tmp_path, capsys):
     study = open_existing_study(run_dir)
     trials = sorted(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number)
     assert len(trials) == 8
-    n_items = len(trials[0].user_attrs["answers"]["arith"]) if trials[0].user_attrs[STAGE_ATTR] == 2 else None
+    last = [t for t in trials if t.user_attrs[STAGE_ATTR] == 2]
+    n_items = len(last[0].user_attrs["answers"]["arith"]) if last else None
     _check_consistent(trials, [5, 15, n_items])
-    assert [t.user_attrs[STAGE_ATTR] for t in trials[:2]] == [2, 2]  # fewer than top_k done: promoted
+    baselines = [t for t in trials if "baseline" in t.user_attrs]
+    assert baselines and all(t.user_attrs[STAGE_ATTR] == 0 for t in baselines)  # reference points: first stage
+    assert max(t.user_attrs[STAGE_ATTR] for t in trials) == 2  # contenders reach the last stage
     # a trial raced onto every item is measured already: validation takes its estimates as they are
     from evomerge.search.validate import validate_top_trials
 
@@ -183,7 +193,7 @@ def test_kill_between_stages_then_resume(zoo_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     worker = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "_racing_kill_worker.py"), str(space), str(tmp_path / "runs"),
-         str(marker), "3"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         str(marker), "1"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         while not marker.exists() and worker.poll() is None and time.time() < deadline:
@@ -217,7 +227,7 @@ def test_racing_with_other_optimizers_and_per_task_objectives(zoo_dir, tmp_path,
 
     space = small_space(zoo_dir, tmp_path / "space.yaml", name="raced",
                         estimator={"subset_size": 5}, optimizer={"name": optimizer, "objectives": objectives,
-                                                                  "trials": 5},
+                                                                  "trials": 5, "baselines": False},
                         evaluation={"stages": [5, 15, "all"], "top_k": 2})
     assert main(["search", str(space), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 0
     trials = [t for t in open_existing_study(tmp_path / "runs" / "raced").get_trials(deepcopy=False)

@@ -6,6 +6,10 @@ it). A candidate is scored on the first stage; while the upper end of its fitnes
 interval still reaches the current ``top_k``-th best fitness of the study's
 complete trials, it is promoted to the next stage, where only the new items are
 scored and the estimate is redone from every answer so far. The others stop.
+The enqueued baselines (base, each expert alone, uniform merges) are reference
+points scored on the first stage only: while fewer than ``top_k`` trials are
+complete every candidate is promoted, and the baselines come first, so racing
+them would spend the largest stages on models calibration already measured.
 
 Whatever the stage reached, the trial reports one set of values (the estimates
 of its last stage), so every optimizer works unchanged. A trial keeps its stage,
@@ -72,8 +76,9 @@ class StagedScorer:
         scores = sorted((fitness(t.values, self.weights) for t in trials), reverse=True)
         return scores[self.top_k - 1]
 
-    def score(self, model, tokenizer) -> tuple[list[float], dict]:
-        """Values for the optimizer and the trial's attrs, after the last stage the model reached."""
+    def score(self, model, tokenizer, *, promote: bool = True) -> tuple[list[float], dict]:
+        """Values for the optimizer and the trial's attrs, after the last stage the model reached
+        (the first stage only when ``promote`` is false)."""
         answered: dict[str, dict[int, bool]] = {name: {} for name in self.benchmarks}
         by_stage = []
         for stage in range(self.n_stages):
@@ -89,7 +94,7 @@ class StagedScorer:
                 estimates[name] = estimator.estimate(answers[name], self.method, stage=stage, level=self.level)
             value, margin = self._fitness(estimates)
             by_stage.append(value)
-            if stage == self.n_stages - 1 or not self._promote(value + margin):
+            if stage == self.n_stages - 1 or not promote or not self._promote(value + margin):
                 break
         per_task = [estimates[name].value for name in self.benchmarks]
         values = per_task if self.per_task else [value]

@@ -77,6 +77,7 @@ class MergeSearch:
         self.weights = np.array([b.weight for b in space.benchmarks], dtype=float)
         self.estimators: dict[str, SubsetEstimator] = {}
         self._scorer: StagedScorer | None = None
+        self._baseline_keys: set[tuple] | None = None
 
     # ------------------------------------------------------------ calibration
     def calibration_genomes(self) -> dict[str, dict[str, float]]:
@@ -237,9 +238,15 @@ class MergeSearch:
         candidate = self.builder.candidate(params)
         _synchronize(self.builder.device)
         merged = time.perf_counter()
-        values, attrs = self.scorer.score(candidate.model, self.tokenizer)
+        values, attrs = self.scorer.score(candidate.model, self.tokenizer, promote=not self._is_baseline(params))
         timings = {"merge_s": merged - started, "score_s": time.perf_counter() - merged}
         return values, {**attrs, **candidate.attrs, **timings}
+
+    def _is_baseline(self, params: dict[str, float]) -> bool:
+        """Whether the genome is one of the enqueued baselines (racing scores those on its first stage only)."""
+        if self._baseline_keys is None:
+            self._baseline_keys = {_genome_key(g) for g in self.baseline_genomes().values()} if self.space.baselines else set()
+        return _genome_key(params) in self._baseline_keys
 
     @property
     def scorer(self) -> StagedScorer:
@@ -298,6 +305,10 @@ class MergeSearch:
         self.scorer.bind(study)
         summary = driver.run(self.objective, budget)
         return study, summary
+
+
+def _genome_key(genome: dict[str, float]) -> tuple:
+    return tuple(sorted((name, round(float(value), 9)) for name, value in genome.items()))
 
 
 def _merged(local: ResponseMatrix | None, stored: ResponseMatrix | None) -> ResponseMatrix | None:
