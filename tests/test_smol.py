@@ -159,3 +159,16 @@ def test_tasks_hold_out_the_benchmark_and_answers_extract():
         assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
         word = item["prompt"].split("code: ")[1].split("\n")[0].split(" ")
         assert item["choices"][item["label"]].split(" ") == [tasks.cipher_map[c] for c in word]
+
+
+def test_bench_items_are_checked_and_a_finished_family_is_complete_for_its_own_size(tmp_path):
+    import json
+
+    from evomerge.zoo.smol import RECIPE, SMOL_VERSION, build_smol, smol_is_complete
+
+    with pytest.raises(EvomergeError, match="at most 120 items per task .* got --bench-items 500"):
+        build_smol(tmp_path / "smol", bench_items=500)  # before any conversion or training
+    manifest = {"version": SMOL_VERSION, "recipe": {"bench_items": RECIPE.bench_items}}  # written before the option
+    (tmp_path / "zoo.json").write_text(json.dumps(manifest))
+    assert smol_is_complete(tmp_path) and smol_is_complete(tmp_path, RECIPE.bench_items)
+    assert not smol_is_complete(tmp_path, 120)  # another size: the build rewrites the benchmarks only

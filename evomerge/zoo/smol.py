@@ -354,32 +354,47 @@ def _atomic_folder(target: Path, write) -> None:
     os.rename(staging, target)
 
 
-def smol_is_complete(out: str | os.PathLike) -> bool:
-    manifest = Path(out) / "zoo.json"
+def _manifest(out: str | os.PathLike) -> dict:
     try:
-        return json.loads(manifest.read_text()).get("version") == SMOL_VERSION
+        return json.loads((Path(out) / "zoo.json").read_text())
     except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def smol_is_complete(out: str | os.PathLike, bench_items: int | None = None) -> bool:
+    """A finished family of this version (with ``bench_items`` items per task, when given)."""
+    manifest = _manifest(out)
+    if manifest.get("version") != SMOL_VERSION:
         return False
+    written = manifest.get("bench_items", manifest.get("recipe", {}).get("bench_items"))
+    return bench_items is None or written == bench_items
 
 
 def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, seed: int = 0,
-               progress: bool = True, recipe: SmolRecipe = RECIPE) -> Path:
+               progress: bool = True, recipe: SmolRecipe = RECIPE, bench_items: int | None = None) -> Path:
     """Convert the GGUF base, write the benchmarks and fine-tune one expert per task into ``out``.
 
     Each part is cached (a finished ``base/`` or ``experts/<task>/`` is reused), so an
-    interrupted build continues; ``zoo.json`` is written last. A file lock serialises builders.
+    interrupted build continues, and another ``bench_items`` (at most the held-out items the
+    fine-tunes never saw) rewrites only the benchmarks; ``zoo.json`` is written last. A file
+    lock serialises builders.
     """
     import torch
 
     out = Path(out)
-    if smol_is_complete(out):
+    n_items = recipe.bench_items if bench_items is None else bench_items
+    if not 1 <= n_items <= recipe.heldout_items:
+        raise EvomergeError(f"smol benchmarks hold at most {recipe.heldout_items} items per task (the ones its "
+                            f"fine-tunes never saw), got --bench-items {n_items}")
+    if smol_is_complete(out, n_items):
         return out
     _require_gguf_package()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if smol_is_complete(out):
+        if smol_is_complete(out, n_items):
             return out
+        previous = _manifest(out)  # figures of the parts a rebuild reuses
         say = print if progress else (lambda *a, **k: None)
         timings: dict[str, float] = {}
         threads = torch.get_num_threads()
@@ -397,14 +412,15 @@ def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, se
 
             tasks = SmolTasks(seed)
             for task in SMOL_TASKS:
-                heldout = tasks.bench_items(task, max(recipe.heldout_items, recipe.bench_items), seed)
-                _write_jsonl(out / "bench" / f"{task}.jsonl", heldout[: recipe.bench_items])
+                heldout = tasks.bench_items(task, recipe.heldout_items, seed)
+                _write_jsonl(out / "bench" / f"{task}.jsonl", heldout[:n_items])
                 tasks.exclude |= {item["prompt"] for item in heldout}
 
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(out / "base-fp32")
-            losses = {}
+            losses = dict(previous.get("first_last_loss", {}))
+            timings = {**previous.get("seconds", {}), **timings}
             for index, task in enumerate(SMOL_TASKS):
                 if (out / "experts" / task / "config.json").is_file():
                     continue
@@ -426,7 +442,7 @@ def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, se
             "version": SMOL_VERSION, "profile": "smol", "seed": seed, "gguf": GGUF_NAME,
             "base": "base", "base_fp32": "base-fp32", "tasks": list(SMOL_TASKS),
             "experts": {task: f"experts/{task}" for task in SMOL_TASKS},
-            "bench": {task: f"bench/{task}.jsonl" for task in SMOL_TASKS},
+            "bench": {task: f"bench/{task}.jsonl" for task in SMOL_TASKS}, "bench_items": n_items,
             "scoring": SMOL_SCORING, "benchmarks": {task: _options(bench_entry(task, "")) for task in SMOL_TASKS},
             "recipe": asdict(recipe), "first_last_loss": losses, "seconds": timings,
         }
