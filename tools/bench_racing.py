@@ -5,7 +5,7 @@ seed = the seed) is searched three ways with the same budget of scored items (th
 fixed-40 search's: `--trials` x 40 items x benchmarks):
 
 * `fixed20`, `fixed40`: every candidate on 20 / 40 anchor items per benchmark;
-* `race`: `evaluation: {stages: --stages, top_k: --top-k}`.
+* `race`: `evaluation: {stages: --stages, top_k: --top-k, level: --level}`.
 
 Searches stop at the trial that would exceed the budget. At 50% and 100% of it,
 the trial `evomerge export` would pick among the trials run so far is scored on
@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=80, help="fixed-40 trials that set the item budget")
     parser.add_argument("--stages", default="10,30,100", help="racing stages (items per benchmark; last may be all)")
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--level", type=float, default=0.9, help="racing: level of the intervals that decide promotion")
     parser.add_argument("--configs", default="fixed20,fixed40,race")
     parser.add_argument("--chunk", type=int, default=20, help="trials per search call while filling the budget")
     args = parser.parse_args(argv)
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     zoo, out = Path(args.zoo).resolve(), Path(args.out)
     stages = [s if s == "all" else int(s) for s in args.stages.split(",")]
     configs = {"fixed20": {"stages": [20]}, "fixed40": {"stages": [40]},
-               "race": {"stages": stages, "top_k": args.top_k}}
+               "race": {"stages": stages, "top_k": args.top_k, "level": args.level}}
     n_bench = len(yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())["benchmarks"])
     budget_items = args.trials * 40 * n_bench
     rows = []
