@@ -332,3 +332,30 @@ def test_memory_flags_on_search_resume_export_and_plan(family, tmp_path):
     args = parser.parse_args(["search", "s.yaml", "--device-memory", "20GiB"])
     assert cli._with_memory(space, args).memory == {"device_memory": 20 << 30, "host_memory": 2 << 30,
                                                     "scoring_headroom": 1 << 30}
+
+
+def test_meta_parameters_only_in_the_building_thread():
+    """MergeCore builds its model with parameters on the meta device; a model another thread builds
+    meanwhile keeps real weights (the hook is per thread, not a process-wide patch)."""
+    import threading
+
+    import torch
+
+    from evomerge.merge.core import _parameters_on_meta
+
+    started, release, built = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        started.wait()
+        built["other"] = torch.nn.Linear(3, 2)
+        release.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with _parameters_on_meta():
+        started.set()
+        release.wait(timeout=30)
+        built["mine"] = torch.nn.Linear(3, 2)
+    worker.join()
+    assert built["mine"].weight.is_meta and not built["other"].weight.is_meta
+    assert not torch.nn.Linear(3, 2).weight.is_meta  # and after the block, in this thread too

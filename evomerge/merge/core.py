@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -128,21 +129,34 @@ class _Context:
     prepared: set = field(default_factory=set)
 
 
+_META_BUILD = threading.local()
+_META_PATCH_LOCK = threading.Lock()
+_ORIGINAL_REGISTER_PARAMETER = torch.nn.Module.register_parameter
+
+
+def _register_parameter(module, name, param):
+    """`nn.Module.register_parameter`, moving the parameter to the meta device while this thread builds
+    inside `_parameters_on_meta` (other threads, and this one outside it, register as usual)."""
+    _ORIGINAL_REGISTER_PARAMETER(module, name, param)
+    if param is not None and getattr(_META_BUILD, "depth", 0):
+        module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta():
-    """Build modules with parameters on the meta device (buffers stay real): no weights allocated."""
-    original = torch.nn.Module.register_parameter
+    """Build modules with parameters on the meta device (buffers stay real): no weights allocated.
 
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register
+    The hook is installed once for the process and acts only in the thread inside this block, so a
+    model built meanwhile by another thread (a scorer, a second core) gets real weights.
+    """
+    with _META_PATCH_LOCK:
+        if torch.nn.Module.register_parameter is not _register_parameter:
+            torch.nn.Module.register_parameter = _register_parameter
+    _META_BUILD.depth = getattr(_META_BUILD, "depth", 0) + 1
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = original
+        _META_BUILD.depth -= 1
 
 
 class MergeCore:
