@@ -295,8 +295,17 @@ def test_a_genome_already_evaluated_is_not_scored_again(tmp_path):
     assert duplicates[0].values == source.values and duplicates[0].user_attrs["estimates"] == {"t": 0.5}
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """Python's Ctrl-C handler, even where the test runner was started in the background (which
+    ignores SIGINT, so no KeyboardInterrupt would come); restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("where", ["ask", "tell"])
-def test_ctrl_c_during_the_storage_writes_leaves_no_running_trial(tmp_path, monkeypatch, where):
+def test_ctrl_c_during_the_storage_writes_leaves_no_running_trial(tmp_path, monkeypatch, where, python_sigint_handler):
     study = open_study(tmp_path, "s", ["maximize"], CONFIG)
     real = getattr(study, where)
 
