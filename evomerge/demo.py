@@ -76,14 +76,14 @@ def seeded_space(space_path: Path, zoo_seed: int) -> Path:
     import yaml
 
     raw = yaml.safe_load(space_path.read_text())
-    zoo = str(raw.get("zoo") or "")
+    zoo = str(raw.get("zoo") or "").rstrip("/")
     if not zoo:
         raise EvomergeError(f"{space_path} names no zoo: --zoo-seed needs a space built on the zoo")
-    seeded = f"{zoo.rstrip('/')}-seed{zoo_seed}"
+    seeded = f"{zoo}-seed{zoo_seed}"
 
     def moved(value):
-        if isinstance(value, str) and (value == zoo or value.startswith(zoo.rstrip("/") + "/")):
-            return seeded + value[len(zoo.rstrip("/")):]
+        if isinstance(value, str) and (value == zoo or value.startswith(zoo + "/")):
+            return seeded + value[len(zoo):]
         if isinstance(value, dict):
             return {k: moved(v) for k, v in value.items()}
         if isinstance(value, list):

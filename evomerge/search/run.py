@@ -31,7 +31,7 @@ from evomerge.search.racing import (  # noqa: F401 (answers_string re-exported)
 )
 from evomerge.search.runs import load_run_space, open_existing_study, open_run_study
 from evomerge.search.space import SearchSpace
-from evomerge.search.study import SearchDriver, complete_trials, enqueue_first, ranked_trials
+from evomerge.search.study import SearchDriver, complete_trials, enqueue_first, genome_key, ranked_trials
 
 BASELINE_ATTR = "baseline"
 """User attr naming an enqueued baseline trial ("expert arith", "base", "uniform weight 1, density 0.7")."""
@@ -245,8 +245,8 @@ class MergeSearch:
     def _is_baseline(self, params: dict[str, float]) -> bool:
         """Whether the genome is one of the enqueued baselines (racing scores those on its first stage only)."""
         if self._baseline_keys is None:
-            self._baseline_keys = {_genome_key(g) for g in self.baseline_genomes().values()} if self.space.baselines else set()
-        return _genome_key(params) in self._baseline_keys
+            self._baseline_keys = {genome_key(g) for g in self.baseline_genomes().values()} if self.space.baselines else set()
+        return genome_key(params) in self._baseline_keys
 
     @property
     def scorer(self) -> StagedScorer:
@@ -305,10 +305,6 @@ class MergeSearch:
         self.scorer.bind(study)
         summary = driver.run(self.objective, budget)
         return study, summary
-
-
-def _genome_key(genome: dict[str, float]) -> tuple:
-    return tuple(sorted((name, round(float(value), 9)) for name, value in genome.items()))
 
 
 def _merged(local: ResponseMatrix | None, stored: ResponseMatrix | None) -> ResponseMatrix | None:

@@ -664,9 +664,9 @@ class SearchDriver:
         again would give, and the optimizer is told the true value of its own sample.
         The new trial records which one it reuses (user attr ``duplicate_of``).
         """
-        key = _genome_key(trial.params)
+        key = genome_key(trial.params)
         for done in complete_trials(self.study):
-            if done.number != trial.number and _genome_key(done.params) == key:
+            if done.number != trial.number and genome_key(done.params) == key:
                 attrs = {k: v for k, v in done.user_attrs.items() if k not in _OWN_ATTRS + self.label_attrs}
                 return list(done.values), {**attrs, DUPLICATE_ATTR: done.number}
         return None
@@ -683,7 +683,8 @@ class SearchDriver:
         return values
 
 
-def _genome_key(params: Mapping[str, float]) -> tuple:
+def genome_key(params: Mapping[str, float]) -> tuple:
+    """A genome as a hashable key: the same genome (up to float noise) gives the same key."""
     return tuple(sorted((name, round(float(value), 12)) for name, value in params.items()))
 
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
+from evomerge.zoo.tasks import LETTERS, near_miss_choices
 
 SMOL_VERSION = "1"
 """Bump when the conversion (or the experts' recipe) changes, so cached folders are rebuilt."""
@@ -229,13 +230,8 @@ class SmolTasks:
         return items
 
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
 def _cipher_choices(answer: str, rng, n_choices: int = 4) -> list[str]:
     """The right encoding plus distractors with 1-2 letters changed (the zoo's ``lang`` distractors)."""
-    from evomerge.zoo.tasks import near_miss_choices
-
     return near_miss_choices(answer.split(" "), LETTERS, rng, n_choices, sep=" ")
 
 
@@ -394,9 +390,9 @@ def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, se
         fcntl.flock(lock, fcntl.LOCK_EX)
         if smol_is_complete(out, n_items):
             return out
-        previous = _manifest(out)  # figures of the parts a rebuild reuses
+        previous = _manifest(out)
         say = print if progress else (lambda *a, **k: None)
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = dict(previous.get("seconds", {}))  # figures of the parts a rebuild reuses
         threads = torch.get_num_threads()
         torch.set_num_threads(TRAIN_THREADS)
         try:
@@ -420,7 +416,6 @@ def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, se
 
             tokenizer = AutoTokenizer.from_pretrained(out / "base-fp32")
             losses = dict(previous.get("first_last_loss", {}))
-            timings = {**previous.get("seconds", {}), **timings}
             for index, task in enumerate(SMOL_TASKS):
                 if (out / "experts" / task / "config.json").is_file():
                     continue
