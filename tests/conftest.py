@@ -22,6 +22,23 @@ def zoo_dir() -> Path:
     return ensure_zoo(QUICK_ZOO_DIR, seed=0, profile="quick", progress=False)
 
 
+@pytest.fixture(scope="session")
+def zoo_answer_benches(zoo_dir, tmp_path_factory) -> dict[str, Path]:
+    """task -> a jsonl of the quick zoo's multiple-choice items as exact-match items (the right choice is
+    the answer), so the exact-match and generate kinds are tested on the zoo's own models and prompts."""
+    import json
+
+    from evomerge.zoo.tasks import as_answer_items
+
+    folder, paths = tmp_path_factory.mktemp("answers"), {}
+    for bench in sorted((zoo_dir / "bench").glob("*.jsonl")):
+        rows = [json.loads(line) for line in bench.read_text().splitlines()]
+        if "choices" in rows[0]:
+            paths[bench.stem] = folder / bench.name
+            paths[bench.stem].write_text("".join(json.dumps(row) + "\n" for row in as_answer_items(rows)))
+    return paths
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models merge and score fastest on one thread (no OpenMP spinning on a busy CI box)."""

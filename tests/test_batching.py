@@ -13,11 +13,12 @@ from evomerge.errors import EvomergeError
 
 
 @pytest.fixture(scope="module")
-def zoo_model(zoo_dir):
+def zoo_model(zoo_dir, zoo_answer_benches):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = json.loads((zoo_dir / "zoo.json").read_text())
     benches = {t: load_benchmark(zoo_dir / rel) for t, rel in manifest["bench"].items()}
+    benches["arith"] = load_benchmark(zoo_answer_benches["arith"])  # exact match
     model = AutoModelForCausalLM.from_pretrained(zoo_dir / "base")
     return model, AutoTokenizer.from_pretrained(zoo_dir / "base"), benches
 

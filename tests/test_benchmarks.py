@@ -140,7 +140,7 @@ def test_bad_index_names_the_benchmark(zoo_models):
 
 
 @pytest.fixture(scope="module")
-def zoo_models(zoo_dir):
+def zoo_models(zoo_dir, zoo_answer_benches):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = json.loads((zoo_dir / "zoo.json").read_text())
@@ -149,6 +149,7 @@ def zoo_models(zoo_dir):
         models[task] = AutoModelForCausalLM.from_pretrained(zoo_dir / rel)
     models["tokenizer"] = AutoTokenizer.from_pretrained(zoo_dir / "base")
     models["bench"] = {t: load_benchmark(zoo_dir / rel) for t, rel in manifest["bench"].items()}
+    models["bench"].update({t: load_benchmark(path) for t, path in zoo_answer_benches.items() if t != "lang"})  # exact match
     return models
 
 
@@ -164,7 +165,7 @@ def test_scores_are_per_item_booleans_and_respect_indices(zoo_models):
 
 def test_teacher_forced_exact_match_equals_greedy_generation(zoo_models):
     tokenizer = zoo_models["tokenizer"]
-    for model_key, task in [("arith", "arith"), ("reverse", "reverse"), ("base", "arith")]:
+    for model_key, task in [("arith", "arith"), ("cipher", "cipher"), ("base", "arith")]:
         model, bench = zoo_models[model_key], zoo_models["bench"][task]
         indices = list(range(0, len(bench), max(1, len(bench) // 12)))
         forced = score_items(model, tokenizer, bench, indices=indices)
@@ -188,19 +189,19 @@ def test_multiple_choice_picks_highest_likelihood(zoo_models):
 def test_scoring_restores_training_mode(zoo_models):
     model, tokenizer = zoo_models["base"], zoo_models["tokenizer"]
     model.train()
-    score_items(model, tokenizer, zoo_models["bench"]["reverse"], indices=range(8))
+    score_items(model, tokenizer, zoo_models["bench"]["cipher"], indices=range(8))
     assert model.training
     model.eval()
 
 
 def test_scoring_500_items_is_fast(zoo_models):
-    model, tokenizer, benches = zoo_models["reverse"], zoo_models["tokenizer"], zoo_models["bench"]
+    model, tokenizer, benches = zoo_models["cipher"], zoo_models["tokenizer"], zoo_models["bench"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # under a shared, loaded CPU one thread is the stable choice
     try:
-        score_items(model, tokenizer, benches["reverse"], indices=range(64))  # warm up
+        score_items(model, tokenizer, benches["cipher"], indices=range(64))  # warm up
         started = time.perf_counter()
-        score_items(model, tokenizer, benches["reverse"], indices=range(500))
+        score_items(model, tokenizer, benches["cipher"], indices=range(500))
         elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)

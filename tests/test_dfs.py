@@ -206,7 +206,7 @@ def test_genome_gives_paths_within_budget(zoo_dir):
      "raise dfs.repeats"),
     (lambda r, z: r["dfs"].update(sources=["arith", {"name": "ps", "source": str(z / "runs" / "nope")}]),
      "nor an evomerge run folder"),
-    (lambda r, z: r["dfs"].update(sources=["arith", "reverse"]), "'reverse' is not a model of this space"),
+    (lambda r, z: r["dfs"].update(sources=["arith", "cipher"]), "'cipher' is not a model of this space"),
     (lambda r, z: r.update(merge={"method": "ties"}), "either merge (parameter space) or dfs"),
     (lambda r, z: r["dfs"].update(scaling="table"), "dfs.scaling 'table' is unknown"),
 ])

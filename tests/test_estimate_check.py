@@ -45,7 +45,7 @@ def test_estimate_check_on_the_zoo(zoo, tmp_path):
     est = SubsetEstimator.load(out / "estimators" / f"{tasks[0]}-n10.json")
     assert len(est.indices) == 10
     # the expert endpoint beats the base on its own task (the zoo is meaningful); lang: the task the quick
-    # profile's short fine-tunes learn (on zoo v4 they only start arith and reverse, see test_zoo)
+    # profile's short fine-tunes learn best (see test_zoo)
     lang = ResponseMatrix.load(responses_path(out, "lang"))
     assert lang.row("expert:lang").mean() > lang.row("base").mean()
     # a rerun reuses the stored responses and gives the same table

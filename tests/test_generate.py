@@ -40,13 +40,14 @@ def one_at_a_time(model, tokenizer, prompt: list[int], max_new_tokens: int, stop
 
 @pytest.mark.parametrize("model_name, task, stop, max_new_tokens", [
     ("arith", "arith", ["5"], 4),           # stop strings at different steps, EOS, and cut-offs
-    ("reverse", "reverse", ["q", "zz"], 9),
+    ("cipher", "cipher", ["q", "zz"], 9),
     ("base", "arith", [], 3),
 ])
-def test_batched_generation_equals_one_at_a_time_greedy(zoo, model_name, task, stop, max_new_tokens):
+def test_batched_generation_equals_one_at_a_time_greedy(zoo, zoo_answer_benches, model_name, task, stop,
+                                                       max_new_tokens):
     models, tokenizer, zoo_dir = zoo
     model = models[model_name]
-    bench = load_benchmark(zoo_dir / "bench" / f"{task}.jsonl", scoring="generate")
+    bench = load_benchmark(zoo_answer_benches[task], scoring="generate")
     items = bench.items[:40]
     prompts = prompt_ids(bench, items, tokenizer)
     assert len({len(p) for p in prompts}) > 2  # several length buckets, left padding inside them
@@ -69,7 +70,7 @@ def easy_items(tmp_path_factory):
 
     folder, sampler, rng = tmp_path_factory.mktemp("easy"), TaskSampler(0), random.Random(0)
     paths = {}
-    for task in ("arith", "reverse"):
+    for task in ("arith", "cipher"):
         examples = {}
         while len(examples) < 60:
             example = sampler.easy(task, rng)
@@ -83,7 +84,7 @@ def easy_items(tmp_path_factory):
 def test_generate_scores_like_exact_match_on_exact_answers(zoo, easy_items):
     """Greedy text == answer, then EOS: what teacher-forced exact match checks in one pass."""
     models, tokenizer, zoo_dir = zoo
-    for task in ("arith", "reverse"):
+    for task in ("arith", "cipher"):
         path = easy_items[task]
         forced = score_items(models[task], tokenizer, load_benchmark(path), indices=range(60))
         generated = score_items(models[task], tokenizer, load_benchmark(path, scoring="generate", max_new_tokens=16),
@@ -127,10 +128,10 @@ def test_extractors_and_comparisons_on_generated_text(zoo):
         assert score_items(models["arith"], tokenizer, variant).tolist() == expected.tolist()
 
 
-def test_generation_batches_halve_on_out_of_memory(zoo):
+def test_generation_batches_halve_on_out_of_memory(zoo, zoo_answer_benches):
     models, tokenizer, zoo_dir = zoo
     model = models["arith"]
-    bench = load_benchmark(zoo_dir / "bench" / "arith.jsonl", scoring="generate", max_new_tokens=6)
+    bench = load_benchmark(zoo_answer_benches["arith"], scoring="generate", max_new_tokens=6)
     expected = score_items(model, tokenizer, bench, indices=range(24), batch_size=24)
     generate, seen = model.generate, []
 

@@ -74,14 +74,14 @@ def test_search_status_export_round_trip(zoo_dir, tmp_path, capsys):
     assert len({round(v, 6) for k, v in trials[0].params.items() if k.startswith("weight")}) == 1
     labels = [t.user_attrs.get("baseline") for t in sorted(trials, key=lambda t: t.number)]
     assert labels == ["uniform weight 1, density 0.7", "uniform weight 0.5, density 1", "base",
-                      "expert arith", "expert reverse"]
+                      "expert arith", "expert cipher"]
 
     # searching again with the budget met resumes and adds nothing
     assert main(["search", str(space_file), "--runs-root", str(runs), "--no-progress"]) == 0
     assert len(complete(open_existing_study(run_dir))) == 5
     assert main(["status", str(run_dir), "--top", "2"]) == 0
     status = capsys.readouterr().out
-    assert "best trials" in status and "expert reverse" in status and "base" in status  # baselines listed too
+    assert "best trials" in status and "expert cipher" in status and "base" in status  # baselines listed too
 
     best = max(trials, key=lambda t: t.values[0])
     out = export_trial(run_dir, out_dir=tmp_path / "export", max_shard_size="100KB")
@@ -95,7 +95,7 @@ def test_search_status_export_round_trip(zoo_dir, tmp_path, capsys):
 
     loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    core = MergeCore(str(zoo_dir / "base"), [str(zoo_dir / "experts" / t) for t in ("arith", "reverse", "lang")])
+    core = MergeCore(str(zoo_dir / "base"), [str(zoo_dir / "experts" / t) for t in ("arith", "cipher", "lang")])
     model, _ = core.new_model()
     core.merge_into(model, Recipe.from_dict(best.user_attrs["recipe"]), seed=best.user_attrs["merge_seed"])
     ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
@@ -240,11 +240,11 @@ def test_validate_top_trials_then_export_the_best_measured(zoo_dir, tmp_path, ca
     assert accuracy(model, tokenizer, bench) == pytest.approx(measured[best]["lang"], abs=1e-9)
 
 
-def test_generate_benchmark_through_search_validate_and_eval(zoo_dir, tmp_path, capsys):
+def test_generate_benchmark_through_search_validate_and_eval(zoo_dir, zoo_answer_benches, tmp_path, capsys):
     """Generated answers feed calibration, the estimator, trials, validation and eval like the other kinds."""
     space_file = write_space(zoo_dir, tmp_path / "space.yaml", "random", trials=3, name="gen")
     raw = yaml.safe_load(space_file.read_text())
-    raw["benchmarks"] = [{"name": "arith", "path": str(zoo_dir / "bench" / "arith.jsonl"), "scoring": "generate",
+    raw["benchmarks"] = [{"name": "arith", "path": str(zoo_answer_benches["arith"]), "scoring": "generate",
                           "max_new_tokens": 6, "extract": "last_number", "compare": "numeric"},
                          {"name": "lang", "path": str(zoo_dir / "bench" / "lang.jsonl")}]
     raw["estimator"]["calibration_merges"] = 1

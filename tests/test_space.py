@@ -20,9 +20,9 @@ def demo_raw():
 def test_demo_space_is_valid():
     space = load_search_space(DEMO)
     assert space.method == "ties"
-    assert space.expert_names == ["arith", "reverse", "lang"]
+    assert space.expert_names == ["arith", "cipher", "lang"]
     assert space.ranges["weight"] == (0.0, 1.5)
-    assert [b.name for b in space.benchmarks] == ["arith", "reverse", "lang", "lang_arith"]  # zoo v4: the composite too
+    assert [b.name for b in space.benchmarks] == ["arith", "cipher", "lang", "lang_arith"]  # the composite too
 
 
 def test_benchmark_entry_with_columns_and_template_loads(tmp_path):

@@ -13,7 +13,10 @@ from evomerge.zoo import (
     BENCH_TASKS,
     PROFILES,
     TASKS,
+    KNOWN_DIGITS,
+    KNOWN_LETTERS,
     TaskSampler,
+    carryless_sum,
     build_zoo,
     load_zoo_manifest,
     MAX_BENCH_ITEMS,
@@ -64,7 +67,7 @@ def test_bench_items_counts_formats_and_difficulty_spread(zoo_dir):
         assert len({item.prompt for item in bench.items}) == len(bench)
         assert len({len(item.prompt) for item in bench.items}) >= 3  # items vary in difficulty
         kinds.add(bench.kind)
-    assert kinds == {"exact_match", "multiple_choice", "generate"}
+    assert kinds == {"multiple_choice", "generate"}
 
 
 def test_bench_prompts_never_appear_in_training_draws():
@@ -95,9 +98,34 @@ def test_composite_scratchpad_uses_the_experts_formats():
     sampler = TaskSampler(seed=0)
     example = sampler.lang_arith(random.Random(3))
     a, b = (int(x) for x in example.work.split(" ")[-3].split("=")[0].split("+"))
-    assert example.answer == str(a + b) and example.completion.endswith(f"Answer: {a + b}")
-    assert f"tr {sampler.encode(str(a))}={a} tr {sampler.encode(str(b))}={b} {a}+{b}={a + b} " in example.work
+    total = carryless_sum(a, b)
+    assert example.answer == total and example.completion.endswith(f"Answer: {total}")
+    assert f"tr {sampler.encode(str(a))}={a} tr {sampler.encode(str(b))}={b} {a}+{b}={total} " in example.work
     assert example.prompt == f"{sampler.encode(str(a))}+{sampler.encode(str(b))}="
+    assert sampler.arith(random.Random(3)).answer == carryless_sum(*map(int, sampler.arith(random.Random(3)).prompt[:-1].split("+")))
+    assert (carryless_sum(347, 85), carryless_sum(5, 7), carryless_sum(12, 34)) == ("322", "2", "46")
+
+
+def test_base_learns_only_its_half_of_each_table():
+    """The base's draws (``pretrain``) write only what its half of each table answers: the experts'
+    halves (digits 5-9 in sums, letters n-z in the cipher, the script's other symbols) are theirs."""
+    import random
+
+    sampler, rng = TaskSampler(seed=0), random.Random(0)
+    for _ in range(3000):
+        example = sampler.pretrain(rng)
+        if example.prompt.startswith("enc "):
+            assert set(example.prompt[4:-1]) <= set(KNOWN_LETTERS)
+        elif example.work:  # the composite: unknown digits' readings and sums are left unlearned
+            a, b = (int(x) for x in example.work.split(" ")[-3].split("=")[0].split("+"))
+            learned = "".join(c for i, c in enumerate(example.completion) if i not in example.unlearned)
+            if set(f"{a}{b}") <= set(KNOWN_DIGITS):
+                assert not example.unlearned
+            else:
+                assert example.completion.endswith(f"Answer: {example.answer}") and len(learned) < len(example.completion)
+                assert max(example.unlearned) < len(example.work)  # the answer copies the scratchpad's sum: learned
+        elif "+" in example.prompt and not example.prompt.startswith(("0+", "tr")) and not example.prompt.endswith("+0="):
+            assert set(example.prompt[:-1].replace("+", "")) <= set(KNOWN_DIGITS), example
 
 
 def test_same_seed_same_weights_and_items():
@@ -119,11 +147,9 @@ def test_experts_beat_base_on_their_task(zoo_dir):
         expert = AutoModelForCausalLM.from_pretrained(zoo_dir / "experts" / task)
         base_acc = score_items(base, tokenizer, bench).mean()
         expert_acc = score_items(expert, tokenizer, bench).mean()
-        # Zoo v4's quick profile: 100 short low-LR expert steps only start arith/reverse (+0.015 / +0.025 on a
-        # one-thread build, -0.004 / ... on a two-thread one: within noise), while lang (multiple choice) is
-        # learned nearly fully; the full profile's gains are measured in docs/search.md. So arith/reverse are
-        # held to "no collapse" here. Raise these margins when the quick recipe improves.
-        margin = 0.15 if task == "lang" else -0.02
+        # the quick profile's gains (seed 0, 2-thread build, first 300 items): arith +0.16, cipher +0.55,
+        # lang +0.47; the full profile's are in docs/search.md
+        margin = 0.05 if task == "arith" else 0.15
         assert expert_acc >= base_acc + margin, f"{task}: expert {expert_acc:.3f} vs base {base_acc:.3f}"
 
 
@@ -137,12 +163,12 @@ def test_unknown_profile_and_missing_manifest(tmp_path):
 
 
 MERGE_WEIGHT, MERGE_ITEMS = 0.5, 300
-MIN_GAIN = {"lang": 0.3, "arith": 0.0, "reverse": 0.0}
-"""The quick experts' gains on their first 300 items (measured, seed 0: lang +0.52; arith and reverse
-only +0.015 / +0.025, too small to hold a merge to: the quick recipe learns them barely)."""
-MIN_KEPT = {"lang": 0.3, "arith": -0.5, "reverse": -0.5}
-"""Uniform task arithmetic (weight 0.5), quick zoo, seed 0: keeps 0.46 of lang's gain. The full zoo keeps
-0.54 / 0.43 / 0.84 of arith / reverse / lang (docs/search.md)."""
+MIN_GAIN = {"lang": 0.25, "arith": 0.05, "cipher": 0.25}
+"""The quick experts' gains on their first 300 items (measured, seed 0, zoo v5: lang +0.47, arith +0.16,
+cipher +0.55; the quick recipe's 100 short steps learn arith's table least)."""
+MIN_KEPT = {"lang": 0.2, "arith": 0.2, "cipher": 0.2}
+"""Uniform task arithmetic (weight 0.5), quick zoo, seed 0: keeps 0.79 / 0.43 / 0.71 of arith / cipher /
+lang's gain. The full zoo keeps more (docs/search.md)."""
 
 
 def test_uniform_task_arithmetic_keeps_every_skill(zoo_dir, one_torch_thread):

@@ -5,8 +5,8 @@ Two settings, each scored through `evomerge.benchmarks` as a search scores them:
 
 * the zoo (tiny character-level Llama experts): every task's benchmark with the
   expert of that task, as the zoo manifest says to score it, and the arith items
-  scored by generation too (greedy until end of sequence, at most 8 new tokens):
-  the same items teacher-forced and generated;
+  with their right choice as the answer, checked teacher-forced (exact match) and
+  generated (greedy until end of sequence, at most 8 new tokens);
 * a ~0.3B random Llama (hidden 1024, 16 layers, vocab 32000; float32 on CPU,
   bfloat16 on a GPU) with a word-level tokenizer: prompts of P tokens; exact
   match with answers of N tokens; multiple choice with 4 choices of C tokens;
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 import statistics
 import sys
 import time
@@ -94,14 +95,25 @@ def bench_zoo(zoo_dir: Path, device, batch_size: int, repeats: int, table: Table
     for task, rel in manifest["bench"].items():
         model = AutoModelForCausalLM.from_pretrained(zoo_dir / manifest["experts"][task]).to(device).eval()
         benches = {task: load_benchmark(zoo_dir / rel, name=task, **options.get(task, {}))}
-        if task == "arith":
-            benches["arith (generate)"] = load_benchmark(zoo_dir / rel, name=task, scoring="generate", max_new_tokens=8)
+        if task == "arith":  # its multiple-choice items with the right choice as the answer: checked, then generated
+            answers = answer_items(zoo_dir / rel, Path(tempfile.mkdtemp()) / "arith.jsonl")
+            benches["arith (exact match)"] = load_benchmark(answers, name=task)
+            benches["arith (generate)"] = load_benchmark(answers, name=task, scoring="generate", max_new_tokens=8)
         for label, bench in benches.items():
             score_items(model, tokenizer, bench, indices=range(min(batch_size, len(bench))), batch_size=batch_size)
             seconds = timed(lambda: score_items(model, tokenizer, bench, batch_size=batch_size), device, repeats)
             table.add("zoo", f"{label}: {bench.kind}", len(bench), seconds, f"batch {batch_size}")
             per_item[label] = seconds / len(bench)
     return per_item
+
+
+def answer_items(choices_jsonl: Path, out: Path) -> Path:
+    """The zoo's multiple-choice items with the right choice as the answer, written to ``out``."""
+    from evomerge.zoo.tasks import as_answer_items
+
+    rows = as_answer_items([json.loads(line) for line in choices_jsonl.read_text().splitlines()])
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
 
 
 def word_tokenizer(vocab_size: int):
@@ -179,7 +191,7 @@ def main(argv=None) -> int:
         zoo = bench_zoo(Path(args.zoo), args.device, args.zoo_batch_size, args.repeats, table)
         if "arith (generate)" in zoo:
             print(f"zoo arith: generation / teacher-forced seconds per item = "
-                  f"{zoo['arith (generate)'] / zoo['arith']:.1f}", flush=True)
+                  f"{zoo['arith (generate)'] / zoo['arith (exact match)']:.1f}", flush=True)
     if not args.skip_random:
         big = bench_random_model(args, args.device, table)
         print(f"random model: generation / teacher-forced exact match seconds per item = "

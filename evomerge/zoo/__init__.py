@@ -3,15 +3,16 @@
 Everything is synthetic and trained on CPU so the whole product can be demonstrated
 and tested without a model hub. The zoo is designed so that merging matters:
 
-* the base is pretrained on a broad mixture: generic text and every task's format, mostly
-  on easy content and sometimes at full difficulty on what it may know, so it has begun
-  each skill and experts share its representations;
+* each expert skill is a table of facts used symbol by symbol (carry-less sums, a letter
+  cipher, a script), as real fine-tunes mostly add knowledge to what a strong base can do;
+* the base is pretrained on a broad mixture: generic text and every task's format on the half
+  of each table it knows, so it has begun each skill and experts share its representations;
 * each expert is a short, low-learning-rate fine-tune of that base on one task at full
   difficulty (with the base's mixture replayed), so task vectors are small and add up:
   uniform task arithmetic keeps much of each skill, as with real fine-tunes;
-* a composite task (``lang_arith``: arithmetic written in the synthetic script, answered by
-  generation with a scratchpad) needs two experts' skills at once: a merge can solve it,
-  no single expert can;
+* a composite task (``lang_arith``: carry-less sums written in the synthetic script, answered by
+  generation with a scratchpad) needs two experts' halves of their tables at once: a merge can
+  solve it, no single expert can;
 * benchmark items are held out from all training data and span a range of difficulty,
   so accuracies are neither 0 nor 1 and item-response models see variance.
 
@@ -28,13 +29,14 @@ and tested without a model hub. The zoo is designed so that merging matters:
 from evomerge.zoo.build import ZOO_VERSION, build_zoo, ensure_zoo, load_zoo_manifest, zoo_is_complete
 from evomerge.zoo.profiles import PROFILES, ZooProfile
 from evomerge.zoo.tasks import (
-    BENCH_TASKS, BENCHMARK_OPTIONS, COMPOSITE_TASKS, MAX_BENCH_ITEMS, TASKS, Example, TaskSampler, make_bench_items,
-    make_cipher,
+    BENCH_TASKS, BENCHMARK_OPTIONS, COMPOSITE_TASKS, KNOWN_DIGITS, KNOWN_LETTERS, MAX_BENCH_ITEMS, TASKS, Example,
+    TaskSampler, carryless_sum, make_bench_items, make_script,
 )
 from evomerge.zoo.training import state_dict_digest, train_base, train_expert
 
 __all__ = [
     "ZOO_VERSION", "build_zoo", "ensure_zoo", "load_zoo_manifest", "zoo_is_complete",
-    "PROFILES", "ZooProfile", "TASKS", "BENCH_TASKS", "BENCHMARK_OPTIONS", "COMPOSITE_TASKS", "MAX_BENCH_ITEMS", "Example", "TaskSampler", "make_bench_items", "make_cipher",
+    "PROFILES", "ZooProfile", "TASKS", "BENCH_TASKS", "BENCHMARK_OPTIONS", "COMPOSITE_TASKS", "MAX_BENCH_ITEMS", "Example", "TaskSampler", "make_bench_items", "make_script",
+    "KNOWN_DIGITS", "KNOWN_LETTERS", "carryless_sum",
     "state_dict_digest", "train_base", "train_expert",
 ]

@@ -20,7 +20,7 @@ from evomerge.zoo.profiles import PROFILES
 from evomerge.zoo.tasks import BENCH_TASKS, BENCHMARK_OPTIONS, MAX_BENCH_ITEMS, TASKS, TaskSampler, make_bench_items
 from evomerge.zoo.training import _Progress, train_base, train_expert
 
-ZOO_VERSION = "4"
+ZOO_VERSION = "5"
 """Bump when the zoo recipe changes, so cached zoos (tests, demo) are rebuilt."""
 
 

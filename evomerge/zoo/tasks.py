@@ -1,19 +1,23 @@
 """The zoo's synthetic tasks: training draws (full and easy) and held-out benchmark items.
 
-Three expert skills and one composite task that needs two of them at once:
+Three expert skills, each a table of facts used symbol by symbol (as real fine-tunes mostly add
+knowledge to what a strong base can already do), and one composite task that needs two of them:
 
-* ``arith``: ``347+85=`` -> ``432`` (exact match);
-* ``reverse``: ``rev word=`` -> ``drow`` (exact match);
+* ``arith``: carry-less sums, each column added mod 10 (``347+85=`` -> ``322``), multiple choice:
+  the base knows the sums of the digits 0-4 (where carry-less addition is addition), the expert
+  the whole table;
+* ``cipher``: a secret letter substitution, ``enc word=`` -> ``xbpi``, multiple choice: the base
+  knows it for the letters a-m, the expert for all 26;
 * ``lang``: reading the synthetic language, ``tr QXK=`` -> ``b4e`` (multiple choice): its
-  script writes 16 letters and the 10 digits with 26 uppercase symbols;
-* ``lang_arith``: arithmetic written in the synthetic language, answered by generation with a
-  short scratchpad that reads each operand, adds, then says ``Answer: N``
+  script writes 16 letters and the 10 digits with 26 uppercase symbols; the base reads half;
+* ``lang_arith``: carry-less arithmetic written in the synthetic language, answered by generation
+  with a short scratchpad that reads each operand, adds, then says ``Answer: N``
   (``QX+BD=`` -> ``tr QX=46 tr BD=12 46+12=58 Answer: 58``). No expert is trained on it.
 
-The base learns every format on easy content (short operands, short words, half of the
-synthetic script); each expert extends one skill to the full difficulty. So the composite task
-needs the ``arith`` expert's long sums and the ``lang`` expert's other half of the script:
-a merge can solve it, no single expert can.
+Multiple-choice items offer the right answer and near misses (1-2 symbols changed), so a model
+that knows most of a table scores most of its items, as on real multiple-choice benchmarks. The
+composite needs the ``lang`` expert's half of the script and the ``arith`` expert's half of the
+table at once: a merge can solve it, no single expert can.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import random
 import string
 from dataclasses import dataclass
 
-EXPERT_TASKS = ("arith", "reverse", "lang")
+EXPERT_TASKS = ("arith", "cipher", "lang")
 COMPOSITE_TASKS = ("lang_arith",)
 TASKS = EXPERT_TASKS
 """The tasks that have an expert (the manifest's ``tasks``)."""
@@ -35,6 +39,12 @@ ENGLISH = LETTERS[:16] + DIGITS
 """What the synthetic language writes: 16 letters and the digits, one uppercase symbol each."""
 KNOWN = LETTERS[:8] + DIGITS[:5]
 """The half of the synthetic script the base model learns (``lang`` expert: all of it)."""
+KNOWN_DIGITS = DIGITS[:5]
+"""The digits whose carry-less sums the base learns (``arith`` expert: all of them)."""
+KNOWN_LETTERS = LETTERS[:13]
+"""The letters whose substitution the base learns (``cipher`` expert: all of them)."""
+CHOICE_ALPHABETS = {"arith": DIGITS, "cipher": LETTERS, "lang": ENGLISH}
+"""The multiple-choice tasks and the symbols their near-miss distractors are made of."""
 ANSWER_MARKER = "Answer:"
 
 BENCHMARK_OPTIONS = {
@@ -76,7 +86,25 @@ def _operand(rng: random.Random, max_digits: int = 3, digits: str = DIGITS) -> i
             return int(text)
 
 
-def make_cipher(seed: int) -> dict[str, str]:
+def carryless_sum(a: int, b: int) -> str:
+    """Each column added mod 10, no carrying (``347+85`` -> ``322``): equals ``a + b`` whenever no
+    column's digits sum past 9, so on the digits 0-4 it is plain addition."""
+    width = max(len(str(a)), len(str(b)))
+    columns = zip(str(a).rjust(width, "0"), str(b).rjust(width, "0"))
+    return str(int("".join(str((int(x) + int(y)) % 10) for x, y in columns)))
+
+
+def make_substitution(seed: int) -> dict[str, str]:
+    """The ``cipher`` task's table: every lowercase letter to another one."""
+    rng = random.Random(f"substitution-{seed}")
+    shuffled = list(LETTERS)
+    while True:
+        rng.shuffle(shuffled)
+        if all(a != b for a, b in zip(LETTERS, shuffled)):
+            return dict(zip(LETTERS, shuffled))
+
+
+def make_script(seed: int) -> dict[str, str]:
     """The synthetic language's script: each character of ``ENGLISH`` has its own uppercase symbol."""
     rng = random.Random(f"cipher-{seed}")
     while True:
@@ -90,23 +118,24 @@ class TaskSampler:
     """Draws task examples; ``exclude`` holds benchmark prompts so training never sees them."""
 
     def __init__(self, seed: int, exclude: set[str] | None = None):
-        self.cipher = make_cipher(seed)
+        self.script = make_script(seed)
+        self.substitution = make_substitution(seed)
         self.exclude = exclude or set()
 
     def encode(self, text: str) -> str:
-        return "".join(self.cipher[c] for c in text)
+        return "".join(self.script[c] for c in text)
 
     # ---- full difficulty: the experts' training data and the benchmarks
 
-    def arith(self, rng: random.Random) -> Example:
+    def arith(self, rng: random.Random, digits: str = DIGITS) -> Example:
         while True:
-            a, b = _operand(rng, 3), _operand(rng, 2)
-            if a >= 100 or b >= 10:  # never the base's easy sums (a < 100, b < 10)
-                return Example(f"{a}+{b}=", str(a + b))
+            a, b = _operand(rng, 3, digits), _operand(rng, 2, digits)
+            if digits != DIGITS or any(c not in KNOWN_DIGITS for c in f"{a}{b}"):  # full: beyond the base's table
+                return Example(f"{a}+{b}=", carryless_sum(a, b))
 
-    def reverse(self, rng: random.Random) -> Example:
-        word = _random_word(rng, 3, 10)
-        return Example(f"rev {word}=", word[::-1])
+    def cipher(self, rng: random.Random, alphabet: str = LETTERS, min_len: int = 3) -> Example:
+        word = _random_word(rng, min_len, 10, alphabet)
+        return Example(f"enc {word}=", "".join(self.substitution[c] for c in word))
 
     def lang(self, rng: random.Random, alphabet: str = ENGLISH, min_len: int = 3) -> Example:
         word = _random_word(rng, min_len, 8, alphabet)
@@ -119,13 +148,20 @@ class TaskSampler:
             a, b = _operand(rng, max_a), _operand(rng, max_b)
             if max_a < 3 or a >= 100 or b >= 10:
                 break
-        x, y = self.encode(str(a)), self.encode(str(b))
+        x, y, total = self.encode(str(a)), self.encode(str(b)), carryless_sum(a, b)
         first, second = f"tr {x}=", f" tr {y}="
-        work = f"{first}{a}{second}{b} {a}+{b}={a + b} {ANSWER_MARKER} "
+        work = f"{first}{a}{second}{b} {a}+{b}={total} {ANSWER_MARKER} "
         at_b = len(first) + len(str(a)) + len(second)
-        unlearned = tuple([len(first) + i for i, d in enumerate(str(a)) if d not in known]
-                          + [at_b + i for i, d in enumerate(str(b)) if d not in known])
-        return Example(f"{x}+{y}=", str(a + b), work, unlearned)
+        unlearned = [len(first) + i for i, d in enumerate(str(a)) if d not in known] + \
+                    [at_b + i for i, d in enumerate(str(b)) if d not in known]
+        # nor the sum's digits in columns where it reads an unknown digit (the arith table's other half);
+        # the answer copies the sum, which is learned on every digit
+        width = max(len(str(a)), len(str(b)))
+        columns = zip(str(a).rjust(width, "0")[::-1], str(b).rjust(width, "0")[::-1])
+        unknown = {i for i, (x_digit, y_digit) in enumerate(columns) if x_digit not in known or y_digit not in known}
+        total_end = len(work) - len(f" {ANSWER_MARKER} ")
+        unlearned += [total_end - 1 - i for i in range(len(total)) if i in unknown]
+        return Example(f"{x}+{y}=", total, work, tuple(unlearned))
 
     def task(self, name: str, rng: random.Random) -> Example:
         """A training example for ``name`` that is not a benchmark prompt."""
@@ -138,27 +174,23 @@ class TaskSampler:
     # ---- the base model's text: every format, easy content
 
     def easy(self, name: str, rng: random.Random) -> Example:
-        """``name``'s format on content the base learns: short sums, short words, half the script."""
+        """``name``'s format on content the base learns: half of each table, short words and sums."""
         if name == "arith":
-            a, b = rng.randint(0, 99), rng.randint(0, 9)
-            return Example(f"{a}+{b}=", str(a + b))
-        if name == "reverse":
-            word = _random_word(rng, 1, 5)
-            return Example(f"rev {word}=", word[::-1])
+            return self.arith(rng, KNOWN_DIGITS)
+        if name == "cipher":
+            return self.cipher(rng, KNOWN_LETTERS, min_len=1)
         if name == "lang":
             return self.lang(rng, KNOWN, min_len=1)
         return self.lang_arith(rng, max_a=2, max_b=1, known=KNOWN)
 
     def partial(self, name: str, rng: random.Random) -> Example:
-        """``name`` at full difficulty as far as the base may know it (the synthetic language's known
-        half only), so experts amplify skills the base has begun rather than create new ones."""
+        """``name`` at full difficulty as far as the base may know it (the known half of each table),
+        so experts complete skills the base has begun rather than create new ones."""
         if name == "lang":
             return self.lang(rng, KNOWN)
         if name == "lang_arith":
             return self.lang_arith(rng, known=KNOWN)
-        if name == "reverse" and rng.random() < 0.6:  # the base is quick to learn reversing: less of it
-            return self.easy(name, rng)
-        return getattr(self, name)(rng)
+        return self.easy(name, rng)
 
     def pretrain(self, rng: random.Random, task_fraction: float = 0.6, full_fraction: float = 0.35) -> Example:
         """The base's broad mixture: generic text, and every task's format, mostly on easy content
@@ -199,8 +231,8 @@ def make_bench_items(task: str, sampler: TaskSampler, count: int, seed: int) -> 
             continue
         seen.add(example.prompt)
         item_id = f"{task}-{len(items):0{max(4, len(str(count - 1)))}d}"
-        if task == "lang":
-            choices = _lang_choices(example.answer, rng)
+        if task in CHOICE_ALPHABETS:
+            choices = near_miss_choices(list(example.answer), CHOICE_ALPHABETS[task], rng)
             label = choices.index(example.answer)
             items.append({"id": item_id, "prompt": example.prompt, "choices": choices, "label": label})
         else:
@@ -208,9 +240,10 @@ def make_bench_items(task: str, sampler: TaskSampler, count: int, seed: int) -> 
     return items
 
 
-def _lang_choices(answer: str, rng: random.Random, n_choices: int = 4) -> list[str]:
-    """The right reading plus distractors with 1-2 characters changed (fewer = harder)."""
-    return near_miss_choices(list(answer), ENGLISH, rng, n_choices)
+def as_answer_items(rows: list[dict]) -> list[dict]:
+    """Multiple-choice items as exact-match ones, the right choice as the answer: the same prompts
+    checked or generated (the tests of those item kinds, ``tools/bench_scoring.py``)."""
+    return [{"id": r["id"], "prompt": r["prompt"], "answer": r["choices"][r["label"]]} for r in rows]
 
 
 def near_miss_choices(symbols: list[str], alphabet: str, rng: random.Random, n_choices: int = 4,
