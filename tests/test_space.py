@@ -14,12 +14,16 @@ DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
 
 def demo_raw():
-    return yaml.safe_load(DEMO.read_text())
+    """The demo space searched as a TIES merge (weight and density per expert): the richer genome and
+    parameter domains these tests check."""
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["merge"].update(method="ties", params={"weight": [0.0, 1.5], "density": [0.3, 1.0]})
+    return raw
 
 
 def test_demo_space_is_valid():
     space = load_search_space(DEMO)
-    assert space.method == "ties"
+    assert space.method == "task_arithmetic"
     assert space.expert_names == ["arith", "cipher", "lang"]
     assert space.ranges["weight"] == (0.0, 1.5)
     assert [b.name for b in space.benchmarks] == ["arith", "cipher", "lang", "lang_arith"]  # the composite too
@@ -126,7 +130,7 @@ def test_missing_file_is_clear(tmp_path):
 
 
 def test_layer_group_genome_maps_to_recipe():
-    space = load_search_space(DEMO)
+    space = parse_search_space(demo_raw())
     groups = tensor_groups(space, num_layers=4)
     assert [g.name for g in groups] == ["rest", "G0_attention", "G0_mlp", "G1_attention", "G1_mlp"]
     assert groups[1].layers == (0, 1) and groups[3].layers == (2, 3)
@@ -154,7 +158,7 @@ def test_global_and_per_layer_granularity():
 
 
 def test_uniform_genome_is_clipped():
-    space = load_search_space(DEMO)
+    space = parse_search_space(demo_raw())
     genome = uniform_genome(space, 4, {"weight": 9.0, "density": 0.5})
     assert set(genome.values()) == {1.5, 0.5}
 
