@@ -11,8 +11,8 @@ and tested without a model hub. The zoo is designed so that merging matters:
   difficulty (with the base's mixture replayed), so task vectors are small and add up:
   uniform task arithmetic keeps much of each skill, as with real fine-tunes;
 * a composite task (``lang_arith``: carry-less sums written in the synthetic script, answered by
-  generation with a scratchpad) needs two experts' halves of their tables at once: a merge can
-  solve it, no single expert can;
+  generation with a scratchpad) needs the arith expert's half of its table, and merges write its
+  scratchpad better than any expert on most builds;
 * benchmark items are held out from all training data and span a range of difficulty,
   so accuracies are neither 0 nor 1 and item-response models see variance.
 

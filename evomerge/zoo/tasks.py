@@ -16,8 +16,11 @@ knowledge to what a strong base can already do), and one composite task that nee
 
 Multiple-choice items offer the right answer and near misses (1-2 symbols changed), so a model
 that knows most of a table scores most of its items, as on real multiple-choice benchmarks. The
-composite needs the ``lang`` expert's half of the script and the ``arith`` expert's half of the
-table at once: a merge can solve it, no single expert can.
+composite needs the ``arith`` expert's half of the table and a merge writes its scratchpad best.
+It was meant to need the ``lang`` expert's half of the script too, but the base learns to read the
+script's digits from the scratchpad itself (restating ``a+b=`` after each reading teaches what an
+unlearned reading said); masking the restatement as well left a composite no model could
+solve at this size (docs/search.md, "Zoo v5").
 """
 
 from __future__ import annotations
