@@ -28,15 +28,12 @@ def zoo_answer_benches(zoo_dir, tmp_path_factory) -> dict[str, Path]:
     the answer), so the exact-match and generate kinds are tested on the zoo's own models and prompts."""
     import json
 
-    from evomerge.zoo.tasks import as_answer_items
+    from evomerge.zoo.build import write_answer_items
 
-    folder, paths = tmp_path_factory.mktemp("answers"), {}
-    for bench in sorted((zoo_dir / "bench").glob("*.jsonl")):
-        rows = [json.loads(line) for line in bench.read_text().splitlines()]
-        if "choices" in rows[0]:
-            paths[bench.stem] = folder / bench.name
-            paths[bench.stem].write_text("".join(json.dumps(row) + "\n" for row in as_answer_items(rows)))
-    return paths
+    folder = tmp_path_factory.mktemp("answers")
+    return {bench.stem: write_answer_items(bench, folder / bench.name)
+            for bench in sorted((zoo_dir / "bench").glob("*.jsonl"))
+            if "choices" in json.loads(bench.read_text().splitlines()[0])}
 
 
 @pytest.fixture

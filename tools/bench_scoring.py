@@ -85,6 +85,7 @@ def bench_zoo(zoo_dir: Path, device, batch_size: int, repeats: int, table: Table
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.zoo import ensure_zoo
+    from evomerge.zoo.build import write_answer_items
 
     if not (zoo_dir / "zoo.json").is_file():  # an existing zoo (any profile) is used as it is
         zoo_dir = ensure_zoo(zoo_dir, progress=True)
@@ -92,28 +93,21 @@ def bench_zoo(zoo_dir: Path, device, batch_size: int, repeats: int, table: Table
     tokenizer = AutoTokenizer.from_pretrained(zoo_dir / "base")
     options = manifest.get("benchmarks", {})
     per_item = {}
-    for task, rel in manifest["bench"].items():
-        model = AutoModelForCausalLM.from_pretrained(zoo_dir / manifest["experts"][task]).to(device).eval()
+    for task, expert in manifest["experts"].items():  # composite tasks have no expert to score them with
+        rel = manifest["bench"][task]
+        model = AutoModelForCausalLM.from_pretrained(zoo_dir / expert).to(device).eval()
         benches = {task: load_benchmark(zoo_dir / rel, name=task, **options.get(task, {}))}
         if task == "arith":  # its multiple-choice items with the right choice as the answer: checked, then generated
-            answers = answer_items(zoo_dir / rel, Path(tempfile.mkdtemp()) / "arith.jsonl")
-            benches["arith (exact match)"] = load_benchmark(answers, name=task)
-            benches["arith (generate)"] = load_benchmark(answers, name=task, scoring="generate", max_new_tokens=8)
+            with tempfile.TemporaryDirectory() as folder:
+                answers = write_answer_items(zoo_dir / rel, Path(folder) / "arith.jsonl")
+                benches["arith (exact match)"] = load_benchmark(answers, name=task)
+                benches["arith (generate)"] = load_benchmark(answers, name=task, scoring="generate", max_new_tokens=8)
         for label, bench in benches.items():
             score_items(model, tokenizer, bench, indices=range(min(batch_size, len(bench))), batch_size=batch_size)
             seconds = timed(lambda: score_items(model, tokenizer, bench, batch_size=batch_size), device, repeats)
             table.add("zoo", f"{label}: {bench.kind}", len(bench), seconds, f"batch {batch_size}")
             per_item[label] = seconds / len(bench)
     return per_item
-
-
-def answer_items(choices_jsonl: Path, out: Path) -> Path:
-    """The zoo's multiple-choice items with the right choice as the answer, written to ``out``."""
-    from evomerge.zoo.tasks import as_answer_items
-
-    rows = as_answer_items([json.loads(line) for line in choices_jsonl.read_text().splitlines()])
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return out
 
 
 def word_tokenizer(vocab_size: int):

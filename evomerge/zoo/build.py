@@ -31,6 +31,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def write_answer_items(choices_jsonl: Path, out: Path) -> Path:
+    """A benchmark's multiple-choice items rewritten as exact-match ones, the right choice as the answer,
+    into ``out``: the same prompts checked or generated (the tests of those item kinds,
+    ``tools/bench_scoring.py``)."""
+    rows = [json.loads(line) for line in Path(choices_jsonl).read_text().splitlines()]
+    _write_jsonl(Path(out), [{"id": r["id"], "prompt": r["prompt"], "answer": r["choices"][r["label"]]} for r in rows])
+    return Path(out)
+
+
 def _save(model, tokenizer, directory: Path) -> None:
     from transformers.utils import logging as hf_logging
 

@@ -89,12 +89,16 @@ def _operand(rng: random.Random, max_digits: int = 3, digits: str = DIGITS) -> i
             return int(text)
 
 
+def _columns(a: int, b: int) -> list[tuple[str, str]]:
+    """The digit pairs of ``a + b`` written right-aligned, most significant first (short operand 0-padded)."""
+    width = max(len(str(a)), len(str(b)))
+    return list(zip(str(a).rjust(width, "0"), str(b).rjust(width, "0")))
+
+
 def carryless_sum(a: int, b: int) -> str:
     """Each column added mod 10, no carrying (``347+85`` -> ``322``): equals ``a + b`` whenever no
     column's digits sum past 9, so on the digits 0-4 it is plain addition."""
-    width = max(len(str(a)), len(str(b)))
-    columns = zip(str(a).rjust(width, "0"), str(b).rjust(width, "0"))
-    return str(int("".join(str((int(x) + int(y)) % 10) for x, y in columns)))
+    return str(int("".join(str((int(x) + int(y)) % 10) for x, y in _columns(a, b))))
 
 
 def make_substitution(seed: int) -> dict[str, str]:
@@ -159,9 +163,8 @@ class TaskSampler:
                     [at_b + i for i, d in enumerate(str(b)) if d not in known]
         # nor the sum's digits in columns where it reads an unknown digit (the arith table's other half);
         # the answer copies the sum, which is learned on every digit
-        width = max(len(str(a)), len(str(b)))
-        columns = zip(str(a).rjust(width, "0")[::-1], str(b).rjust(width, "0")[::-1])
-        unknown = {i for i, (x_digit, y_digit) in enumerate(columns) if x_digit not in known or y_digit not in known}
+        unknown = {i for i, (x_digit, y_digit) in enumerate(reversed(_columns(a, b)))  # i: from the right
+                   if x_digit not in known or y_digit not in known}
         total_end = len(work) - len(f" {ANSWER_MARKER} ")
         unlearned += [total_end - 1 - i for i in range(len(total)) if i in unknown]
         return Example(f"{x}+{y}=", total, work, tuple(unlearned))
@@ -241,12 +244,6 @@ def make_bench_items(task: str, sampler: TaskSampler, count: int, seed: int) -> 
         else:
             items.append({"id": item_id, "prompt": example.prompt, "answer": example.answer})
     return items
-
-
-def as_answer_items(rows: list[dict]) -> list[dict]:
-    """Multiple-choice items as exact-match ones, the right choice as the answer: the same prompts
-    checked or generated (the tests of those item kinds, ``tools/bench_scoring.py``)."""
-    return [{"id": r["id"], "prompt": r["prompt"], "answer": r["choices"][r["label"]]} for r in rows]
 
 
 def near_miss_choices(symbols: list[str], alphabet: str, rng: random.Random, n_choices: int = 4,
