@@ -196,7 +196,7 @@ def _run_search(space, run_dir: Path, args) -> int:
     except KeyboardInterrupt:
         print(f"evomerge: interrupted; `evomerge resume {run_dir}` continues the search", file=sys.stderr)
         return 130
-    _print_status(study, top=5, weights=[b.weight for b in space.benchmarks], n_stages=len(space.stages))
+    _print_status(study, search.space, top=5)
     return 0
 
 
@@ -204,70 +204,73 @@ def cmd_status(args) -> int:
     from evomerge.search.runs import load_run_space, open_existing_study
 
     space = load_run_space(args.run_dir)
-    _print_status(open_existing_study(args.run_dir, args.storage), args.top, [b.weight for b in space.benchmarks],
-                  n_stages=len(space.stages))
+    _print_status(open_existing_study(args.run_dir, args.storage), space, args.top)
     return 0
 
 
-def _print_status(study, top: int, weights: list[float] | None = None, n_stages: int = 1) -> None:
-    """The best trials, then the baseline trials (uniform merges, base, experts alone) not among them.
+def _print_status(study, space, top: int) -> None:
+    """The best trials, then the baseline trials (uniform merges, base, experts alone) not among them,
+    then the run's winner (what `evomerge export` exports) and why.
 
-    Each row says how far the trial was scored: its stage (racing) and items, and its fitness interval.
+    Each row says how far the trial was scored: its stage (racing) and items, its fitness
+    interval, and its accuracy on every item once measured.
     """
     from rich.table import Table
 
-    from evomerge.search.run import BASELINE_ATTR, FITNESS_INTERVAL_ATTR, STAGE_ATTR, trial_items
-    from evomerge.search.study import ranked_trials
+    from evomerge.search.records import Ranking
 
-    trials = ranked_trials(study, weights)
+    ranking = Ranking.of(space)
+    n_stages = len(space.stages)
+    ranked = ranking.ranked(study)
+    measured = ranking.measured(study)
+    records = {r.number: r for r in ranking.records(study)}
     counts = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    for record in records.values():
+        counts[record.state] = counts.get(record.state, 0) + 1
     console = full_width_console()
     console.print(f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
-    if not trials:
+    if not ranked:
         return
-    tasks = list(trials[0].user_attrs.get("estimates", {}))
+    tasks = ranking.tasks
     table = Table(title="best trials (estimated full-benchmark accuracy)")
-    table.add_column("rank", justify="right")
-    table.add_column("trial", justify="right")
-    table.add_column("fitness", justify="right")
-    table.add_column("interval", justify="right")
-    for task in tasks:
-        table.add_column(task, justify="right")
+    for column in ("rank", "trial", "fitness", "interval", *tasks):
+        table.add_column(column, justify="right")
     if n_stages > 1:
         table.add_column("stage", justify="right")
     table.add_column("items", justify="right")
+    if measured:
+        table.add_column("measured", justify="right")
     table.add_column("baseline")
 
-    def add(rank: int, trial) -> None:
-        estimates = trial.user_attrs.get("estimates", {})
-        interval = trial.user_attrs.get(FITNESS_INTERVAL_ATTR)
-        stage = trial.user_attrs.get(STAGE_ATTR)
+    def add(rank: int, number: int) -> None:
+        record = records[number]
+        interval = record.fitness_interval
         table.add_row(
-            str(rank), str(trial.number),
-            " ".join(f"{v:.3f}" for v in trial.values),
+            str(rank), str(number),
+            " ".join(f"{v:.3f}" for v in record.values),
             f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "",
-            *(f"{estimates.get(t, float('nan')):.3f}" for t in tasks),
-            *([f"{stage + 1}/{n_stages}" if stage is not None else ""] if n_stages > 1 else []),
-            str(trial_items(trial)),
-            trial.user_attrs.get(BASELINE_ATTR, ""),
+            *(f"{record.estimates.get(t, float('nan')):.3f}" for t in tasks),
+            *([f"{record.stage + 1}/{n_stages}" if record.stage is not None else ""] if n_stages > 1 else []),
+            str(record.items),
+            *([f"{ranking.mean(measured[number]):.3f}" if number in measured else ""] if measured else []),
+            record.baseline or "",
         )
 
-    for rank, trial in enumerate(trials[:top], 1):
-        add(rank, trial)
-    baselines = [(rank, t) for rank, t in enumerate(trials, 1) if rank > top and BASELINE_ATTR in t.user_attrs]
+    for rank, trial in enumerate(ranked[:top], 1):
+        add(rank, trial.number)
+    baselines = [(rank, t.number) for rank, t in enumerate(ranked, 1) if rank > top and records[t.number].baseline]
     if baselines:
         table.add_section()
-        for rank, trial in baselines:
-            add(rank, trial)
+        for rank, number in baselines:
+            add(rank, number)
     console.print(table)
+    winner = ranking.winner(study)
+    console.print(f"winner: trial {winner.trial.number} ({winner.reason}); `evomerge export` exports it")
 
 
 def cmd_export(args) -> int:
-    from evomerge.search.run import export_trial
-
     from evomerge.merge.memory import parse_bytes
+    from evomerge.trial_export import export_trial
 
     memory = {"device_memory": parse_bytes(args.device_memory, "--device-memory"),
               "host_memory": parse_bytes(args.host_memory, "--host-memory")}

@@ -14,6 +14,9 @@ import sys
 import warnings
 from contextlib import contextmanager
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
 from evomerge.errors import EvomergeWarning
 
 #: Width given to rich when stdout/stderr is not a terminal: wide enough for any table.
@@ -48,9 +51,38 @@ def one_line_warnings():
 
 def full_width_console(stderr: bool = False):
     """A rich Console that prints tables whole when its stream is not a terminal."""
-    from rich.console import Console
-
     out = Console(stderr=stderr)
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out = Console(stderr=stderr, width=UNBOUNDED_WIDTH)
     return out
+
+
+class ProgressBar:
+    """A rich progress bar (elapsed, ETA, a status text); a no-op when disabled."""
+
+    def __init__(self, label: str, total: int, completed: int = 0, enabled: bool = True):
+        self._progress = None
+        if enabled:
+            self._progress = Progress(
+                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+            )
+            self._task = self._progress.add_task(label, total=total, completed=completed, status="")
+
+    def update(self, completed: int, status: str = "") -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=completed, status=status)
+
+    def __enter__(self) -> "ProgressBar":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def progress_bar(label: str, total: int, completed: int = 0, enabled: bool = True) -> ProgressBar:
+    """A progress bar to use as a context manager: ``with progress_bar("search", 80) as bar: bar.update(3, "best 0.4")``."""
+    return ProgressBar(label, total, completed, enabled)

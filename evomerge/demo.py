@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+from rich.table import Table
+
+from evomerge.console import full_width_console, say
 from evomerge.errors import EvomergeError
+from evomerge.estimate import ResponseMatrix, responses_path
+from evomerge.evaluation import evaluate_models, print_accuracy_table
+from evomerge.merge import Recipe
+from evomerge.search.run import MergeSearch
+from evomerge.search.runs import start_run
+from evomerge.search.space import load_search_space
+from evomerge.trial_export import export_trial
+from evomerge.zoo import ensure_zoo
 
 # The hand-made merges the evolved one must beat, as mergekit users would write them.
 BASELINE_RECIPES = {
@@ -40,10 +52,6 @@ def normalized_accuracy(results: dict[str, dict[str, float]], experts: list[str]
 
 
 def print_normalized_table(results: dict[str, dict[str, float]], tasks: list[str], experts: list[str]) -> None:
-    from rich.table import Table
-
-    from evomerge.console import full_width_console
-
     normalized = normalized_accuracy(results, experts)
     table = Table(title="accuracy (normalized: share of the expert's gain over the base kept; composite tasks: "
                         "of the best expert's)")
@@ -57,8 +65,6 @@ def print_normalized_table(results: dict[str, dict[str, float]], tasks: list[str
 
 def _calibrated_accuracy(run_dir: Path, benchmarks: dict, name: str) -> dict[str, float] | None:
     """``name``'s accuracy per benchmark from the calibration's full responses, or None if any is missing."""
-    from evomerge.estimate import ResponseMatrix, responses_path
-
     scores = {}
     for bench_name, bench in benchmarks.items():
         path = responses_path(run_dir, bench_name)
@@ -73,8 +79,6 @@ def seeded_space(space_path: Path, zoo_seed: int) -> Path:
     """The demo space pointed at a zoo built with ``zoo_seed`` (``runs/zoo`` -> ``runs/zoo-seedN``,
     run ``NAME-seedN``), written beside the runs: another seed stands in for another machine,
     whose training gives other experts, without touching the seed-0 zoo and run."""
-    import yaml
-
     raw = yaml.safe_load(space_path.read_text())
     zoo = str(raw.get("zoo") or "").rstrip("/")
     if not zoo:
@@ -100,14 +104,6 @@ def seeded_space(space_path: Path, zoo_seed: int) -> Path:
 
 def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | None = None, progress: bool = True,
              validate_top: int = DEMO_VALIDATE_TOP, zoo_seed: int = 0) -> int:
-    from evomerge.evaluation import evaluate_models, print_accuracy_table
-    from evomerge.merge import Recipe
-    from evomerge.console import say
-    from evomerge.search.run import MergeSearch, export_trial
-    from evomerge.search.runs import start_run
-    from evomerge.search.space import load_search_space
-    from evomerge.zoo import ensure_zoo
-
     space_path = Path(space_path)
     if not space_path.exists():
         raise EvomergeError(f"demo search space not found: {space_path} (run the demo from the repository root)")

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from evomerge.benchmarks import Benchmark, load_benchmark, score_records, write_records
 from evomerge.console import full_width_console
 from evomerge.errors import EvomergeError
+from evomerge.search.runs import SPACE_FILE
+from evomerge.search.space import load_search_space
 
 
 def benchmarks_for(paths: list[str] | None, space: str | None) -> dict[str, Benchmark]:
     """Benchmarks named on the command line, or those of a search space / run folder."""
     if space:
-        from evomerge.search.runs import SPACE_FILE
-        from evomerge.search.space import load_search_space
-
         space_path = Path(space) / SPACE_FILE if Path(space).is_dir() else Path(space)
         parsed = load_search_space(space_path)
         return {b.name: b.load() for b in parsed.benchmarks}
@@ -29,9 +32,6 @@ def benchmarks_for(paths: list[str] | None, space: str | None) -> dict[str, Benc
 
 def load_model(path: str | Path, device: str | None = None):
     """(model, tokenizer) from a Hugging Face folder, through from_pretrained."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     if not (path / "config.json").exists():
         raise EvomergeError(f"{path} is not a Hugging Face model folder (no config.json)")
@@ -61,8 +61,6 @@ def evaluate_models(models: dict, benchmarks: dict[str, Benchmark], batch_size: 
 
 
 def print_accuracy_table(results: dict[str, dict[str, float]], tasks: list[str], title: str = "full-benchmark accuracy") -> None:
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("model")
     for task in tasks:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from evomerge.errors import EvomergeError
+from evomerge.files import write_text_atomic
 from evomerge.merge import MergeCore, Recipe, recipe_to_mergekit_yaml
 
 RECIPE_FILE = "evomerge_recipe.json"
@@ -222,7 +223,4 @@ def add_card_figures(out_dir: str | Path, figures: list[tuple[str, str]]) -> Pat
     marker = "## Recipe"
     text = text.replace(marker, "\n".join(section) + "\n" + marker, 1) if marker in text else (
         text + "\n" + "\n".join(section))
-    tmp = card.with_name(card.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(card)
-    return card
+    return write_text_atomic(card, text)

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from evomerge.search.optimizers import make_optimizer
-from evomerge.search.study import SearchDriver, open_study
+from evomerge.search.driver import SearchDriver
+from evomerge.search.study import open_study
 
 GENOME_SPACE = {"x0": (-1.0, 1.0), "x1": (-1.0, 1.0), "x2": (0.0, 2.0)}
 TARGET = {"x0": 0.3, "x1": -0.2, "x2": 1.1}

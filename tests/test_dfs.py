@@ -239,8 +239,10 @@ def write_yaml(path: Path, raw: dict) -> Path:
 def test_ps_then_dfs_search_validate_export(zoo_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.search.run import export_trial
-    from evomerge.search.runs import open_existing_study
+    from evomerge.search.records import Ranking
+    from evomerge.search.runs import load_run_space, open_existing_study
+    from evomerge.search.sources import resolve_sources
+    from evomerge.trial_export import export_trial
 
     runs = tmp_path / "runs"
     ps = dfs_raw(zoo_dir)
@@ -251,10 +253,13 @@ def test_ps_then_dfs_search_validate_export(zoo_dir, tmp_path):
 
     dfs = dfs_raw(zoo_dir, max_layers=6)
     dfs["dfs"]["sources"] = [{"name": "ps", "source": str(runs / "ps")}, "lang"]
+    reference = parse_search_space(dfs, source="dfs.yaml").dfs.sources[0]  # parsing opens no study
+    assert reference.run == str(runs / "ps") and reference.trial is None and not reference.resolved
     with pytest.raises(EvomergeError, match=r"unfinished \(2 of 3 trials complete\)"):
-        parse_search_space(dfs, source="dfs.yaml")
+        resolve_sources(parse_search_space(dfs, source="dfs.yaml"))
     dfs["dfs"]["sources"][0]["trial"] = 1
-    assert parse_search_space(dfs, source="dfs.yaml").dfs.sources[0].trial == 1
+    chosen = resolve_sources(parse_search_space(dfs, source="dfs.yaml")).dfs.sources[0]
+    assert chosen.trial == 1 and chosen.recipe == open_existing_study(runs / "ps").trials[1].user_attrs["recipe"]
     del dfs["dfs"]["sources"][0]["trial"]
     assert main(["resume", str(runs / "ps"), "--no-progress"]) == 0  # finish it
 
@@ -267,6 +272,17 @@ def test_ps_then_dfs_search_validate_export(zoo_dir, tmp_path):
     assert main(["validate", str(runs / "dfs"), "--top", "2"]) == 0
     assert main(["search", str(dfs_file), "--runs-root", str(runs), "--no-progress"]) == 0  # resumes: budget met
     assert len(open_existing_study(runs / "dfs").get_trials(deepcopy=False)) == len(trials)
+    # the source resolved at the start is the run's winner, the trial `evomerge export runs/ps` exports,
+    # and the data-flow run's folder pins it: the source run may change, the data-flow run keeps its merge
+    pinned = load_run_space(runs / "dfs").dfs.sources[0].trial
+    assert pinned == Ranking.of(load_run_space(runs / "ps")).winner(open_existing_study(runs / "ps")).trial.number
+    assert main(["resume", str(runs / "ps"), "--trials", "5", "--no-progress"]) == 0
+    assert main(["validate", str(runs / "ps"), "--top", "3"]) == 0
+    assert main(["resume", str(runs / "dfs"), "--trials", str(len(trials) + 1), "--no-progress"]) == 0
+    assert main(["search", str(dfs_file), "--runs-root", str(runs), "--no-progress",
+                 "--trials", str(len(trials) + 1)]) == 0  # the unpinned file: the folder's pin holds
+    assert load_run_space(runs / "dfs").dfs.sources[0].trial == pinned
+    trials = sorted(open_existing_study(runs / "dfs").get_trials(deepcopy=False), key=lambda t: t.number)
 
     shipped = yaml.safe_load((REPO / "search_spaces" / "ps_dfs_demo.yaml").read_text().replace("runs/zoo", str(zoo_dir)))
     shipped["dfs"]["sources"] = [dict(s, source=str(runs / "ps")) if isinstance(s, dict) else s

@@ -8,7 +8,8 @@ import pytest
 
 from evomerge.errors import EvomergeError
 from evomerge.search.optimizers import available_optimizers, make_optimizer
-from evomerge.search.study import SearchDriver, best_trials
+from evomerge.search.driver import SearchDriver
+from evomerge.search.records import best_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -36,7 +36,6 @@ def test_subset_larger_than_a_benchmark_fails_before_any_model_is_loaded(zoo_dir
 
 def test_a_racing_stage_larger_than_a_benchmark_fails_before_any_model_is_loaded(zoo_dir, tmp_path, capsys,
                                                                                  monkeypatch):
-    import yaml
 
     import evomerge.search.run as run_module
 

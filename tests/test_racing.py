@@ -17,7 +17,8 @@ import yaml
 from evomerge.estimate.estimators import fit_subset_estimator
 from evomerge.estimate.irt import item_probabilities
 from evomerge.search import racing
-from evomerge.search.racing import ITEMS_ATTR, STAGE_ATTR, StagedScorer, preferred_trial
+from evomerge.search.racing import StagedScorer
+from evomerge.search.records import Ranking, TrialKey
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,28 +57,28 @@ def test_a_contender_is_promoted_to_every_stage_scoring_each_item_once(staged_wo
     scorer, scored = _scorer(staged_world, monkeypatch, threshold=None)
     values, attrs = scorer.score(None, None)
     estimators, truth = staged_world
-    assert attrs[STAGE_ATTR] == 2 and attrs[ITEMS_ATTR] == 400
+    assert attrs[TrialKey.STAGE] == 2 and attrs[TrialKey.ITEMS] == 400
     for name in estimators:
         assert sorted(scored[name]) == list(range(200))  # nested stages: no item scored twice
         assert attrs["estimates"][name] == pytest.approx(truth[name].mean())  # the last stage is exact
         assert attrs["intervals"][name] == pytest.approx([truth[name].mean()] * 2)
     assert values == [pytest.approx(np.mean([truth[n].mean() for n in estimators]))]
-    assert len(attrs[racing.STAGE_FITNESS_ATTR]) == 3
+    assert len(attrs[TrialKey.STAGE_FITNESS]) == 3
 
 
 def test_a_baseline_is_scored_on_the_first_stage_only(staged_world, monkeypatch):
     scorer, scored = _scorer(staged_world, monkeypatch, threshold=None)  # no threshold yet: others are promoted
     values, attrs = scorer.score(None, None, promote=False)
-    assert attrs[STAGE_ATTR] == 0 and attrs[ITEMS_ATTR] == 16
+    assert attrs[TrialKey.STAGE] == 0 and attrs[TrialKey.ITEMS] == 16
     assert all(len(indices) == 8 for indices in scored.values())
 
 
 def test_a_candidate_that_cannot_reach_the_top_k_stops(staged_world, monkeypatch):
     scorer, scored = _scorer(staged_world, monkeypatch, threshold=1.01)
     values, attrs = scorer.score(None, None)
-    assert attrs[STAGE_ATTR] == 0 and attrs[ITEMS_ATTR] == 16
+    assert attrs[TrialKey.STAGE] == 0 and attrs[TrialKey.ITEMS] == 16
     assert all(len(a) == 8 for a in attrs["answers"].values())
-    low, high = attrs[racing.FITNESS_INTERVAL_ATTR]
+    low, high = attrs[TrialKey.FITNESS_INTERVAL]
     assert low <= values[0] <= high < 1.01
 
 
@@ -97,9 +98,9 @@ def test_threshold_is_the_top_k_fitness_of_every_worker(staged_world, tmp_path):
 
 
 def _trial(number, value, items, interval=None):
-    attrs = {ITEMS_ATTR: items}
+    attrs = {TrialKey.ITEMS: items}
     if interval:
-        attrs[racing.FITNESS_INTERVAL_ATTR] = interval
+        attrs[TrialKey.FITNESS_INTERVAL] = interval
     return optuna.trial.create_trial(value=value, user_attrs=attrs)
 
 
@@ -107,10 +108,11 @@ def test_export_prefers_more_items_among_estimates_that_tie():
     noisy = _trial(0, 0.42, 30, [0.36, 0.48])
     measured = _trial(1, 0.40, 1800, [0.40, 0.40])
     worse = _trial(2, 0.30, 1800, [0.30, 0.30])
-    assert preferred_trial([noisy, measured, worse]) is measured
+    ranking = Ranking({"t": 1.0})
+    assert ranking.preferred([noisy, measured, worse]).trial is measured
     sure = _trial(3, 0.42, 30, [0.41, 0.43])
-    assert preferred_trial([sure, measured]) is sure
-    assert preferred_trial([_trial(4, 0.5, 30), measured]).value == 0.5  # no interval stored: the best
+    assert ranking.preferred([sure, measured]).trial is sure
+    assert ranking.preferred([_trial(4, 0.5, 30), measured]).trial.value == 0.5  # no interval stored: the best
 
 
 def write_racing_space(zoo_dir: Path, path: Path, trials: int, name: str, stages) -> Path:
@@ -126,17 +128,17 @@ def write_racing_space(zoo_dir: Path, path: Path, trials: int, name: str, stages
 
 def _check_consistent(trials, sizes):
     for trial in trials:
-        stage = trial.user_attrs[STAGE_ATTR]
+        stage = trial.user_attrs[TrialKey.STAGE]
         answers = trial.user_attrs["answers"]
         assert all(len(a) == sizes[stage] for a in answers.values()), trial.number
-        assert trial.user_attrs[ITEMS_ATTR] == sizes[stage] * len(answers)
-        low, high = trial.user_attrs[racing.FITNESS_INTERVAL_ATTR]
-        assert low - 1e-9 <= racing.fitness(trial.values) <= high + 1e-9  # per task: their mean
+        assert trial.user_attrs[TrialKey.ITEMS] == sizes[stage] * len(answers)
+        low, high = trial.user_attrs[TrialKey.FITNESS_INTERVAL]
+        assert low - 1e-9 <= float(np.mean(trial.values)) <= high + 1e-9  # per task: their mean
 
 
 def test_racing_search_status_and_export(zoo_dir, tmp_path, capsys):
     from evomerge.cli import main
-    from evomerge.search.run import export_trial
+    from evomerge.trial_export import export_trial
     from evomerge.search.runs import open_existing_study
 
     space = write_racing_space(zoo_dir, tmp_path / "space.yaml", trials=8, name="race", stages=[5, 15, "all"])
@@ -145,12 +147,12 @@ def test_racing_search_status_and_export(zoo_dir, tmp_path, capsys):
     study = open_existing_study(run_dir)
     trials = sorted(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number)
     assert len(trials) == 8
-    last = [t for t in trials if t.user_attrs[STAGE_ATTR] == 2]
+    last = [t for t in trials if t.user_attrs[TrialKey.STAGE] == 2]
     n_items = len(last[0].user_attrs["answers"]["arith"]) if last else None
     _check_consistent(trials, [5, 15, n_items])
     baselines = [t for t in trials if "baseline" in t.user_attrs]
-    assert baselines and all(t.user_attrs[STAGE_ATTR] == 0 for t in baselines)  # reference points: first stage
-    assert max(t.user_attrs[STAGE_ATTR] for t in trials) == 2  # contenders reach the last stage
+    assert baselines and all(t.user_attrs[TrialKey.STAGE] == 0 for t in baselines)  # reference points: first stage
+    assert max(t.user_attrs[TrialKey.STAGE] for t in trials) == 2  # contenders reach the last stage
     # a trial raced onto every item is measured already: validation takes its estimates as they are
     from evomerge.search.validate import validate_top_trials
 
@@ -160,7 +162,7 @@ def test_racing_search_status_and_export(zoo_dir, tmp_path, capsys):
     builder = _RecordingBuilder(make_builder(load_run_space(run_dir)))
     top = validate_top_trials(run_dir, 3, progress=False, builder=builder)
     assert all(stage < 2 for stage in builder.rebuilt)
-    exact = {t.number: t.user_attrs["estimates"] for t in trials if t.user_attrs[STAGE_ATTR] == 2}
+    exact = {t.number: t.user_attrs["estimates"] for t in trials if t.user_attrs[TrialKey.STAGE] == 2}
     for row in top:
         if row.number in exact:
             assert row.measured == exact[row.number]
@@ -178,7 +180,7 @@ class _RecordingBuilder:
         self.builder, self.tokenizer, self.rebuilt = builder, builder.tokenizer, []
 
     def rebuild(self, attrs):
-        self.rebuilt.append(attrs[STAGE_ATTR])
+        self.rebuilt.append(attrs[TrialKey.STAGE])
         return self.builder.rebuild(attrs)
 
 
@@ -235,4 +237,4 @@ def test_racing_with_other_optimizers_and_per_task_objectives(zoo_dir, tmp_path,
     assert len(trials) == 5
     assert all(len(t.values) == (2 if objectives == "per_task" else 1) for t in trials)
     _check_consistent(trials, [5, 15, 60])
-    assert {t.user_attrs[STAGE_ATTR] for t in trials[:2]} == {2}  # fewer than top_k complete: promoted
+    assert {t.user_attrs[TrialKey.STAGE] for t in trials[:2]} == {2}  # fewer than top_k complete: promoted

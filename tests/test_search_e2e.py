@@ -19,7 +19,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
 from evomerge.merge import MergeCore, Recipe
-from evomerge.search.run import export_trial
+from evomerge.trial_export import export_trial
 from evomerge.search.runs import open_existing_study, start_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,14 +211,15 @@ def test_per_task_objectives_search_and_export(zoo_dir, tmp_path):
 
 def test_validate_top_trials_then_export_the_best_measured(zoo_dir, tmp_path, capsys):
     from evomerge.benchmarks import accuracy, load_benchmark
-    from evomerge.search.validate import records_path, stored_full_accuracies
+    from evomerge.search.records import validated_accuracies
+    from evomerge.search.validate import records_path
 
     space_file = write_space(zoo_dir, tmp_path / "space.yaml", "random", trials=4, name="val")
     run_dir = tmp_path / "runs" / "val"
     assert main(["search", str(space_file), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 0
     assert main(["validate", str(run_dir), "--top", "3"]) == 0
     assert "estimated vs measured" in capsys.readouterr().out
-    measured = stored_full_accuracies(open_existing_study(run_dir))
+    measured = validated_accuracies(open_existing_study(run_dir))
     assert len(measured) == 3
     for number, scores in measured.items():  # each item's answer, to see why it failed
         records = [json.loads(line) for line in records_path(run_dir, number, "arith").read_text().splitlines()]

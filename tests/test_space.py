@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.search.genome import genome_space, genome_to_recipe, tensor_groups, uniform_genome
+from evomerge.search.genome import bounds_of, endpoint_genome, genome_space, genome_to_recipe, tensor_groups, uniform_genome
 from evomerge.search.space import load_search_space, parse_search_space
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
@@ -23,9 +23,9 @@ def demo_raw():
 
 def test_demo_space_is_valid():
     space = load_search_space(DEMO)
-    assert space.method == "task_arithmetic"
+    assert space.merge.method == "task_arithmetic" and space.dfs is None
     assert space.expert_names == ["arith", "cipher", "lang"]
-    assert space.ranges["weight"] == (0.0, 1.5)
+    assert space.merge.ranges["weight"] == (0.0, 1.5)
     assert [b.name for b in space.benchmarks] == ["arith", "cipher", "lang", "lang_arith"]  # the composite too
 
 
@@ -58,9 +58,9 @@ PS_SPACES = [p for p in sorted(DEMO.parent.glob("*.yaml")) if "dfs" not in yaml.
 @pytest.mark.parametrize("path", PS_SPACES, ids=lambda p: p.name)
 def test_every_shipped_space_is_valid(path):
     space = load_search_space(path)
-    genes = genome_space(space, num_layers=4)
+    genes = bounds_of(genome_space(space.merge, space.expert_names, num_layers=4))
     assert genes and all(lo < hi for lo, hi in genes.values())
-    recipe = genome_to_recipe(space, {n: (lo + hi) / 2 for n, (lo, hi) in genes.items()}, 4)
+    recipe = genome_to_recipe(space.merge, space.expert_names, {n: (lo + hi) / 2 for n, (lo, hi) in genes.items()}, 4)
     recipe.validate(len(space.experts))
 
 
@@ -131,15 +131,15 @@ def test_missing_file_is_clear(tmp_path):
 
 def test_layer_group_genome_maps_to_recipe():
     space = parse_search_space(demo_raw())
-    groups = tensor_groups(space, num_layers=4)
+    groups = tensor_groups(space.merge, num_layers=4)
     assert [g.name for g in groups] == ["rest", "G0_attention", "G0_mlp", "G1_attention", "G1_mlp"]
     assert groups[1].layers == (0, 1) and groups[3].layers == (2, 3)
-    genome = genome_space(space, num_layers=4)
+    genome = bounds_of(genome_space(space.merge, space.expert_names, num_layers=4))
     # weight and density for 3 experts in 5 groups
     assert len(genome) == 2 * 3 * 5
     point = {name: (low + high) / 2 for name, (low, high) in genome.items()}
     point["weight.lang.G1_mlp"] = 0.1
-    recipe = genome_to_recipe(space, point, num_layers=4)
+    recipe = genome_to_recipe(space.merge, space.expert_names, point, num_layers=4)
     assert recipe.method == "ties"
     assert recipe.params["weight"] == [0.75, 0.75, 0.75]
     last = recipe.overrides[-1]
@@ -151,16 +151,36 @@ def test_global_and_per_layer_granularity():
     raw = demo_raw()
     raw["merge"].update(granularity="global")
     space = parse_search_space(raw)
-    assert len(genome_space(space, 4)) == 6
+    assert len(genome_space(space.merge, space.expert_names, 4)) == 6
     raw["merge"].update(granularity="layer", split_modules=False)
     space = parse_search_space(raw)
-    assert len(genome_space(space, 4)) == 6 * 5
+    assert len(genome_space(space.merge, space.expert_names, 4)) == 6 * 5
 
 
 def test_uniform_genome_is_clipped():
     space = parse_search_space(demo_raw())
-    genome = uniform_genome(space, 4, {"weight": 9.0, "density": 0.5})
+    genome = uniform_genome(genome_space(space.merge, space.expert_names, 4), {"weight": 9.0, "density": 0.5})
     assert set(genome.values()) == {1.5, 0.5}
+
+
+def test_expert_names_with_dots_are_genes_like_any_other():
+    """Real checkpoints are named after their folders (`Qwen2.5-Math`): genes are structured, their
+    names never parsed back, so the endpoints, recipes and uniform merges come out right."""
+    raw = demo_raw()
+    raw["models"]["experts"] = {"Qwen2.5-Math": raw["models"]["experts"]["arith"],
+                                "v1.2.cipher": raw["models"]["experts"]["cipher"],
+                                "lang": raw["models"]["experts"]["lang"]}
+    space = parse_search_space(raw)
+    experts = space.expert_names
+    genes = genome_space(space.merge, experts, 4)
+    assert "weight.Qwen2.5-Math.G1_mlp" in genes and genes["weight.Qwen2.5-Math.G1_mlp"].owner == "Qwen2.5-Math"
+    for expert in experts:
+        endpoint = endpoint_genome(space.merge, experts, genes, expert)
+        recipe = genome_to_recipe(space.merge, experts, endpoint, 4)
+        expected = [1.0 if e == expert else 0.0 for e in experts]
+        assert recipe.params["weight"] == expected and all(o.params["weight"] == expected for o in recipe.overrides)
+    base = genome_to_recipe(space.merge, experts, endpoint_genome(space.merge, experts, genes, None), 4)
+    assert base.params["weight"] == [0.0, 0.0, 0.0]
 
 
 def test_a_new_method_is_one_class_registered_once(tmp_path):
@@ -195,9 +215,10 @@ def test_a_new_method_is_one_class_registered_once(tmp_path):
         raw["models"] = {"base": str(base), "experts": {"a": str(experts[0]), "b": str(experts[1])}}
         raw["merge"] = {"method": "scaled_sum", "granularity": "global", "params": {"offset": [-0.1, 0.1]}}
         space = parse_search_space(raw, source="new.yaml")
-        genes = genome_space(space, num_layers=2)
+        genes = bounds_of(genome_space(space.merge, space.expert_names, num_layers=2))
         assert genes == {"scale.a.all": (0.0, 2.0), "scale.b.all": (0.0, 2.0), "offset.all": (-0.1, 0.1)}
-        recipe = genome_to_recipe(space, {"scale.a.all": 0.5, "scale.b.all": 1.5, "offset.all": 0.0}, 2)
+        recipe = genome_to_recipe(space.merge, space.expert_names,
+                                  {"scale.a.all": 0.5, "scale.b.all": 1.5, "offset.all": 0.0}, 2)
         assert recipe.params == {"scale": [0.5, 1.5], "offset": 0.0}
         core = MergeCore(base, experts, device="cpu")
         merged, expected = core.merge(recipe), core.merge(Recipe("task_arithmetic", {"weight": [0.5, 1.5]}))
@@ -208,3 +229,19 @@ def test_a_new_method_is_one_class_registered_once(tmp_path):
             parse_search_space(raw, source="new.yaml")
     finally:
         METHODS.pop("scaled_sum", None)
+
+
+def test_readme_describes_every_shipped_space_as_its_file_is():
+    """README's "Shipped spaces" names each file with its method (or says it is a data-flow space)."""
+    readme = (DEMO.parents[1] / "README.md").read_text()
+    paragraph = readme[readme.index("Shipped spaces:"):].split("\n\n")[0].replace("\n", " ")
+    shown = {"task_arithmetic": "task arithmetic", "ties": "TIES", "dare_ties": "DARE-TIES", "slerp": "SLERP"}
+    for path in sorted(DEMO.parent.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        assert f"`{path.name}`" in paragraph, f"README does not name {path.name}"
+        if path.name.startswith("template"):
+            continue
+        said = paragraph.split(f"`{path.name}`")[1].split("`")[0]
+        expected = "data-flow" if "dfs" in raw else shown[raw["merge"]["method"]]
+        assert expected in said or (expected == "data-flow" and "data-flow" in paragraph.split(f"`{path.name}`")[1][:120]), \
+            f"README says {said!r} of {path.name}, a {expected} space"

@@ -12,19 +12,17 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
+import evomerge.search.workers as workers_module
 from evomerge.errors import EvomergeError
+from evomerge.search.driver import SearchDriver
 from evomerge.search.optimizers import make_optimizer
-import evomerge.search.study as study_module
-from evomerge.search.study import (
-    SearchDriver,
-    best_trials,
-    fail_stale_trials,
-    open_study,
-    status_table,
-    storage_url,
-)
+from evomerge.search.records import Ranking, best_trials
+from evomerge.search.storage import storage_url
+from evomerge.search.study import open_study
+from evomerge.search.workers import fail_stale_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -131,21 +129,40 @@ def test_failed_objective_fails_the_trial_and_search_goes_on(tmp_path):
     def flaky(params):
         calls.append(params)
         if len(calls) == 2:
-            raise RuntimeError("CUDA out of memory")
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        if len(calls) == 4:
+            raise EvomergeError("benchmark 'arith': item 'q7' has no answer")
         return toy(params)
 
     study = search(tmp_path, "s", 5, objective=flaky)
     assert len(complete(study)) == 5
     failed = study.get_trials(states=(TrialState.FAIL,))
-    assert len(failed) == 1 and "CUDA out of memory" in failed[0].user_attrs["error"]
-    rows = status_table(study)
-    assert [r["state"] for r in rows].count("FAIL") == 1
-    assert sum(r["best"] for r in rows) == 1
+    assert [t.user_attrs["error"] for t in failed] == ["OutOfMemoryError: CUDA out of memory",
+                                                       "EvomergeError: benchmark 'arith': item 'q7' has no answer"]
+    assert len(best_trials(study)) == 1
 
 
-def test_a_broken_objective_stops_after_three_failures(tmp_path):
+def test_a_bug_in_a_late_trial_stops_the_run_with_its_traceback(tmp_path):
+    """A programming error is never swallowed as one more failed trial: the trial is marked failed
+    (its message kept) and the run stops with the error itself."""
+    calls = []
+
+    def buggy(params):
+        calls.append(params)
+        if len(calls) == 4:
+            raise KeyError("task 'arith' has no estimator")
+        return toy(params)
+
+    with pytest.raises(KeyError, match="no estimator"):
+        search(tmp_path, "s", 10, objective=buggy)
+    study = optuna.load_study(study_name="s", storage=storage_url(tmp_path))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL]
+    assert study.trials[3].user_attrs["error"] == "KeyError: \"task 'arith' has no estimator\""
+
+
+def test_a_broken_input_stops_after_three_failures(tmp_path):
     def broken(params):
-        raise KeyError("task 'arith' has no estimator")
+        raise EvomergeError("benchmark 'arith' has no estimator")
 
     with pytest.raises(EvomergeError, match="first 3 trials all failed.*no estimator"):
         search(tmp_path, "s", 10, objective=broken)
@@ -178,7 +195,7 @@ def test_a_trial_orphaned_before_naming_its_worker_is_failed_after_a_grace(tmp_p
     study = open_study(tmp_path, "s", ["maximize"], CONFIG)
     study.ask({"w0": optuna.distributions.FloatDistribution(0, 1)})  # no worker attr: died right after ask
     assert fail_stale_trials(study) == []  # could still be a live worker about to name itself
-    monkeypatch.setattr(study_module, "UNNAMED_GRACE_S", -1.0)
+    monkeypatch.setattr(workers_module, "UNNAMED_GRACE_S", -1.0)
     assert fail_stale_trials(study) == [0]
     assert "before naming itself" in study.trials[0].user_attrs["error"]
 
@@ -266,13 +283,12 @@ def test_kill_9_then_resume_reaches_the_budget(tmp_path, optimizer):
 
 
 def test_per_task_ranking_uses_benchmark_weights():
-    from evomerge.search.study import ranked_trials
-
     study = optuna.create_study(directions=["maximize", "maximize"])
     for values in ([0.9, 0.1], [0.2, 0.7]):
         study.add_trial(optuna.trial.create_trial(values=values))
-    assert [t.number for t in ranked_trials(study)] == [0, 1]            # plain mean: 0.50 vs 0.45
-    assert [t.number for t in ranked_trials(study, [1.0, 2.0])] == [1, 0]  # weighted: 0.37 vs 0.53
+    ranked = Ranking({"a": 1.0, "b": 1.0}).ranked(study)
+    assert [t.number for t in ranked] == [0, 1]                                      # plain mean: 0.50 vs 0.45
+    assert [t.number for t in Ranking({"a": 1.0, "b": 2.0}).ranked(study)] == [1, 0]  # weighted: 0.37 vs 0.53
 
 
 def test_a_genome_already_evaluated_is_not_scored_again(tmp_path):

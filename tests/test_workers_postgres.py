@@ -21,10 +21,11 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.cli import main
-from evomerge.search.calibration import CalibrationStore
-from evomerge.search.run import BASELINE_ATTR
-from evomerge.search.runs import SPACE_FILE, STORAGE_FILE, open_existing_study
-from evomerge.search.study import ERROR_ATTR, fail_stale_trials, open_storage
+from evomerge.search.calibration_store import CalibrationStore
+from evomerge.search.records import TrialKey
+from evomerge.search.runs import SPACE_FILE, STORAGE_FILE
+from evomerge.search.storage import open_storage
+from evomerge.search.workers import fail_stale_trials
 
 sys.path.insert(0, str(Path(__file__).parent))
 from postgres_server import PostgresServer, server_binaries  # noqa: E402
@@ -111,11 +112,11 @@ def test_three_workers_one_killed_share_one_calibration_and_the_budget(postgres,
     stale = [t for t in trials if t.user_attrs.get("worker", {}).get("host") == "machine2"
              and t.state != TrialState.COMPLETE]
     assert len(stale) == 1 and stale[0].state == TrialState.FAIL
-    assert stale[0].user_attrs[ERROR_ATTR].startswith("stale: no heartbeat"), stale[0].user_attrs
-    searched = [t for t in done if BASELINE_ATTR not in t.user_attrs]
+    assert stale[0].user_attrs[TrialKey.ERROR].startswith("stale: no heartbeat"), stale[0].user_attrs
+    searched = [t for t in done if TrialKey.BASELINE not in t.user_attrs]
     genomes = [tuple(sorted(t.params.items())) for t in searched]
     assert len(set(genomes)) == len(genomes), "a genome was evaluated twice"
-    baselines = [t.user_attrs[BASELINE_ATTR] for t in trials if BASELINE_ATTR in t.user_attrs]
+    baselines = [t.user_attrs[TrialKey.BASELINE] for t in trials if TrialKey.BASELINE in t.user_attrs]
     assert len(baselines) == len(set(baselines)) > 0, "baselines enqueued more than once"
 
     # one worker calibrated, the others loaded its estimators: every folder caches the very same files

@@ -36,11 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge.evaluation import evaluate_models  # noqa: E402
-from evomerge.search.run import MergeSearch, export_trial  # noqa: E402
+from evomerge.search.run import MergeSearch  # noqa: E402
 from evomerge.search.runs import open_existing_study  # noqa: E402
 from evomerge.search.space import load_search_space  # noqa: E402
-from evomerge.search.study import complete_trials  # noqa: E402
+from evomerge.search.records import complete_trials  # noqa: E402
 from evomerge.search.validate import validate_top_trials  # noqa: E402
+from evomerge.trial_export import export_trial  # noqa: E402
 
 VALIDATE_TOP = 5
 

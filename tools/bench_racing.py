@@ -33,9 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from evomerge.benchmarks import score_items  # noqa: E402
 from evomerge.estimate import responses_path  # noqa: E402
-from evomerge.search.racing import preferred_trial, trial_items  # noqa: E402
+from evomerge.search.records import Ranking, trial_items  # noqa: E402
 from evomerge.search.run import MergeSearch  # noqa: E402
-from evomerge.search.study import fitness  # noqa: E402
 from evomerge.search.space import parse_search_space  # noqa: E402
 
 FRACTIONS = (0.5, 1.0)
@@ -128,18 +127,18 @@ def bench_one(zoo: Path, out: Path, seed: int, name: str, evaluation: dict, budg
     from evomerge.search.runs import open_existing_study
 
     trials = complete(open_existing_study(run_dir))
-    weights = [b.weight for b in space.benchmarks]
+    ranking = Ranking.of(space)
     cache_path = run_dir / "measured.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     rows = []
     for fraction in FRACTIONS:
         ran = within_budget(trials, fraction * budget_items)
-        ranked = sorted(ran, key=lambda t: -fitness(t.values, weights))
-        chosen = preferred_trial(ranked, weights)
+        ranked = sorted(ran, key=lambda t: -ranking.fitness(t.values))
+        chosen = ranking.preferred(ranked).trial
         measured = measure(search, chosen, cache)
         cache_path.write_text(json.dumps(cache))
-        measured_fitness = fitness([measured[b.name] for b in space.benchmarks], weights)
-        estimated = fitness(chosen.values, weights)
+        measured_fitness = ranking.fitness([measured[b.name] for b in space.benchmarks])
+        estimated = ranking.fitness(chosen.values)
         rows.append({
             "seed": seed, "config": name, "fraction": fraction, "trials": len(ran),
             "items": int(sum(trial_items(t) for t in ran)),

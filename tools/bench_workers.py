@@ -35,7 +35,8 @@ GENOME = {"x0": (0.0, 1.0), "x1": (0.0, 1.0), "x2": (0.0, 1.0)}
 
 def worker(url: str, n_trials: int, sleep_s: float, out: str) -> None:
     from evomerge.search.optimizers import make_optimizer
-    from evomerge.search.study import SearchDriver, open_study
+    from evomerge.search.driver import SearchDriver
+    from evomerge.search.study import open_study
 
     study = open_study(url, "bench", ["maximize"], {"bench": "workers"})
     optimizer = make_optimizer("random", GENOME, ["maximize"], seed=0, budget=n_trials)
@@ -62,7 +63,7 @@ def run_case(url: str, n_workers: int, n_trials: int, sleep_s: float, folder: Pa
     import optuna
     from optuna.trial import TrialState
 
-    from evomerge.search.study import open_storage
+    from evomerge.search.storage import open_storage
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     outs = [folder / f"latency-{n_workers}-{i}.json" for i in range(n_workers)]

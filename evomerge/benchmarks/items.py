@@ -7,9 +7,11 @@ item kind (`evomerge.benchmarks.kinds`).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
+from evomerge.console import warn
 from evomerge.errors import EvomergeError
 
 EXACT_MATCH = "exact_match"
@@ -27,10 +29,15 @@ class Item:
     choices: tuple[str, ...] | None = None
     label: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """The kind its fields imply when the benchmark names none."""
-        return MULTIPLE_CHOICE if self.choices is not None else EXACT_MATCH
+
+def infer_kind(has_choices: Iterable[bool], where: str) -> str:
+    """The item kind a benchmark's items imply when it names none: multiple choice when they have
+    choices, else exact match (the only place a kind is inferred)."""
+    kinds = {MULTIPLE_CHOICE if choices else EXACT_MATCH for choices in has_choices}
+    if len(kinds) > 1:
+        raise EvomergeError(f"{where} mixes exact-match and multiple-choice items; "
+                            "split it into one benchmark per format")
+    return kinds.pop() if kinds else EXACT_MATCH
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,9 @@ class Prompting:
 class Benchmark:
     """A named list of items that all share one item kind.
 
-    ``kind`` is inferred from the items when not given (choices: multiple choice,
-    else exact match); ``settings`` are the kind's own (generate: max_new_tokens,
-    stop strings, extractor, comparison), defaulted by the kind when None.
+    ``kind`` is inferred from the items when not given (`infer_kind`); ``settings``
+    are the kind's own (generate: max_new_tokens, stop strings, extractor,
+    comparison), the kind's defaults when None (`evomerge.benchmarks.kinds`).
     """
 
     name: str
@@ -74,21 +81,16 @@ class Benchmark:
     prompting: Prompting = field(default_factory=Prompting)
 
     def __post_init__(self) -> None:
-        from evomerge.benchmarks.kinds import get_kind
-
-        where = f"benchmark {self.name!r} ({self.source or 'in memory'})"
         if not self.items:
-            raise EvomergeError(f"{where} has no items")
+            raise EvomergeError(f"{self.where} has no items")
         if self.kind is None:
-            kinds = {item.kind for item in self.items}
-            if len(kinds) > 1:
-                raise EvomergeError(f"{where} mixes exact-match and multiple-choice items; "
-                                    "split it into one benchmark per format")
-            self.kind = kinds.pop()
-        kind = get_kind(self.kind, where)
-        if self.settings is None:
-            self.settings = kind.settings({}, where)
-        _warn_duplicate_ids(self.items, where)
+            self.kind = infer_kind((item.choices is not None for item in self.items), self.where)
+        _warn_duplicate_ids(self.items, self.where)
+
+    @property
+    def where(self) -> str:
+        """How an error names the benchmark: "benchmark 'arith' (runs/zoo/bench/arith.jsonl)"."""
+        return f"benchmark {self.name!r} ({self.source or 'in memory'})"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -96,10 +98,6 @@ class Benchmark:
 
 def _warn_duplicate_ids(items: list[Item], where: str) -> None:
     """Responses and subsets are kept per item id: a repeated id usually means a file read twice."""
-    from collections import Counter
-
-    from evomerge.console import warn
-
     repeated = {item_id: n for item_id, n in Counter(item.id for item in items).items() if n > 1}
     if repeated:
         first, count = next(iter(repeated.items()))

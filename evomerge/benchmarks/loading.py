@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from evomerge.benchmarks.items import MULTIPLE_CHOICE, EXACT_MATCH, Benchmark, Item, Prompting, Shot
+from evomerge.benchmarks.items import MULTIPLE_CHOICE, Benchmark, Item, Prompting, Shot, infer_kind
 from evomerge.benchmarks.kinds import KINDS, ItemKind, RawItem, get_kind
 from evomerge.benchmarks.presets import ROW_ADAPTERS, with_preset
 from evomerge.benchmarks.prompts import check_chat_template
@@ -309,11 +309,7 @@ def _raw_item(record: dict, index: int, bench_name: str, where: str, fmt: Benchm
 def _kind_of(fmt: BenchmarkFormat, raws: list[RawItem], bench_name: str, where: str) -> ItemKind:
     if fmt.scoring is not None:
         return get_kind(fmt.scoring)
-    kinds = {MULTIPLE_CHOICE if raw.choices is not None else EXACT_MATCH for raw in raws}
-    if len(kinds) > 1:
-        raise EvomergeError(f"benchmark {bench_name!r} ({where}) mixes exact-match and multiple-choice items; "
-                            "split it into one benchmark per format")
-    return get_kind(kinds.pop() if kinds else EXACT_MATCH)
+    return get_kind(infer_kind((raw.choices is not None for raw in raws), f"benchmark {bench_name!r} ({where})"))
 
 
 def _shots(fmt: BenchmarkFormat, source, kind: ItemKind, items: list[Item], bench_name: str, where: str,

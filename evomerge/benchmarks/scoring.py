@@ -14,10 +14,12 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from evomerge.benchmarks.generation import eos_ids, finish_generation, greedy_config, greedy_defaults
 from evomerge.benchmarks.items import Benchmark, Item
 from evomerge.benchmarks.kinds import Scored, ScoringContext, get_kind
 from evomerge.benchmarks.prompts import model_device, prefix_ids, tokenize
 from evomerge.errors import EvomergeError
+from evomerge.files import write_text_atomic
 
 
 def _chosen(bench: Benchmark, indices: Iterable[int] | None) -> list[Item]:
@@ -64,15 +66,11 @@ def accuracy(model, tokenizer, bench: Benchmark, batch_size: int = 64) -> float:
 
 def write_records(path: str | Path, records: list[dict]) -> Path:
     """One JSON object per item, written through a temporary sibling (never a torn file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-        tmp.replace(path)
+        return write_text_atomic(path, text)
     except OSError as exc:
         raise EvomergeError(f"cannot write per-item answers to {path} ({exc.strerror or exc})") from None
-    return path
 
 
 class _maybe_progress:
@@ -99,8 +97,6 @@ class _maybe_progress:
 def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:
     """One prompt's greedy continuation by a plain ``model.generate`` (tokenized as the scorers do),
     stopping at eos: the reference the batched scorers are checked against, and for demos."""
-    from evomerge.benchmarks.generation import eos_ids, finish_generation, greedy_config, greedy_defaults
-
     ids = torch.tensor([prefix_ids(tokenizer) + tokenize(tokenizer, [prompt])[0]], device=model_device(model))
     eos = eos_ids(model, tokenizer)
     was_training = model.training

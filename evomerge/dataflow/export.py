@@ -29,6 +29,7 @@ import yaml
 
 from evomerge.dataflow.model import BRANCH_OUTPUTS, LayerPool
 from evomerge.dataflow.path import DataFlowPath
+from evomerge.export import export_folder
 
 PATH_FILE = "evomerge_path.json"
 MERGEKIT_FILE = "mergekit.yaml"
@@ -104,8 +105,6 @@ def export_path(pool: LayerPool, path: DataFlowPath, out_dir: str | Path, *, tok
     Written all or nothing through `evomerge.export.export_folder` (``owner``, ``force``: see there);
     ``finish(folder)`` adds to the export before it is complete (e.g. the card's figures).
     """
-    from evomerge.export import export_folder
-
     out_dir = Path(out_dir)
     with export_folder(out_dir, owner, force) as folder:
         model = pool.assemble(path)

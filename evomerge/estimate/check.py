@@ -21,10 +21,14 @@ from typing import Sequence
 
 import numpy as np
 
+from evomerge.benchmarks import load_benchmark
 from evomerge.console import full_width_console
 from evomerge.errors import EvomergeError
 from evomerge.estimate.estimators import DEFAULT_LEVEL, METHODS, fit_subset_estimator
+from evomerge.estimate.extract import STRATEGIES
 from evomerge.estimate.responses import ResponseMatrix, benchmark_item_ids, responses_path, score_model
+from evomerge.merge import MergeCore, Recipe
+from evomerge.zoo import load_zoo_manifest
 
 
 def _random_weights(rng: np.random.Generator, n_experts: int) -> list[float]:
@@ -138,10 +142,6 @@ def run_estimate_check(
     benchmark whose stages are the sizes (nested subsets, as racing uses) instead of
     one estimator per size. ``level``: the intervals whose coverage is reported.
     """
-    from evomerge.benchmarks import load_benchmark
-    from evomerge.merge import MergeCore, Recipe
-    from evomerge.zoo import load_zoo_manifest
-
     if n_heldout < 1:
         raise EvomergeError(f"n_heldout must be >= 1, got {n_heldout}")
     zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-extra", type=int, default=0, help="extra random merges added to the IRT fit")
     parser.add_argument("--sizes", default="10,20,50,100", help="comma-separated subset sizes")
     parser.add_argument("--strategy", default="anchor-irt",
-                        choices=["random", "stratified", "anchor-irt", "anchor-correctness"])
+                        choices=list(STRATEGIES))
     parser.add_argument("--dims", type=int, default=2, help="IRT latent dimensions")
     parser.add_argument("--nested", action="store_true",
                         help="fit the sizes as nested stages of one estimator (as racing does)")

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.jsonfile import read_json, write_json
+from evomerge.files import read_json, write_json
 from evomerge.estimate.extract import STRATEGIES, Subset, extract_stages, stage_sizes
 from evomerge.estimate.irt import IRTFit, IRTPriors, estimate_theta, fit_irt, fit_logistic_weights, item_probabilities
 from evomerge.estimate.responses import as_correctness

@@ -29,9 +29,19 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.jsonfile import read_json, write_json
+from evomerge.files import read_json, write_json
 
 STRATEGIES = ("random", "stratified", "anchor-irt", "anchor-correctness")
+STRATEGY_ALIASES = {"anchor": "anchor-irt"}
+"""Short names a search space may use for a strategy."""
+STRATEGY_NAMES = (*STRATEGIES[:2], *STRATEGY_ALIASES, *STRATEGIES[2:])
+"""Every name a search space accepts."""
+
+
+def strategy_name(name: str) -> str:
+    """The strategy a name (or its alias) stands for."""
+    return STRATEGY_ALIASES.get(name, name)
+
 ALL_ITEMS = "all"
 """A stage size meaning every item of the benchmark (the last stage of a race may be exact)."""
 

@@ -9,14 +9,16 @@ multiple choice or greedy exact match, batched) is ``evomerge.benchmarks.score_i
 from __future__ import annotations
 
 import dataclasses
+import io
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from evomerge.benchmarks import score_items
 from evomerge.errors import EvomergeError
-from evomerge.jsonfile import temporary_sibling
+from evomerge.files import write_bytes_atomic
 
 
 @dataclasses.dataclass
@@ -73,23 +75,34 @@ class ResponseMatrix:
         kept = self.rows(names) if names else np.zeros((0, self.n_items), bool)
         return ResponseMatrix(np.vstack([kept, row[None]]), names + [name], self.item_ids, self.benchmark)
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_sibling(path, ".tmp.npz")
-        np.savez_compressed(tmp, correct=self.correct, model_names=np.array(self.model_names, dtype=str),
+    def to_bytes(self) -> bytes:
+        """The matrix as a compressed ``.npz`` (the run folder's file, the study's stored blob)."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, correct=self.correct, model_names=np.array(self.model_names, dtype=str),
                             item_ids=np.array(self.item_ids, dtype=str), benchmark=np.array(self.benchmark))
-        tmp.replace(path)  # atomic: a crash mid-write never leaves a torn file
-        return path
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "ResponseMatrix":
+        """The matrix of a ``.npz`` made by `to_bytes`; ``where`` names its origin in the error."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                return cls(arrays["correct"].astype(bool), list(arrays["model_names"]),
+                           list(arrays["item_ids"]), str(arrays["benchmark"]))
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise EvomergeError(f"cannot read responses {where}: {exc}") from exc
+
+    def save(self, path: str | Path) -> Path:
+        """Write the ``.npz`` atomically: a crash mid-write never leaves a torn file."""
+        return write_bytes_atomic(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "ResponseMatrix":
         try:
-            with np.load(Path(path), allow_pickle=False) as data:
-                return cls(data["correct"].astype(bool), list(data["model_names"]),
-                           list(data["item_ids"]), str(data["benchmark"]))
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            data = Path(path).read_bytes()
+        except OSError as exc:
             raise EvomergeError(f"cannot read responses file {path}: {exc}") from exc
+        return cls.from_bytes(data, f"file {path}")
 
 
 def as_correctness(values: Any, what: str = "answers") -> np.ndarray:
@@ -150,8 +163,6 @@ def check_labels(bench: Any) -> None:
 def score_model(model: Any, tokenizer: Any, bench: Any, indices: np.ndarray | None = None,
                 batch_size: int = 64) -> np.ndarray:
     """Correctness of one model on ``bench`` (or the ``indices`` items), as a bool vector."""
-    from evomerge.benchmarks import score_items  # heavy import, only when scoring
-
     check_labels(bench)
     correct = score_items(model, tokenizer, bench, indices=indices, batch_size=batch_size)
     return as_correctness(correct, "scored answers")

@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
+from evomerge.console import warn
 from evomerge.errors import EvomergeError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -80,8 +81,6 @@ def warn_non_finite(tensor: torch.Tensor, name: str, file: Path) -> None:
         return
     bad = int(tensor.numel() - torch.isfinite(tensor).sum())
     if bad:
-        from evomerge.console import warn
-
         warn(f"{file}: tensor {name} holds {bad} NaN/inf value(s) of {tensor.numel()}; "
              "merges that use it will not be finite")
 

@@ -19,6 +19,7 @@ from typing import Optional
 
 import yaml
 
+from evomerge.merge.loading import open_model
 from evomerge.merge.recipe import Recipe, layer_of, module_type_of
 
 # Filters in the order evomerge classifies layer tensors (see module_type_of).
@@ -30,8 +31,6 @@ def _non_layer_tensors(base_path) -> tuple[list[str], list[str]]:
     """Names of tensors outside the layer stack, split into (before layers, after layers)."""
     names: list[str]
     try:
-        from evomerge.merge.loading import open_model
-
         names = [n for n in open_model(base_path).shapes if layer_of(n) is None]
     except Exception:  # base not readable here: fall back to the Llama layout
         names = list(_LLAMA_NON_LAYER)

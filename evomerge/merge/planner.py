@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.memory import Budgets, format_bytes
+from evomerge.merge.methods import METHODS
 
 DEVICE, HOST, DISK = "device", "host", "disk"
 TIERS = (DEVICE, HOST, DISK)
@@ -164,8 +165,6 @@ def _unit_numel(layout, chunk_elements: int) -> int:
 
 def workspace_bytes(layout, num_experts: int, methods: Sequence, chunk_elements: int) -> int:
     """The largest merge workspace of `methods` (of every registered method when empty)."""
-    from evomerge.merge.methods import METHODS
-
     unit = _unit_numel(layout, chunk_elements)
     chosen = list(methods) or list(METHODS.values())
     return max(m.workspace_bytes(unit, num_experts, layout.dtype) for m in chosen)

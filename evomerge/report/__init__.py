@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
+from evomerge.report.data import load_study_data
+from evomerge.report.figures import card_figures, report_figures
+from evomerge.report.html import write_page
+from evomerge.report.png import write_png
 
 REPORT_DIR = "report"
 PAGE = "index.html"
@@ -41,11 +45,6 @@ def plotting_missing(modules: tuple[str, ...] = ("plotly", "matplotlib")) -> str
 
 def write_report(run_dir: str | Path, storage: str | None = None, out_dir: str | Path | None = None) -> ReportFiles:
     """Read the run's study and write the page and one PNG per figure into ``out_dir`` (default RUN/report)."""
-    from evomerge.report.data import load_study_data
-    from evomerge.report.figures import report_figures
-    from evomerge.report.html import write_page
-    from evomerge.report.png import write_png
-
     problem = plotting_missing()
     if problem:
         raise EvomergeError(f"evomerge report: {problem}")
@@ -63,10 +62,6 @@ def write_card_figures(run_dir: str | Path, study, trial_number: int, out_dir: s
 
     Returns (title, path relative to ``out_dir``) pairs; none when the plotting extra is missing.
     """
-    from evomerge.report.data import load_study_data
-    from evomerge.report.figures import card_figures
-    from evomerge.report.png import write_png
-
     if plotting_missing(("matplotlib",)):
         return []
     folder = Path(out_dir) / "figures"

@@ -13,32 +13,20 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from optuna.study import Study
 
-# the objective's timing attrs (evomerge.search.run.MergeSearch.objective)
-MERGE_ATTR, SCORE_ATTR = "merge_s", "score_s"
-
-
-@dataclass
-class TrialRecord:
-    """One trial as the figures need it; ``fitness`` is the (weighted mean) estimate, None unless COMPLETE."""
-
-    number: int
-    state: str
-    values: list[float] | None
-    fitness: float | None
-    estimates: dict[str, float]
-    params: dict[str, float]
-    baseline: str | None
-    duration_s: float | None
-    merge_s: float | None
-    score_s: float | None
-
-    @property
-    def complete(self) -> bool:
-        return self.state == "COMPLETE"
+from evomerge.errors import EvomergeError
+from evomerge.estimate import ResponseMatrix, SubsetEstimator, responses_path
+from evomerge.merge.loading import open_model
+from evomerge.search.calibration import estimator_path
+from evomerge.search.calibration_store import CalibrationStore
+from evomerge.search.candidates import genes_of
+from evomerge.search.genome import Gene
+from evomerge.search.records import Ranking, StudyKey, TrialRecord
+from evomerge.search.runs import load_run_space, open_existing_study
+from evomerge.search.storage import storage_description
 
 
 @dataclass
@@ -57,16 +45,24 @@ class StudyData:
     run_dir: Path
     study_name: str
     storage: str
-    tasks: list[str]
-    weights: dict[str, float]
+    ranking: Ranking
     experts: list[str]
     n_objectives: int
     estimator: str
     trials: list[TrialRecord]
     measured: dict[int, dict[str, float]]
+    winner: tuple[int, str] | None     # the run's winner (`Ranking.winner`): trial number and why
     calibration: list[CalibrationPoint]
-    genome_bounds: dict[str, tuple[float, float]]
+    genes: dict[str, Gene]
     made_at: str = field(default_factory=lambda: datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.ranking.tasks
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.ranking.weights
 
     @property
     def complete(self) -> list[TrialRecord]:
@@ -74,7 +70,7 @@ class StudyData:
 
     def measured_fitness(self, number: int) -> float | None:
         scores = self.measured.get(number)
-        return None if not scores else weighted(scores, self.weights)
+        return None if not scores else self.ranking.mean(scores)
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -83,74 +79,49 @@ class StudyData:
         return counts
 
     def best(self) -> tuple[TrialRecord | None, str]:
-        """The trial to show as the result, and why: best measured once any is validated, else best estimated."""
-        by_number = {t.number: t for t in self.complete}
-        validated = [n for n in self.measured if n in by_number]
-        if validated:
-            number = max(validated, key=lambda n: self.measured_fitness(n))
-            return by_number[number], f"best measured of {len(validated)} validated"
-        if not by_number:
+        """The trial to show as the result (the run's winner, the one `evomerge export` exports), and why."""
+        if self.winner is None:
             return None, "no complete trial yet"
-        return max(by_number.values(), key=lambda t: t.fitness), "best estimated"
+        number, why = self.winner
+        return self.trial(number), why
 
     def trial(self, number: int) -> TrialRecord:
         return next(t for t in self.trials if t.number == number)
 
 
-def weighted(scores: dict[str, float], weights: dict[str, float]) -> float:
-    """Weighted mean of per-benchmark scores (the search's fitness over benchmarks)."""
-    from evomerge.search.study import weighted_mean
-
-    names = [n for n in weights if n in scores]
-    return weighted_mean([scores[n] for n in names], [weights[n] for n in names]) if names else float("nan")
-
-
-def load_study_data(run_dir: str | Path, storage: str | None = None, study=None) -> StudyData:
+def load_study_data(run_dir: str | Path, storage: str | None = None, study: Study | None = None) -> StudyData:
     """Everything the report draws, read from the run folder and its study (``study``: already open)."""
-    from evomerge.search.runs import load_run_space, open_existing_study
-    from evomerge.search.study import CONFIG_ATTR
-    from evomerge.search.validate import stored_full_accuracies
-
     run_dir = Path(run_dir)
     space = load_run_space(run_dir)
     if study is None:
         study = open_existing_study(run_dir, storage)
-    tasks = [b.name for b in space.benchmarks]
-    weights = {b.name: b.weight for b in space.benchmarks}
-    trials = [_record(t, tasks, weights) for t in study.get_trials(deepcopy=False)]
-    measured = stored_full_accuracies(study)
-    config = study.user_attrs.get(CONFIG_ATTR, {})
-    bounds = {name: (float(lo), float(hi)) for name, (lo, hi) in config.get("genome", {}).items()}
-    calibration = _validated_points(trials, measured) + _calibration_model_points(run_dir, tasks, space.estimator, study)
+    ranking = Ranking.of(space)
+    trials = ranking.records(study)
+    measured = ranking.measured(study)
+    winner = ranking.winner(study)
+    calibration = _validated_points(trials, measured) + _calibration_model_points(run_dir, ranking.tasks,
+                                                                                  space.estimator, study)
     return StudyData(
-        run_dir=run_dir, study_name=study.study_name, storage=_shown_storage(study), tasks=tasks, weights=weights,
+        run_dir=run_dir, study_name=study.study_name, storage=storage_description(study), ranking=ranking,
         experts=space.expert_names, n_objectives=len(study.directions), estimator=space.estimator, trials=trials,
-        measured=measured, calibration=calibration, genome_bounds=bounds,
+        measured=measured, winner=None if winner is None else (winner.trial.number, winner.reason),
+        calibration=calibration, genes=_genes(study, space),
     )
 
 
-def _record(trial, tasks: list[str], weights: dict[str, float]) -> TrialRecord:
-    from evomerge.search.run import BASELINE_ATTR
-
-    attrs = trial.user_attrs
-    values = list(trial.values) if trial.values is not None else None
-    fitness = None
-    if values is not None and trial.state.name == "COMPLETE":
-        fitness = weighted(dict(zip(tasks, values)), weights) if len(values) > 1 else float(values[0])
-    duration = trial.duration.total_seconds() if trial.duration is not None else None
-    baseline = attrs.get(BASELINE_ATTR)  # "uniform weight 1, density 0.7", "base", "expert arith", ...
-    if baseline is None and "fixed_params" in trial.system_attrs:  # enqueued, by an evomerge that named none
-        baseline = "enqueued"
-    return TrialRecord(
-        number=trial.number, state=trial.state.name, values=values, fitness=fitness,
-        estimates={k: float(v) for k, v in attrs.get("estimates", {}).items()}, params=dict(trial.params),
-        baseline=baseline, duration_s=duration, merge_s=_float(attrs.get(MERGE_ATTR)),
-        score_s=_float(attrs.get(SCORE_ATTR)),
-    )
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _genes(study: Study, space) -> dict[str, Gene]:
+    """The genome's structure: as the search stored it, else (a study from before) rebuilt from the
+    space and the base model's headers; empty when neither is at hand."""
+    bounds = {name: (float(lo), float(hi)) for name, (lo, hi) in
+              study.user_attrs.get(StudyKey.CONFIG, {}).get("genome", {}).items()}
+    stored = study.user_attrs.get(StudyKey.GENES)
+    if stored:
+        return {name: Gene(param, owner, group, *bounds.get(name, (float("nan"), float("nan"))))
+                for name, (param, owner, group) in stored.items()}
+    try:
+        return genes_of(space, open_model(space.base).num_layers)
+    except (EvomergeError, OSError):  # models moved or gone: the report draws what it can without the genome
+        return {}
 
 
 def _validated_points(trials: list[TrialRecord], measured: dict[int, dict[str, float]]) -> list[CalibrationPoint]:
@@ -170,16 +141,13 @@ def _validated_points(trials: list[TrialRecord], measured: dict[int, dict[str, f
 def _calibration_model_points(run_dir: Path, tasks: list[str], method: str, study=None) -> list[CalibrationPoint]:
     """Each calibration model's estimate from its own subset answers vs its accuracy on every item.
 
-    Read from the study's storage (`evomerge.search.calibration`), else from the run folder's cache.
+    Read from the study's storage (`evomerge.search.calibration_store`), else from the run folder's cache.
     """
-    from evomerge.estimate import ResponseMatrix, SubsetEstimator, responses_path
-    from evomerge.search.calibration import CalibrationStore
-
     store = CalibrationStore.of(study, create=False) if study is not None else None
     stored = store.estimators() if store is not None else None
     points = []
     for task in tasks:
-        estimator_file = run_dir / "estimators" / f"{task}.json"
+        estimator_file = estimator_path(run_dir, task)
         responses_file = responses_path(run_dir, task)
         if stored and task in stored and store.get_responses(task) is not None:
             estimator, matrix = stored[task], store.get_responses(task)
@@ -193,19 +161,3 @@ def _calibration_model_points(run_dir: Path, tasks: list[str], method: str, stud
             estimated = estimator.predict(row[estimator.indices], method=method)
             points.append(CalibrationPoint(name, "calibration model", task, float(estimated), float(np.mean(row))))
     return points
-
-
-def _shown_storage(study) -> str:
-    """The storage URL with any password hidden."""
-    url = getattr(getattr(study, "_storage", None), "url", None)
-    if url is None:
-        storage = getattr(study, "_storage", None)
-        url = getattr(getattr(storage, "_backend", None), "url", None)
-    if url is None:
-        return type(study._storage).__name__
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return str(url)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import statistics
 
-from evomerge.report.data import StudyData, TrialRecord
+from evomerge.report.data import StudyData
 from evomerge.report.spec import (BLUE, GREEN, GREY, LIGHT_GREY, ORANGE, PURPLE, RED, Bars, Figure, Heatmap,
                                   Panel, Scatter)
+from evomerge.search.records import TrialRecord
 
 NAN = float("nan")
 MAX_ANNOTATED_CELLS = 80
@@ -180,34 +180,20 @@ def pareto_figure(data: StudyData) -> Figure | None:
 
 
 # ---------------------------------------------------------------- genome
-def _split_gene(name: str) -> tuple[str, str | None, str] | None:
-    """``weight.arith.G0_mlp`` -> (weight, arith, G0_mlp); ``t.G1`` -> (t, None, G1);
-    a data-flow ``include.r0.lang.L3`` -> (include, r0.lang, L3). Parameter, owner, tensor group."""
-    parts = name.split(".")
-    if len(parts) < 2:
-        return None
-    return parts[0], ".".join(parts[1:-1]) or None, parts[-1]
-
-
 def _split_group(group: str) -> tuple[str, str | None]:
     """``G0_attention`` -> (G0, attention); ``rest`` / ``G0`` / ``L3`` -> (itself, None)."""
     block, _, module = group.partition("_")
     return block, module or None
 
 
-def _natural(text: str) -> tuple:
-    """``L10`` after ``L9``."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
-
-
 def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None:
     """The trial's genome, one heatmap per parameter: layer groups across, expert x module down."""
     trial = data.trial(trial_number)
-    order = {name: i for i, name in enumerate(data.genome_bounds)}  # the genome's own order, as stored
-    names = sorted(trial.params, key=lambda n: (order.get(n, len(order)), _natural(n)))
-    genes = {split: trial.params[n] for n in names if (split := _split_gene(n)) is not None}
+    structure = [data.genes[n] for n in data.genes if n in trial.params]  # the genome's own order
+    genes = {(g.param, g.owner, g.group): trial.params[g.name] for g in structure}
     if not genes:
         return None
+    bounds = {(g.param, g.owner, g.group): g.bounds for g in structure}
     panels = []
     for param in dict.fromkeys(p for p, _, _ in genes):
         mine = {k: v for k, v in genes.items() if k[0] == param}
@@ -223,9 +209,8 @@ def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None
             for r, (e, m) in enumerate(rows):
                 if e == expert and (module is None or m == module):
                     z[r][blocks.index(block)] = float(value)
-        row_names = [" ".join(x for x in ((e or "all experts").replace(".", " "), m) if x) for e, m in rows]
-        lows_highs = [data.genome_bounds.get(f"{param}.{e}.{g}" if e else f"{param}.{g}") for _, e, g in mine]
-        known = [b for b in lows_highs if b]
+        row_names = [" ".join(x for x in (e or "all experts", m) if x) for e, m in rows]
+        known = [b for b in (bounds[key] for key in mine) if all(map(math.isfinite, b))]
         zmin = min(b[0] for b in known) if known else min(mine.values())
         zmax = max(b[1] for b in known) if known else max(mine.values())
         annotate = len(rows) * len(blocks) <= MAX_ANNOTATED_CELLS

@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+from evomerge.files import write_text_atomic
 from evomerge.report.data import StudyData
 from evomerge.report.spec import Bars, Figure, Heatmap, Panel, Scatter
 
@@ -150,10 +151,7 @@ def write_page(path: Path, data: StudyData, figures: list[Figure], png_names: di
         f'<nav>{nav} <a href="#trials">Best trials</a> <a href="#dashboard">optuna-dashboard</a></nav>'
         + "".join(sections) + _best_table(data) + _dashboard(data) + "</body></html>\n"
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, page)
 
 
 def _summary(data: StudyData) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from evomerge.files import atomic_write
 from evomerge.report.spec import Bars, Figure, Heatmap, Panel, Scatter
 
 MARKERS = {"circle": "o", "circle-open": "o", "diamond": "D", "square": "s", "triangle-up": "^", "triangle-down": "v", "x": "x",
@@ -34,11 +35,9 @@ def write_png(figure: Figure, path: Path) -> Path:
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=min(4, len(legend)),
                    fontsize=9, frameon=False)
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    tmp.replace(path)
-    return path
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    return Path(path)
 
 
 def _draw_panel(fig, ax, panel: Panel, legend: dict) -> None:

@@ -1,303 +1,204 @@
-"""A study's calibration, stored in the study's own database, and the lock one worker calibrates under.
+"""Calibration: score the calibration models on every item, fit each benchmark's subset estimator, once per study.
 
-Workers on several machines share nothing but the storage URL: the calibration
-(every benchmark's full responses of the calibration models, and the fitted
-subset estimators) therefore lives in two tables of that database, next to
-Optuna's own, so every worker scores trials with the very same items and
-estimators. Plain SQL through the storage's SQLAlchemy engine works the same on
-SQLite and PostgreSQL (a blob column, no size limit that matters: responses are
-a few kB, an estimator some hundred kB).
-
-* ``evomerge_calibration(study, key, data)``: ``inputs`` (what the calibration
-  was made from, JSON), ``responses/<benchmark>`` (an ``.npz``, stored after every
-  scored model so a worker taking over continues), ``estimators/<benchmark>``
-  (JSON) and ``complete`` (written last).
-* ``evomerge_locks(name, owner, beat)``: the calibration lock. A row is taken
-  by an INSERT (the primary key lets one worker win); its holder bumps ``beat``
-  every few seconds. A waiter takes the lock over (a compare-and-set UPDATE)
-  when the holder is a dead process of its own host, or when ``beat`` has not
-  moved for ``LOCK_GRACE_S`` on the waiter's own clock, so the machines' clocks
-  never need to agree.
-
-The run folder's ``responses/`` and ``estimators/`` stay a cache of this.
+The calibration models are the base, the experts, any extra models and a few
+random merges in the space; their full responses fit the IRT item parameters
+from which each benchmark's subset and estimator are made. With a study, the
+calibration lives in the study's database (`calibration_store`): loaded when
+stored, else made by exactly one worker under the study's lock while the others
+wait, then stored. The run folder's ``responses/`` and ``estimators/`` are a
+cache either way, so a run killed while calibrating continues from the models
+it had scored.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import threading
-import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+import shutil
+from pathlib import Path
+from typing import Iterator
 
-import sqlalchemy as sa
+import numpy as np
+from optuna.study import Study
 
+from evomerge.benchmarks import Benchmark, score_items
+from evomerge.console import say
+from evomerge.errors import EvomergeError
+from evomerge.estimate import ResponseMatrix, SubsetEstimator, fit_subset_estimator, responses_path
+from evomerge.estimate.extract import stage_sizes, strategy_name
+from evomerge.files import read_json, write_json
+from evomerge.search.calibration_store import CalibrationStore, canonical
+from evomerge.search.candidates import CandidateBuilder, load_checkpoint
+from evomerge.search.space import SearchSpace
+from evomerge.search.workers import study_lock
 
-LOCK_BEAT_S = float(os.environ.get("EVOMERGE_LOCK_BEAT_S", 5))
-LOCK_GRACE_S = float(os.environ.get("EVOMERGE_LOCK_GRACE_S", 60))
-"""A calibrating worker whose beat stood still this long (seen from a waiter) is taken for dead."""
-POLL_S = 0.5
-
-_metadata = sa.MetaData()
-_calibration = sa.Table(
-    "evomerge_calibration", _metadata,
-    sa.Column("study", sa.String(512), primary_key=True),
-    sa.Column("key", sa.String(512), primary_key=True),
-    sa.Column("data", sa.LargeBinary, nullable=False),
-)
-_locks = sa.Table(
-    "evomerge_locks", _metadata,
-    sa.Column("name", sa.String(512), primary_key=True),
-    sa.Column("owner", sa.Text, nullable=False),
-    sa.Column("beat", sa.BigInteger, nullable=False),
-)
+CALIBRATION_FILE = "calibration.json"
+ESTIMATORS_DIR = "estimators"
 
 
-def rdb_engine(study) -> sa.engine.Engine | None:
-    """The SQLAlchemy engine under a study's storage (None for a storage that is no database)."""
-    storage = study._storage
-    storage = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
-    return getattr(storage, "engine", None)
+def estimator_path(run_dir: str | Path, benchmark: str) -> Path:
+    return Path(run_dir) / ESTIMATORS_DIR / f"{benchmark}.json"
 
 
-class CalibrationStore:
-    """The calibration of one study, in its storage's database."""
+class Calibration:
+    """The calibration of one run: which models it scores, what it depends on, and the estimators it fits."""
 
-    def __init__(self, engine: sa.engine.Engine, study_name: str, retry: Callable | None = None):
-        self.engine, self.study = engine, study_name
-        self._lock = "calibration"
-        self._retry = retry or (lambda fn, what: fn())
-        self._retry(self._create_tables, "creating the calibration tables")
+    def __init__(self, space: SearchSpace, run_dir: str | Path, builder: CandidateBuilder,
+                 benchmarks: dict[str, Benchmark], *, progress: bool = True, batch_size: int = 128):
+        self.space, self.run_dir, self.builder = space, Path(run_dir), builder
+        self.benchmarks = benchmarks
+        self.progress, self.batch_size = progress, batch_size
 
-    @classmethod
-    def of(cls, study, create: bool = True) -> "CalibrationStore | None":
-        """The store of ``study`` (None where its storage is no database, or, with ``create=False``,
-        where no worker stored a calibration in it yet: readers never create tables)."""
-        from evomerge.search.study import with_retries
+    def genomes(self) -> dict[str, dict[str, float]]:
+        """Random in-space merges whose full responses sharpen the IRT item parameters."""
+        rng = np.random.default_rng(self.space.seed + 7919)
+        return {f"calib{i}": {n: float(rng.uniform(lo, hi)) for n, (lo, hi) in self.builder.genome.items()}
+                for i in range(self.space.calibration_merges)}
 
-        engine = rdb_engine(study)
-        if engine is None or not (create or sa.inspect(engine).has_table(_calibration.name)):
-            return None
-        return cls(engine, study.study_name, with_retries)
+    def endpoint_names(self) -> list[str]:
+        return ["base", *self.space.expert_names, *self.builder.extra_endpoints()]
 
-    def _create_tables(self) -> None:
-        for attempt in range(5):
-            try:
-                _metadata.create_all(self.engine, checkfirst=True)
-                return
-            except sa.exc.SQLAlchemyError as error:  # another worker creates them at this very moment
-                if attempt == 4 or not any(s in str(error).lower() for s in ("already exists", "duplicate", "unique")):
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+    def _models(self, known: set[str]) -> Iterator[tuple[str, object, object]]:
+        """(name, model, tokenizer) for the endpoints, extra models and calibration merges not in ``known``."""
+        tokenizer = self.builder.tokenizer
+        for name, path in [("base", self.space.base), *self.space.experts.items()]:
+            if name not in known:  # scored in the builder's own model where it can: no second copy on the GPU
+                yield name, self.builder.checkpoint_model(path), tokenizer
+        for path in self.space.extra_models:
+            name = f"extra:{Path(path).name}"
+            if name not in known:  # another model family may come with its own tokenizer
+                yield name, *load_checkpoint(path, self.builder.dtype, self.builder.device)
+        for name, model in self.builder.extra_endpoints().items():
+            if name not in known:
+                yield name, model, tokenizer
+        for name, genome in self.genomes().items():
+            if name not in known:
+                yield name, self.builder.candidate(genome).model, tokenizer
 
-    # ------------------------------------------------------------ blobs
-    def get(self, key: str) -> bytes | None:
-        def read():
-            with self.engine.connect() as connection:
-                row = connection.execute(sa.select(_calibration.c.data).where(
-                    _calibration.c.study == self.study, _calibration.c.key == key)).first()
-            return None if row is None else bytes(row[0])
-        return self._retry(read, f"reading the study's calibration ({key})")
+    def n_models(self) -> int:
+        return (1 + len(self.space.experts) + len(self.space.extra_models)
+                + len(self.builder.extra_endpoints()) + self.space.calibration_merges)
 
-    def put(self, key: str, data: bytes) -> None:
-        def write():
-            with self.engine.begin() as connection:
-                connection.execute(_calibration.delete().where(
-                    _calibration.c.study == self.study, _calibration.c.key == key))
-                connection.execute(_calibration.insert().values(study=self.study, key=key, data=data))
-        self._retry(write, f"storing the study's calibration ({key})")
+    def inputs(self) -> dict:
+        """What the calibration depends on: the responses on the models, merge space and benchmarks;
+        the estimators also on the estimator settings."""
+        raw = self.space.raw
+        estimator = dict(raw.get("estimator") or {})
+        responses = {key: raw.get(key) for key in ("models", "merge", "dfs", "benchmarks", "device")}
+        responses["calibration"] = [estimator.get("extra_models"), estimator.get("calibration_merges"), self.space.seed]
+        return canonical({"responses": responses, "estimators": estimator})
 
-    def clear(self) -> None:
-        def delete():
-            with self.engine.begin() as connection:
-                connection.execute(_calibration.delete().where(_calibration.c.study == self.study))
-        self._retry(delete, "clearing the study's calibration")
+    def _drop_stale_cache(self) -> None:
+        """Forget cached responses / estimators made for another space (replaced before any trial)."""
+        record = self.run_dir / CALIBRATION_FILE
+        inputs = self.inputs()
+        stored = read_json(record, "calibration record") if record.exists() else inputs  # older folders: trusted
+        if stored.get("responses") != inputs["responses"]:
+            shutil.rmtree(self.run_dir / "responses", ignore_errors=True)
+        if stored != inputs:
+            shutil.rmtree(self.run_dir / ESTIMATORS_DIR, ignore_errors=True)
+        write_json(record, inputs)
 
-    def get_json(self, key: str) -> Any:
-        data = self.get(key)
-        return None if data is None else json.loads(data.decode())
+    def estimators(self, study: Study | None = None) -> dict[str, SubsetEstimator]:
+        """Each benchmark's estimator: fitted here, or loaded from the study's storage or the folder's cache.
 
-    def put_json(self, key: str, value: Any) -> None:
-        self.put(key, json.dumps(value, sort_keys=True).encode())
-
-    def get_responses(self, benchmark: str):
-        from evomerge.estimate import ResponseMatrix
-
-        data = self.get(f"responses/{benchmark}")
-        if data is None:
-            return None
-        import numpy as np
-
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            return ResponseMatrix(arrays["correct"].astype(bool), list(arrays["model_names"]),
-                                  list(arrays["item_ids"]), str(arrays["benchmark"]))
-
-    def put_responses(self, benchmark: str, matrix) -> None:
-        import numpy as np
-
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, correct=matrix.correct, model_names=np.array(matrix.model_names, dtype=str),
-                            item_ids=np.array(matrix.item_ids, dtype=str), benchmark=np.array(matrix.benchmark))
-        self.put(f"responses/{benchmark}", buffer.getvalue())
-
-    def estimators(self, inputs: Mapping | None = None) -> dict | None:
-        """The stored estimators by benchmark once the calibration is complete (and, with
-        ``inputs``, made from those inputs), else None."""
-        from evomerge.estimate import SubsetEstimator
-
-        if inputs is not None and self.get_json("inputs") != json.loads(json.dumps(inputs, sort_keys=True)):
-            return None
-        complete = self.get_json("complete")
-        if complete is None:
-            return None
-        return {name: SubsetEstimator.from_dict(self.get_json(f"estimators/{name}")) for name in complete}
-
-    # ------------------------------------------------------------ lock
-    def _lock_name(self) -> str:
-        return f"{self._lock}:{self.study}"
-
-    def _holder(self) -> tuple[str, int] | None:
-        def read():
-            with self.engine.connect() as connection:
-                row = connection.execute(sa.select(_locks.c.owner, _locks.c.beat).where(
-                    _locks.c.name == self._lock_name())).first()
-            return None if row is None else (row[0], int(row[1]))
-        return self._retry(read, "reading the calibration lock")
-
-    def _try_acquire(self, owner: str) -> bool:
-        def insert():
-            try:
-                with self.engine.begin() as connection:
-                    connection.execute(_locks.insert().values(name=self._lock_name(), owner=owner, beat=0))
-                return True
-            except sa.exc.IntegrityError:
-                return False
-        return self._retry(insert, "taking the calibration lock")
-
-    def _compare_and_set(self, old: tuple[str, int], owner: str, beat: int, retry: bool = True) -> bool:
-        def update():
-            with self.engine.begin() as connection:
-                result = connection.execute(_locks.update().where(
-                    _locks.c.name == self._lock_name(), _locks.c.owner == old[0], _locks.c.beat == old[1],
-                ).values(owner=owner, beat=beat))
-            return result.rowcount == 1
-        return self._retry(update, "updating the calibration lock") if retry else update()
-
-    def _release(self, owner: str) -> None:
-        def delete():
-            with self.engine.begin() as connection:
-                connection.execute(_locks.delete().where(_locks.c.name == self._lock_name(), _locks.c.owner == owner))
-        self._retry(delete, "releasing the calibration lock")
-
-    @contextmanager
-    def locked(self, worker: Mapping[str, Any], wait: Callable[[str], None] | None = None,
-               done: Callable[[], bool] = lambda: False, name: str = "calibration") -> Iterator[bool]:
-        """Hold the study's lock ``name`` for the block (yields True), or yield False at once when
-        ``done()`` turns true while waiting for another worker's calibration.
-
-        ``wait(holder)`` is called once when another worker holds the lock.
+        With ``study`` on a database storage the calibration is shared: loaded when stored,
+        else made by one worker under the study's lock while the others wait.
         """
-        self._lock = name
-        me = json.dumps(dict(worker), sort_keys=True)
-        seen: tuple[str, int] | None = None
-        seen_since = time.monotonic()
-        said = False
-        while True:
-            if done():
-                yield False
-                return
-            if self._try_acquire(me):
-                break
-            holder = self._holder()
-            if holder is None:
-                continue  # released between the two statements
-            if holder != seen:
-                seen, seen_since = holder, time.monotonic()
-            dead = _dead_on_this_host(holder[0]) or time.monotonic() - seen_since > LOCK_GRACE_S
-            if dead and self._compare_and_set(holder, me, 0):
-                if wait is not None:
-                    wait(f"took the calibration over from worker {describe_worker(holder[0])}, which stopped")
-                break
-            if not said and wait is not None:
-                wait(f"waiting for worker {describe_worker(holder[0])}, which calibrates this study")
-                said = True
-            time.sleep(POLL_S)
-        stop = threading.Event()
-        beats = threading.Thread(target=self._beat, args=(me, stop), daemon=True)
-        beats.start()
-        try:
-            yield True
-        finally:
-            stop.set()
-            beats.join()
-            self._release(me)
+        self._drop_stale_cache()
+        store = CalibrationStore.of(study) if study is not None else None
+        if store is None:
+            return self._calibrate(None)
+        inputs = self.inputs()
+        stored, mine = store.estimators(inputs), False
+        if stored is None:
+            def done() -> bool:
+                nonlocal stored
+                stored = store.estimators(inputs)
+                return stored is not None
 
-    def _beat(self, me: str, stop: threading.Event) -> None:
-        beat = 0
-        while not stop.wait(LOCK_BEAT_S):
-            try:
-                if self._compare_and_set((me, beat), me, beat + 1, retry=False):
-                    beat += 1
-            except Exception:  # a missed beat only risks a takeover
-                pass
+            with study_lock(study, "calibration", wait=say if self.progress else None, done=done) as mine:
+                if mine and not done():
+                    if store.get_json("inputs") != inputs:
+                        store.clear()  # made for another space of this study name (no trial was kept)
+                        store.put_json("inputs", inputs)
+                    for name, estimator in self._calibrate(store).items():
+                        store.put_json(f"estimators/{name}", estimator.to_dict())
+                    store.put_json("complete", list(self.benchmarks))
+                    stored = store.estimators(inputs)  # what every worker loads, this one included
+        where = f"the stored calibration of study {self.space.name!r}"
+        missing = set(self.benchmarks) - set(stored)
+        if missing:
+            raise EvomergeError(f"{where} has no estimator for {sorted(missing)}")
+        estimators = {}
+        for name in self.benchmarks:
+            estimators[name] = checked_stages(stored[name], self.space, where)
+            stored[name].save(estimator_path(self.run_dir, name))  # the folder's cache
+            responses = store.get_responses(name)
+            if responses is not None and not responses_path(self.run_dir, name).exists():
+                responses.save(responses_path(self.run_dir, name))
+        if self.progress and not mine:
+            say(f"loaded the calibration of study {self.space.name!r} from its storage")
+        return estimators
 
+    def _calibrate(self, store: CalibrationStore | None) -> dict[str, SubsetEstimator]:
+        """Fit (or load from the folder's cache) each benchmark's estimator; with ``store``,
+        responses are stored after every model, so a worker taking over continues from them."""
+        estimators = {}
+        for bench_name, bench in self.benchmarks.items():
+            path = estimator_path(self.run_dir, bench_name)
+            if path.exists():
+                estimators[bench_name] = checked_stages(SubsetEstimator.load(path), self.space, path)
+                continue
+            matrix = self._responses(bench_name, bench, store)
+            estimator = fit_subset_estimator(
+                matrix, None, self.endpoint_names(), n_items=self.space.stages,
+                strategy=strategy_name(self.space.strategy), seed=self.space.seed, dims=self.space.irt_dims,
+                benchmark=bench_name,
+            )
+            estimator.save(path)
+            estimators[bench_name] = estimator
+        return estimators
 
-def describe_worker(owner: str) -> str:
-    try:
-        worker = json.loads(owner)
-        return f"pid {worker.get('pid')} on {worker.get('host')}"
-    except (ValueError, AttributeError):
-        return owner
-
-
-def _dead_on_this_host(owner: str) -> bool:
-    from evomerge.search.study import _is_alive, worker_host
-
-    try:
-        worker = json.loads(owner)
-    except ValueError:
-        return False
-    return isinstance(worker, dict) and worker.get("host") == worker_host() and not _is_alive(worker)
-
-
-
-def worker_slot(study) -> int:
-    """This process's number among the workers of ``study`` (0: the first, or the only one).
-
-    Slots are rows of the lock table (``worker:<study>:<n>``); a worker takes the lowest
-    free one, or one whose holder is a dead process of its own host, and keeps it until
-    it exits. A worker with a slot above 0 knows it has company even when it starts at
-    the very moment the others do, before any of them runs a trial: its optimizer then
-    draws its own seed instead of proposing the same genomes (`optimizers.py`).
-    """
-    import atexit
-
-    from evomerge.search.study import worker_identity
-
-    store = CalibrationStore.of(study)
-    if store is None:
-        return 0
-    me = json.dumps(worker_identity(), sort_keys=True)
-    for slot in range(10_000):
-        store._lock = f"worker:{slot}"
-        if store._try_acquire(me):
-            atexit.register(_release_quietly, store, f"worker:{slot}", me)
-            return slot
-        holder = store._holder()
-        if holder is not None and (holder[0] == me or (_dead_on_this_host(holder[0])
-                                                         and store._compare_and_set(holder, me, 0))):
-            if holder[0] != me:
-                atexit.register(_release_quietly, store, f"worker:{slot}", me)
-            return slot
-    return 10_000
+    def _responses(self, bench_name: str, bench: Benchmark, store: CalibrationStore | None) -> ResponseMatrix:
+        """Every calibration model's answers to every item of ``bench`` (cached ones reused)."""
+        path = responses_path(self.run_dir, bench_name)
+        matrix = ResponseMatrix.load(path) if path.exists() else None
+        if store is not None:
+            matrix = merged(matrix, store.get_responses(bench_name))
+        known = set(matrix.model_names) if matrix is not None else set()
+        if self.progress:
+            say(f"calibrating the {bench_name} estimator: scoring {self.n_models() - len(known)} of "
+                f"{self.n_models()} models on all {len(bench.items)} items (cached in {self.run_dir}"
+                + (" and the study's storage)" if store is not None else ")"))
+        for name, model, tokenizer in self._models(known):
+            correct = score_items(model, tokenizer, bench, batch_size=self.batch_size, progress=self.progress)
+            if matrix is None:
+                matrix = ResponseMatrix.empty([item.id for item in bench.items], bench_name)
+            matrix = matrix.with_model(name, np.asarray(correct, dtype=bool))
+            matrix.save(path)
+            if store is not None:
+                store.put_responses(bench_name, matrix)
+        if store is not None:
+            store.put_responses(bench_name, matrix)  # also responses that came from the folder's cache
+        return matrix
 
 
-def _release_quietly(store: CalibrationStore, lock: str, me: str) -> None:
-    try:
-        store._lock = lock
-        with store.engine.begin() as connection:
-            connection.execute(_locks.delete().where(_locks.c.name == store._lock_name(), _locks.c.owner == me))
-    except Exception:  # the database is gone: a later worker of this host takes the slot over
-        pass
+def merged(local: ResponseMatrix | None, stored: ResponseMatrix | None) -> ResponseMatrix | None:
+    """The folder's cached responses with the models only the study's storage holds added."""
+    if local is None or stored is None:
+        return local if stored is None else stored
+    if local.item_ids != stored.item_ids:
+        return stored
+    for name in stored.model_names:
+        if name not in local.model_names:
+            local = local.with_model(name, stored.row(name))
+    return local
+
+
+def checked_stages(estimator: SubsetEstimator, space: SearchSpace, where) -> SubsetEstimator:
+    """A cached estimator must have the stages the space asks for (they are fixed at calibration)."""
+    want = stage_sizes(space.stages, estimator.n_total, "evaluation.stages")
+    have = [stage.size for stage in estimator.stages]
+    if have != want:
+        raise EvomergeError(f"{where} was calibrated for stages {have}, the space asks for {want}; "
+                            "delete it to recalibrate (or start a new run)")
+    return estimator

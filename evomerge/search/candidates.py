@@ -18,6 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.dataflow import DataFlowPath, LayerPool
+from evomerge.dataflow.export import export_path
+from evomerge.errors import EvomergeError
+from evomerge.export import export_checkpoint
+from evomerge.merge import MergeCore, Recipe, recipe_to_mergekit_yaml
+from evomerge.merge.core import default_device
+from evomerge.search.dfs_genome import dfs_genome_space, genome_to_path, path_genome
+from evomerge.search.genome import Genes, bounds_of, endpoint_genome, genome_space, genome_to_recipe, uniform_genome
+from evomerge.search.records import TrialKey
+from evomerge.search.sources import resolve_sources
 from evomerge.search.space import SearchSpace
 
 
@@ -35,14 +47,29 @@ class Candidate:
     attrs: dict
 
 
+def load_checkpoint(path: str | Path, dtype, device) -> tuple[Any, Any]:
+    """A checkpoint folder's model (on ``device``, in ``dtype``) and tokenizer, loaded from disk."""
+    if not Path(path).is_dir():
+        raise EvomergeError(f"model folder not found: {path}")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
 class CandidateBuilder(ABC):
     """Holds the loaded source weights of one search; makes the model of any genome.
 
-    Subclasses set ``genome`` (name -> (low, high)), ``tokenizer``, ``device`` and ``dtype``.
+    Subclasses set ``space`` (with every data-flow source resolved), ``genes`` (the
+    genome's structure), ``tokenizer``, ``device`` and ``dtype``.
     """
 
-    genome: dict[str, tuple[float, float]]
+    space: SearchSpace
+    genes: Genes
     tokenizer: Any
+
+    @property
+    def genome(self) -> dict[str, tuple[float, float]]:
+        """The genome as optimizers take it: gene name -> (low, high)."""
+        return bounds_of(self.genes)
 
     @abstractmethod
     def candidate(self, genome: Mapping[str, float]) -> Candidate:
@@ -83,53 +110,38 @@ class CandidateBuilder(ABC):
         This default loads it from disk onto the builder's device; a builder that holds
         a model of the same architecture may load the weights into it instead.
         """
-        from transformers import AutoModelForCausalLM
-
-        from evomerge.errors import EvomergeError
-
-        if not Path(path).is_dir():
-            raise EvomergeError(f"model folder not found: {path}")
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype).to(self.device).eval()
+        return load_checkpoint(path, self.dtype, self.device)[0]
 
 
 class ParameterMerge(CandidateBuilder):
     """Parameter-space merges: the genome becomes a `Recipe`, merged in place into one model."""
 
-    def __init__(self, space: SearchSpace, core=None):
-        from evomerge.merge import MergeCore
-        from evomerge.search.genome import genome_space
-
-        self.space = space
+    def __init__(self, space: SearchSpace, core: MergeCore | None = None):
+        self.space, self.merge = space, space.merge
         self.core = core or MergeCore(space.base, space.expert_paths, device=space_device(space),
-                                      methods=[space.method], **space.memory)
+                                      methods=[self.merge.method], **space.memory)
         self.model, self.tokenizer = self.core.new_model()
         self.device, self.dtype = self.core.device, self.core.dtype
         self.num_layers = self.core.num_layers
-        self.genome = genome_space(space, self.num_layers)
+        self.genes = genome_space(self.merge, space.expert_names, self.num_layers)
 
     def candidate(self, genome):
-        from evomerge.search.genome import genome_to_recipe
-
-        recipe = genome_to_recipe(self.space, genome, self.num_layers)
+        recipe = genome_to_recipe(self.merge, self.space.expert_names, genome, self.num_layers)
         seed = candidate_seed(genome, self.space.seed)
         self.core.merge_into(self.model, recipe, seed=seed)
-        return Candidate(self.model, {"recipe": recipe.to_dict(), "merge_seed": seed})
+        return Candidate(self.model, {TrialKey.RECIPE: recipe.to_dict(), TrialKey.MERGE_SEED: seed})
 
     def checkpoint_model(self, path):
         """The base or an expert as it is, loaded into the model the merges write to (no second copy)."""
         return self.core.load_weights_into(self.model, path)
 
     def rebuild(self, attrs):
-        from evomerge.merge import Recipe
-
-        return self.core.merge_into(self.model, Recipe.from_dict(attrs["recipe"]), seed=int(attrs["merge_seed"]))
+        return self.core.merge_into(self.model, Recipe.from_dict(attrs[TrialKey.RECIPE]),
+                                    seed=int(attrs[TrialKey.MERGE_SEED]))
 
     def export(self, attrs, out_dir, *, details=None, max_shard_size="1GB", owner=None, force=False, finish=None):
-        from evomerge.export import export_checkpoint
-        from evomerge.merge import Recipe
-
         return export_checkpoint(
-            self.core, Recipe.from_dict(attrs["recipe"]), out_dir, seed=int(attrs["merge_seed"]),
+            self.core, Recipe.from_dict(attrs[TrialKey.RECIPE]), out_dir, seed=int(attrs[TrialKey.MERGE_SEED]),
             model=self.model, tokenizer=self.tokenizer,
             base_path=self.space.base, expert_paths=self.space.expert_paths,
             expert_names=self.space.expert_names, details=details, max_shard_size=max_shard_size,
@@ -142,15 +154,13 @@ class ParameterMerge(CandidateBuilder):
         So a finished search is never below a plain uniform merge or any endpoint it merges
         (an expert alone is weight 1 for it, 0 for the others, density 1; see `endpoint_genome`).
         """
-        from evomerge.search.genome import endpoint_genome, uniform_genome
-
         points = [{"weight": 1.0, "density": 0.7, "t": 0.5}, {"weight": 0.5, "density": 1.0, "t": 0.3}]
         genomes = {}
         for values in points:
-            label = "uniform " + ", ".join(f"{p} {v:g}" for p, v in values.items() if p in self.space.ranges)
-            genomes[label] = uniform_genome(self.space, self.num_layers, values)
+            label = "uniform " + ", ".join(f"{p} {v:g}" for p, v in values.items() if p in self.merge.ranges)
+            genomes[label] = uniform_genome(self.genes, values)
         for expert in [None, *self.space.expert_names]:
-            genome = endpoint_genome(self.space, self.num_layers, expert)
+            genome = endpoint_genome(self.merge, self.space.expert_names, self.genes, expert)
             if genome is not None:
                 genomes["base" if expert is None else f"expert {expert}"] = genome
         unique = {}
@@ -165,15 +175,11 @@ class DataFlowMerge(CandidateBuilder):
 
     Sources are loaded once: model folders with ``from_pretrained``, a
     parameter-space run's trial merged by the merge core (which is then freed).
+    A run named as a source is resolved first (`evomerge.search.sources`).
     """
 
     def __init__(self, space: SearchSpace):
-        from transformers import AutoTokenizer
-
-        from evomerge.dataflow import LayerPool
-        from evomerge.merge.core import default_device
-        from evomerge.search.dfs_genome import dfs_genome_space
-
+        space = resolve_sources(space)
         self.space, self.dfs = space, space.dfs
         self.device = space_device(space) or default_device()
         self.dtype = None
@@ -187,16 +193,12 @@ class DataFlowMerge(CandidateBuilder):
             self.tokenizer = AutoTokenizer.from_pretrained(str(space.base))
         except (OSError, ValueError, TypeError):
             self.tokenizer = None
-        self.genome = dfs_genome_space(self.dfs)
+        self.genes = dfs_genome_space(self.dfs)
 
     def _load(self, source):
         if source.run is None:
-            from transformers import AutoModelForCausalLM
-
             model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=self.dtype or "auto")
             return model.to(self.device).eval()
-        from evomerge.merge import MergeCore, Recipe
-
         core = MergeCore(source.run_base, source.run_experts, device=self.device, dtype=self.dtype,
                          **self.space.memory)  # the space's budgets hold while the PS merge is re-made
         model, _ = core.new_model()
@@ -207,31 +209,23 @@ class DataFlowMerge(CandidateBuilder):
         return {s.name: s.identity() for s in self.dfs.sources}
 
     def candidate(self, genome):
-        from evomerge.search.dfs_genome import genome_to_path
-
         path = genome_to_path(self.dfs, genome)
-        return Candidate(self.pool.assemble(path),
-                         {"path": path.to_dict(), "path_text": path.describe(), "dfs_sources": self._sources()})
+        return Candidate(self.pool.assemble(path), {TrialKey.PATH: path.to_dict(), TrialKey.PATH_TEXT: path.describe(),
+                                                    TrialKey.DFS_SOURCES: self._sources()})
 
     def _path(self, attrs):
-        from evomerge.dataflow import DataFlowPath
-        from evomerge.errors import EvomergeError
-
-        stored = attrs.get("dfs_sources", {})
+        stored = attrs.get(TrialKey.DFS_SOURCES, {})
         for name, identity in self._sources().items():
             if name in stored and stored[name] != identity:
                 raise EvomergeError(
                     f"this trial's source {name!r} was {stored[name]} but the space now gives {identity}; "
                     f"pin the source in the space (e.g. trial: {stored[name].get('trial')})")
-        return DataFlowPath.from_dict(attrs["path"])
+        return DataFlowPath.from_dict(attrs[TrialKey.PATH])
 
     def rebuild(self, attrs):
         return self.pool.assemble(self._path(attrs))
 
     def export(self, attrs, out_dir, *, details=None, max_shard_size="1GB", owner=None, force=False, finish=None):
-        from evomerge.dataflow.export import export_path
-        from evomerge.merge import Recipe, recipe_to_mergekit_yaml
-
         dtype = str(self.dtype).removeprefix("torch.")
         refs, intermediates = {}, {}
         for source in self.dfs.sources:
@@ -246,14 +240,12 @@ class DataFlowMerge(CandidateBuilder):
 
     def baseline_genomes(self):
         """Every source alone (when it fits the budgets), then the space's hand-written paths."""
-        from evomerge.search.dfs_genome import path_genome, path_slots
-
         genomes = {}
         for source in self.dfs.sources:
             layers = [(source.name, i) for i in range(source.num_layers)]
             fits = len(layers) <= self.dfs.max_layers and (
                 self.dfs.max_params is None or self.dfs.path_params(layers) <= self.dfs.max_params)
-            if fits and path_slots(self.dfs, layers) is not None:
+            if fits and self.dfs.path_slots(layers) is not None:
                 genomes[f"source {source.name}"] = path_genome(self.dfs, layers)
         for path in self.dfs.paths:
             genomes.setdefault(f"path {path.describe()}", path_genome(self.dfs, path.layers))
@@ -263,12 +255,19 @@ class DataFlowMerge(CandidateBuilder):
         return dict(self.run_models)
 
     def study_config(self):
-        return {"dfs_sources": self._sources()}
+        return {TrialKey.DFS_SOURCES: self._sources()}
 
 
 def space_device(space: SearchSpace) -> str | None:
     """The device a space asks for; None lets the loader pick (CUDA when present)."""
     return None if space.device == "auto" else space.device
+
+
+def genes_of(space: SearchSpace, num_layers: int) -> Genes:
+    """The genome of a space whose base model has ``num_layers`` layers, without loading any weight."""
+    if space.dfs is not None:
+        return dfs_genome_space(space.dfs)
+    return genome_space(space.merge, space.expert_names, num_layers)
 
 
 def make_builder(space: SearchSpace) -> CandidateBuilder:

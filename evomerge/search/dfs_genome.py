@@ -23,37 +23,34 @@ from typing import Mapping, Sequence
 
 from evomerge.dataflow.path import DataFlowPath
 from evomerge.search.dfs_space import DataFlowSpace
+from evomerge.search.genome import Gene, Genes, bounds_of
 
 INCLUDED = 0.5
 
 
-def slots(space: DataFlowSpace) -> list[tuple[int, str, int]]:
-    """(pass, source, layer) for every slot, in path order."""
-    return [(rep, s.name, layer) for rep in range(space.repeats) for s in space.sources for layer in range(s.num_layers)]
+def include_gene(rep: int, source: str, layer: int) -> Gene:
+    """Whether slot (pass ``rep``, ``layer`` of ``source``) is on the path (>= 0.5)."""
+    return Gene("include", f"r{rep}.{source}", f"L{layer}", 0.0, 1.0)
 
 
-def include_gene(rep: int, source: str, layer: int) -> str:
-    return f"include.r{rep}.{source}.L{layer}"
+def level_gene(space: DataFlowSpace, source: str, layer: int) -> Gene:
+    """The log2 level after ``layer`` of ``source`` (-1: its embedding)."""
+    low, high = space.level_range
+    return Gene("level", source, "E" if layer < 0 else f"L{layer}", low, high)
 
 
-def level_gene(source: str, layer: int) -> str:
-    """The level after ``layer`` of ``source`` (-1: its embedding)."""
-    return f"level.{source}.{'E' if layer < 0 else f'L{layer}'}"
-
-
-def dfs_genome_space(space: DataFlowSpace) -> dict[str, tuple[float, float]]:
-    genome = {include_gene(*slot): (0.0, 1.0) for slot in slots(space)}
+def dfs_genome_space(space: DataFlowSpace) -> Genes:
+    genes = [include_gene(*slot) for slot in space.slots()]
     if space.scaling == "levels":
-        for source in space.sources:
-            for layer in range(-1, source.num_layers):
-                genome[level_gene(source.name, layer)] = space.level_range
-    return genome
+        genes += [level_gene(space, source.name, layer) for source in space.sources
+                  for layer in range(-1, source.num_layers)]
+    return {gene.name: gene for gene in genes}
 
 
 def genome_to_path(space: DataFlowSpace, genome: Mapping[str, float]) -> DataFlowPath:
     """The included slots that fit the budgets, with the scale entering each position."""
     layers: list[tuple[str, int]] = []
-    chosen = [(genome[include_gene(*slot)], slot) for slot in slots(space)]
+    chosen = [(genome[include_gene(*slot).name], slot) for slot in space.slots()]
     for value, (_, source, layer) in chosen:
         if value < INCLUDED or len(layers) >= space.max_layers:
             continue
@@ -71,37 +68,21 @@ def path_scales(space: DataFlowSpace, genome: Mapping[str, float], layers: Seque
     if space.scaling == "none":
         return [1.0] * len(layers)
     scales = []
-    previous = level_gene(layers[0][0], -1)  # the path's embeddings are its first source's
+    previous = level_gene(space, layers[0][0], -1).name  # the path's embeddings are its first source's
     for source, layer in layers:
-        expected = level_gene(source, layer - 1)
+        expected = level_gene(space, source, layer - 1).name
         scales.append(1.0 if expected == previous else 2.0 ** (float(genome[expected]) - float(genome[previous])))
-        previous = level_gene(source, layer)
+        previous = level_gene(space, source, layer).name
     return scales
-
-
-def path_slots(space: DataFlowSpace, layers: Sequence[tuple[str, int]]) -> list[int] | None:
-    """The earliest slot indices that spell ``layers`` in order, or None if the slots cannot."""
-    order = slots(space)
-    found, cursor = [], 0
-    for source, layer in layers:
-        while cursor < len(order) and order[cursor][1:] != (source, layer):
-            cursor += 1
-        if cursor == len(order):
-            return None
-        found.append(cursor)
-        cursor += 1
-    return found
 
 
 def path_genome(space: DataFlowSpace, layers: Sequence[tuple[str, int]]) -> dict[str, float]:
     """The unscaled genome whose path is ``layers`` (which must fit the slots)."""
-    indices = path_slots(space, layers)
+    indices = space.path_slots(layers)
     if indices is None:
         raise ValueError(f"path {layers} does not fit the slots")
     wanted = set(indices)
-    genome = {}
-    for name, (low, high) in dfs_genome_space(space).items():
-        genome[name] = min(max(0.0, low), high)  # equal levels: no scaling
-    for index, slot in enumerate(slots(space)):
-        genome[include_gene(*slot)] = 1.0 if index in wanted else 0.0
+    genome = {name: min(max(0.0, low), high) for name, (low, high) in bounds_of(dfs_genome_space(space)).items()}
+    for index, slot in enumerate(space.slots()):  # equal levels: no scaling
+        genome[include_gene(*slot).name] = 1.0 if index in wanted else 0.0
     return genome

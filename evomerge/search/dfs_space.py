@@ -13,10 +13,14 @@ dfs:
     - [{source: lang, layers: [0, 2]}, {source: arith, layers: [2, 4]}]
 ```
 
-Everything that can be wrong is found here, before a model is loaded: a
-source that is not a model or not a finished run, sources whose layers cannot
-be stacked (hidden size, heads, vocabulary...), budgets no path fits, a
-hand-written path over budget or not expressible with the slots.
+Everything that can be wrong with the section is found here, from model headers
+alone, before a model is loaded: a source that is neither a model nor a run folder,
+sources whose layers cannot be stacked (hidden size, heads, vocabulary...), budgets
+no path fits, a hand-written path over budget or not expressible with the slots.
+A run named as a source is a reference: parsing reads its stored space file
+(what its merge is made of) but never opens its study; which of its trials is the
+source is resolved once when a search starts, and pinned in the run folder's
+space (`evomerge.search.sources`).
 """
 
 from __future__ import annotations
@@ -26,8 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from evomerge.dataflow.path import DataFlowPath
 from evomerge.errors import EvomergeError
+from evomerge.merge.loading import open_model
+from evomerge.merge.recipe import layer_of
+
+RUN_SPACE_FILE = "space.yaml"
+"""The space a run folder keeps (`evomerge.search.runs`): a run source's merge is read from it."""
 
 SCALINGS = ("levels", "none")
 # Config keys that must agree for layers of different models to run in one stack
@@ -51,8 +62,8 @@ class DataFlowSource:
     name: str
     path: str | None                    # model folder (None for a run)
     run: str | None = None              # run folder of a parameter-space search
-    trial: int | None = None            # that run's trial whose merge is the source
-    recipe: dict | None = None          # the trial's stored recipe and merge seed
+    trial: int | None = None            # that run's trial whose merge is the source (None: its winner, once resolved)
+    recipe: dict | None = None          # the trial's stored recipe and merge seed (read when resolved)
     merge_seed: int | None = None
     run_base: str | None = None         # the run's base and experts (what the merge is made of)
     run_experts: list[str] = field(default_factory=list)
@@ -64,6 +75,11 @@ class DataFlowSource:
     @property
     def num_layers(self) -> int:
         return len(self.layer_params)
+
+    @property
+    def resolved(self) -> bool:
+        """A model folder, or a run source whose trial and recipe are known."""
+        return self.run is None or self.recipe is not None
 
     def identity(self) -> dict:
         """What a study records about this source (a resumed study must find it unchanged)."""
@@ -88,6 +104,25 @@ class DataFlowSpace:
 
     def source(self, name: str) -> DataFlowSource:
         return next(s for s in self.sources if s.name == name)
+
+    def slots(self) -> list[tuple[int, str, int]]:
+        """(pass, source, layer) for every slot a path may use, in path order: the sources' layers in
+        order (all of the first source, then the second ...), the whole sequence ``repeats`` times."""
+        return [(rep, s.name, layer) for rep in range(self.repeats) for s in self.sources
+                for layer in range(s.num_layers)]
+
+    def path_slots(self, layers) -> list[int] | None:
+        """The earliest slot indices that spell ``layers`` in order, or None if the slots cannot."""
+        order = self.slots()
+        found, cursor = [], 0
+        for source, layer in layers:
+            while cursor < len(order) and order[cursor][1:] != (source, layer):
+                cursor += 1
+            if cursor == len(order):
+                return None
+            found.append(cursor)
+            cursor += 1
+        return found
 
     def path_params(self, layers) -> int:
         """Parameters of a path model: first source's embeddings, the layers, last source's head."""
@@ -187,8 +222,6 @@ def _source(entry: Any, index: int, models: dict[str, str], source: str) -> Data
 
 
 def _model_source(name: str, path: str, where: str) -> DataFlowSource:
-    from evomerge.merge.loading import open_model
-
     try:
         files = open_model(path)
     except EvomergeError as error:
@@ -198,8 +231,6 @@ def _model_source(name: str, path: str, where: str) -> DataFlowSource:
 
 def _with_sizes(spec: DataFlowSource, files) -> DataFlowSource:
     """Fill config and parameter counts from the safetensors headers (nothing loaded)."""
-    from evomerge.merge.recipe import layer_of
-
     spec.config = dict(files.config)
     layers = [0] * files.num_layers
     for name, shape in files.shapes.items():
@@ -218,46 +249,28 @@ def _with_sizes(spec: DataFlowSource, files) -> DataFlowSource:
 
 
 def _run_source(name: str, folder: Path, trial: int | None, where: str) -> DataFlowSource:
-    """A parameter-space run's merge: the given trial, else its best (measured if validated, else estimated)."""
-    from optuna.trial import TrialState
-
-    from evomerge.merge.loading import open_model
-    from evomerge.search.runs import SPACE_FILE, load_run_space, open_existing_study
-    from evomerge.search.study import ranked_trials, weighted_mean
-    from evomerge.search.validate import stored_full_accuracies
-
-    if not (folder / SPACE_FILE).is_file():
+    """A parameter-space run's merge, by reference: the run's models from its stored space file (the
+    trial is resolved when a search starts: `evomerge.search.sources`)."""
+    space_file = folder / RUN_SPACE_FILE
+    if not space_file.is_file():
         raise EvomergeError(f"{where}.source: {folder} is neither a model folder (config.json) nor an "
-                            f"evomerge run folder ({SPACE_FILE}); run the parameter-space search first")
-    run_space = load_run_space(folder)
-    if run_space.dfs is not None:
+                            f"evomerge run folder ({RUN_SPACE_FILE}); run the parameter-space search first")
+    try:
+        raw = yaml.safe_load(space_file.read_text())
+        models = raw["models"]
+        base, experts = str(models["base"]), models["experts"]
+        expert_paths = [str(p) for p in (experts.values() if isinstance(experts, dict) else experts)]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as error:
+        raise EvomergeError(f"{where}.source: cannot read the run's space {space_file}: {error}") from None
+    if "dfs" in raw:
         raise EvomergeError(f"{where}.source: {folder} is a data-flow run; a source run must be a "
                             "parameter-space (merge) search")
-    study = open_existing_study(folder)
-    weights = [b.weight for b in run_space.benchmarks]
-    ranked = ranked_trials(study, weights)
-    complete = {t.number: t for t in ranked}
-    if trial is None:
-        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if done < run_space.trials:
-            raise EvomergeError(
-                f"{where}.source: run {folder} is unfinished ({done} of {run_space.trials} trials complete); "
-                f"finish it with `evomerge resume {folder}` or pick a trial with `trial: N`")
-        measured = stored_full_accuracies(study)
-        if measured:  # the best measured of the validated trials, as `export --validate-top` picks
-            names = [b.name for b in run_space.benchmarks]
-            trial = max((n for n in measured if n in complete),
-                        key=lambda n: weighted_mean([measured[n].get(b, 0.0) for b in names], weights),
-                        default=ranked[0].number)
-        else:
-            trial = ranked[0].number
-    elif trial not in complete:
-        raise EvomergeError(f"{where}.trial: trial {trial} is not a complete trial of run {folder}")
-    chosen = complete[trial]
-    spec = DataFlowSource(name, None, run=str(folder), trial=int(trial), recipe=chosen.user_attrs["recipe"],
-                          merge_seed=int(chosen.user_attrs["merge_seed"]), run_base=run_space.base,
-                          run_experts=list(run_space.expert_paths))
-    return _with_sizes(spec, open_model(run_space.base))
+    spec = DataFlowSource(name, None, run=str(folder), trial=trial, run_base=base, run_experts=expert_paths)
+    try:
+        files = open_model(base)
+    except EvomergeError as error:
+        raise EvomergeError(f"{where} ({name}, base of run {folder}): {error}") from None
+    return _with_sizes(spec, files)
 
 
 def _check_stackable(sources: list[DataFlowSource], source: str) -> None:
@@ -273,8 +286,6 @@ def _check_stackable(sources: list[DataFlowSource], source: str) -> None:
 
 def _hand_path(entry: Any, index: int, space: DataFlowSpace, source: str) -> DataFlowPath:
     """A mergekit-style list of slices, checked against the sources, the slots and the budgets."""
-    from evomerge.search.dfs_genome import path_slots
-
     where = f"{source}: dfs.paths[{index}]"
     if not isinstance(entry, list) or not entry:
         raise EvomergeError(f"{where} must be a list of {{source: NAME, layers: [start, stop]}} slices")
@@ -294,7 +305,7 @@ def _hand_path(entry: Any, index: int, space: DataFlowSpace, source: str) -> Dat
     if space.max_params is not None and space.path_params(layers) > space.max_params:
         raise EvomergeError(f"{where} has {space.path_params(layers):,} parameters, over the budget "
                             f"dfs.max_params {space.max_params:,}")
-    if path_slots(space, layers) is None:
+    if space.path_slots(layers) is None:
         raise EvomergeError(f"{where} cannot be expressed with dfs.repeats {space.repeats} "
                             "(each pass over the sources' layers goes forward): raise dfs.repeats")
     return DataFlowPath.unscaled(layers)

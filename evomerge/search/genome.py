@@ -5,14 +5,59 @@ Granularity decides how many groups of tensors get their own coefficients:
 Tensors outside the decoder layers (embeddings, final norm, lm_head) form the
 `rest` group. With `split_modules`, attention and MLP inside a layer group get
 separate coefficients (layer norms follow the attention values).
+
+A gene is structured, (parameter, owner, group): its name (what the optimizer
+and Optuna see, e.g. ``weight.Qwen2.5-Math.G0_mlp``) is only a label, never
+parsed back, so any expert name works, dots included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
-from evomerge.merge import Override, Recipe
-from evomerge.search.space import SearchSpace, per_expert_params
+from evomerge.merge import Override, Recipe, get_method
+from evomerge.search.space import MergeSpec
+
+
+def gene_name(param: str, owner: str | None, group: str) -> str:
+    """The label of a gene: ``param.owner.group`` (``param.group`` for a shared one)."""
+    return f"{param}.{owner}.{group}" if owner is not None else f"{param}.{group}"
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One searched value: ``param`` of ``owner`` (an expert; None: shared by all) in tensor ``group``.
+
+    A data-flow genome uses the same shape: ``include`` of owner ``r0.lang`` in group ``L3``.
+    """
+
+    param: str
+    owner: str | None
+    group: str
+    low: float
+    high: float
+
+    @property
+    def name(self) -> str:
+        return gene_name(self.param, self.owner, self.group)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.low, self.high
+
+    def to_list(self) -> list:
+        """How a study stores the gene's structure (`records.StudyKey.GENES`)."""
+        return [self.param, self.owner, self.group]
+
+
+Genes = dict[str, Gene]
+"""Gene name -> gene, in the genome's order."""
+
+
+def bounds_of(genes: Genes) -> dict[str, tuple[float, float]]:
+    """The genome as an optimizer takes it: name -> (low, high)."""
+    return {name: gene.bounds for name, gene in genes.items()}
 
 
 @dataclass(frozen=True)
@@ -24,21 +69,21 @@ class TensorGroup:
     modules: tuple[str, ...] | None
 
 
-def tensor_groups(space: SearchSpace, num_layers: int) -> list[TensorGroup]:
+def tensor_groups(merge: MergeSpec, num_layers: int) -> list[TensorGroup]:
     """The groups in the order their overrides are applied (the `rest` group is the recipe's default)."""
-    if space.granularity == "global":
+    if merge.granularity == "global":
         return [TensorGroup("all", None, None)]
-    if space.granularity == "layer":
+    if merge.granularity == "layer":
         blocks = [(i,) for i in range(num_layers)]
     else:
-        count = min(space.layer_groups, num_layers)
+        count = min(merge.layer_groups, num_layers)
         blocks = [
             tuple(range(num_layers * g // count, num_layers * (g + 1) // count)) for g in range(count)
         ]
     groups = [TensorGroup("rest", None, None)]
     for index, layers in enumerate(blocks):
-        prefix = f"L{layers[0]}" if space.granularity == "layer" else f"G{index}"
-        if space.split_modules:
+        prefix = f"L{layers[0]}" if merge.granularity == "layer" else f"G{index}"
+        if merge.split_modules:
             groups.append(TensorGroup(f"{prefix}_attention", layers, ("attention", "norm")))
             groups.append(TensorGroup(f"{prefix}_mlp", layers, ("mlp",)))
         else:
@@ -46,60 +91,56 @@ def tensor_groups(space: SearchSpace, num_layers: int) -> list[TensorGroup]:
     return groups
 
 
-def genome_space(space: SearchSpace, num_layers: int) -> dict[str, tuple[float, float]]:
-    """Every searched value with its bounds, e.g. `weight.arith.G0_mlp: (0.0, 1.2)`."""
-    genome = {}
-    per_expert = per_expert_params(space.method)
-    for group in tensor_groups(space, num_layers):
-        for param, bounds in space.ranges.items():
-            if param in per_expert:
-                for expert in space.expert_names:
-                    genome[f"{param}.{expert}.{group.name}"] = bounds
-            else:
-                genome[f"{param}.{group.name}"] = bounds
-    return genome
+def genome_space(merge: MergeSpec, experts: list[str], num_layers: int) -> Genes:
+    """Every searched value, e.g. gene ``weight.arith.G0_mlp`` with bounds (0.0, 1.2)."""
+    genes: Genes = {}
+    for group in tensor_groups(merge, num_layers):
+        for param, (low, high) in merge.ranges.items():
+            owners = experts if param in merge.per_expert else [None]
+            for owner in owners:
+                gene = Gene(param, owner, group.name, low, high)
+                genes[gene.name] = gene
+    return genes
 
 
-def _group_params(space: SearchSpace, genome: dict[str, float], group: TensorGroup) -> dict:
-    params, per_expert = {}, per_expert_params(space.method)
-    for param in space.ranges:
-        if param in per_expert:
-            params[param] = [float(genome[f"{param}.{e}.{group.name}"]) for e in space.expert_names]
+def _group_params(merge: MergeSpec, experts: list[str], genome: Mapping[str, float], group: TensorGroup) -> dict:
+    params = {}
+    for param in merge.ranges:
+        if param in merge.per_expert:
+            params[param] = [float(genome[gene_name(param, e, group.name)]) for e in experts]
         else:
-            params[param] = float(genome[f"{param}.{group.name}"])
+            params[param] = float(genome[gene_name(param, None, group.name)])
     return params
 
 
-def genome_to_recipe(space: SearchSpace, genome: dict[str, float], num_layers: int) -> Recipe:
+def genome_to_recipe(merge: MergeSpec, experts: list[str], genome: Mapping[str, float], num_layers: int) -> Recipe:
     """Turn an optimizer's proposal into the merge recipe it stands for."""
-    groups = tensor_groups(space, num_layers)
-    default = {**space.fixed, **_group_params(space, genome, groups[0])}
+    groups = tensor_groups(merge, num_layers)
+    default = {**merge.fixed, **_group_params(merge, experts, genome, groups[0])}
     overrides = [
         Override(
             layers=list(group.layers),
             modules=list(group.modules) if group.modules else None,
-            params=_group_params(space, genome, group),
+            params=_group_params(merge, experts, genome, group),
         )
         for group in groups[1:]
     ]
     # Grid parameters (TIES / breadcrumbs density, gamma) snap to the grid their threshold
     # tables are exact on; the trial records the snapped recipe, so exports say what was merged.
-    return Recipe(method=space.method, params=default, overrides=overrides).snapped()
+    return Recipe(method=merge.method, params=default, overrides=overrides).snapped()
 
 
-def uniform_genome(space: SearchSpace, num_layers: int, values: dict[str, float]) -> dict[str, float]:
+def uniform_genome(genes: Genes, values: Mapping[str, float]) -> dict[str, float]:
     """A genome with one value per parameter everywhere (clipped to its bounds): a uniform merge."""
     genome = {}
-    for name, (low, high) in genome_space(space, num_layers).items():
-        param = name.split(".", 1)[0]
-        value = values.get(param, (low + high) / 2)
-        genome[name] = min(max(float(value), low), high)
+    for name, gene in genes.items():
+        value = values.get(gene.param, (gene.low + gene.high) / 2)
+        genome[name] = min(max(float(value), gene.low), gene.high)
     return genome
 
 
-def _within(value: float, bounds: tuple[float, float]) -> bool:
-    low, high = bounds
-    return low - 1e-9 <= value <= high + 1e-9
+def _within(value: float, gene: Gene) -> bool:
+    return gene.low - 1e-9 <= value <= gene.high + 1e-9
 
 
 def _matches(value, target) -> bool:
@@ -110,7 +151,7 @@ def _matches(value, target) -> bool:
     return not isinstance(value, (list, tuple)) and float(value) == target
 
 
-def endpoint_genome(space: SearchSpace, num_layers: int, expert: str | None) -> dict[str, float] | None:
+def endpoint_genome(merge: MergeSpec, experts: list[str], genes: Genes, expert: str | None) -> dict[str, float] | None:
     """A genome whose merge is exactly one endpoint: ``expert`` alone, or the base (``None``).
 
     Task-arithmetic methods (TIES, DARE, ...): weight 1 for the expert and 0 for the
@@ -120,25 +161,21 @@ def endpoint_genome(space: SearchSpace, num_layers: int, expert: str | None) -> 
     cannot express the point: a bound excludes the value (density capped below 1), a
     fixed parameter contradicts it (lambda 0.8), or the method has no such point.
     """
-    from evomerge.merge import get_method
-
-    names = space.expert_names
-    targets = get_method(space.method).endpoint(None if expert is None else names.index(expert), len(names))
+    targets = get_method(merge.method).endpoint(None if expert is None else experts.index(expert), len(experts))
     if targets is None:
         return None  # e.g. linear cannot give the base back; model_stock has no coefficients
-    if any(param in space.fixed and not _matches(space.fixed[param], target) for param, target in targets.items()):
+    if any(param in merge.fixed and not _matches(merge.fixed[param], target) for param, target in targets.items()):
         return None
-    genome = uniform_genome(space, num_layers, {})
-    for name in genome:
-        param, *rest = name.split(".")
-        target = targets.get(param)
+    genome = uniform_genome(genes, {})
+    for name, gene in genes.items():
+        target = targets.get(gene.param)
         if isinstance(target, list):
-            target = target[names.index(rest[0])]
+            target = target[experts.index(gene.owner)]
         if target is None:
-            if param == "density" and _within(1.0, space.ranges[param]):
+            if gene.param == "density" and _within(1.0, gene):
                 genome[name] = 1.0  # keep everything where the value does not matter
             continue
-        if not _within(target, space.ranges[param]):
+        if not _within(target, gene):
             return None
         genome[name] = float(target)
     return genome

@@ -20,9 +20,7 @@ Values are fitness values in the study's directions (``"maximize"`` or
 from __future__ import annotations
 
 import math
-import os
 import warnings
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -32,11 +30,13 @@ import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.samplers import BaseSampler
-from optuna.study import Study, StudyDirection
+from optuna.study import Study
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from evomerge.errors import EvomergeError
-from evomerge.search.batched_params import batched_param_writes
+from evomerge.search.records import StudyKey
+from evomerge.search.storage import suggest_genome
+from evomerge.search.study import study_directions, validate_directions
 
 GenomeSpace = Mapping[str, tuple[float, float]]
 
@@ -44,7 +44,6 @@ GenomeSpace = Mapping[str, tuple[float, float]]
 OPTUNA_OPTIMIZERS: dict[str, bool] = {"cmaes": False, "tpe": True, "nsga2": True, "random": True}
 #: Short aliases for common nevergrad optimizers; any ``ng_<RegistryName>`` works too.
 NEVERGRAD_ALIASES: dict[str, str] = {"ng_cma": "CMA", "ng_ngopt": "NGOpt", "ng_de": "DE"}
-VALID_DIRECTIONS = ("maximize", "minimize")
 
 
 def available_optimizers() -> list[str]:
@@ -74,33 +73,19 @@ def validate_genome_space(genome_space: GenomeSpace) -> dict[str, tuple[float, f
     return space
 
 
-def validate_directions(directions: Sequence[str] | str) -> list[str]:
-    """Normalise directions to a list of ``"maximize"``/``"minimize"``."""
-    if isinstance(directions, str):
-        directions = [directions]
-    result = [str(d).lower() for d in directions]
-    if not result or any(d not in VALID_DIRECTIONS for d in result):
-        raise EvomergeError(
-            f"objective directions must be a non-empty list of {VALID_DIRECTIONS}, got {list(directions)!r}"
-        )
-    return result
-
-
 def genome_distributions(genome_space: GenomeSpace) -> dict[str, FloatDistribution]:
     """Optuna distributions for the genome: stored with every trial so it can be reloaded."""
     return {name: FloatDistribution(low, high) for name, (low, high) in genome_space.items()}
 
 
-def _study_directions(study: Study) -> list[str]:
-    return ["maximize" if d == StudyDirection.MAXIMIZE else "minimize" for d in study.directions]
-
-
 class SearchOptimizer(ABC):
     """Proposes genomes as Optuna trials and learns from their fitness values.
 
-    Call ``bind(study)`` once (it attaches to the study and catches up with the
+    Call ``bind(study, salt)`` once (it attaches to the study and catches up with the
     trials already stored), then loop ``trial = ask()`` ... ``tell(trial, values)``;
-    ``values=None`` records a failed trial.
+    ``values=None`` records a failed trial. ``salt`` is 0 for the study's only worker
+    (a resume stays reproducible), else unique to the worker (`workers.worker_salt`),
+    so workers running together propose different genomes.
     """
 
     def __init__(self, name: str, genome_space: GenomeSpace, directions: Sequence[str], seed: int):
@@ -109,6 +94,7 @@ class SearchOptimizer(ABC):
         self.directions = validate_directions(directions)
         self.seed = int(seed)
         self.distributions = genome_distributions(self.genome_space)
+        self.salt = 0
         self._study: Study | None = None
 
     @property
@@ -117,29 +103,15 @@ class SearchOptimizer(ABC):
             raise RuntimeError(f"optimizer {self.name!r} is not bound to a study: call bind(study) first")
         return self._study
 
-    def bind(self, study: Study) -> None:
+    def bind(self, study: Study, salt: int = 0) -> None:
         """Attach to ``study`` and absorb the trials it already holds."""
-        if _study_directions(study) != self.directions:
+        if study_directions(study) != self.directions:
             raise EvomergeError(
-                f"optimizer directions {self.directions} differ from the study's {_study_directions(study)}"
+                f"optimizer directions {self.directions} differ from the study's {study_directions(study)}"
             )
         self._study = study
-        # Trials still RUNNING here belong to live workers (open_study failed the
-        # dead ones): this worker joins them and must not propose their sequence.
-        # Workers starting together see no RUNNING trial yet: the study's worker slots tell them apart.
-        from evomerge.search.calibration import worker_slot
-
-        self.joins_other_workers = (bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-                                    or worker_slot(study) > 0)
+        self.salt = int(salt)
         self._attach(study)
-
-    def _worker_salt(self) -> int:
-        """0 for the only worker (a resume stays reproducible); else unique to this process."""
-        if not self.joins_other_workers:
-            return 0
-        from evomerge.search.study import worker_host
-
-        return zlib.crc32(f"{worker_host()}:{os.getpid()}".encode())
 
     def ask(self, user_attrs: Mapping[str, Any] | None = None) -> Trial:
         """Start a new trial whose params are the next genome to evaluate.
@@ -153,9 +125,7 @@ class SearchOptimizer(ABC):
             trial = self.study.ask()
         for key, value in (user_attrs or {}).items():
             trial.set_user_attr(key, value)
-        with batched_param_writes(trial):  # one commit for the whole genome
-            for name, distribution in self.distributions.items():
-                trial._suggest(name, distribution)  # what Study.ask(fixed_distributions) does
+        suggest_genome(trial, self.distributions)  # one commit for the whole genome
         return trial
 
     def tell(self, trial: Trial, values: Sequence[float] | None) -> FrozenTrial:
@@ -179,7 +149,7 @@ class OptunaOptimizer(SearchOptimizer):
         # A resumed run must not replay the first run's random proposals, so the
         # seed moves with the number of trials already there (0 on a fresh study).
         n_existing = len(study.get_trials(deepcopy=False))
-        seed = (self.seed + 1_000_003 * n_existing + self._worker_salt()) % (2**32)
+        seed = (self.seed + 1_000_003 * n_existing + self.salt) % (2**32)
         study.sampler = self._make_sampler(seed)
 
     def _make_sampler(self, seed: int) -> BaseSampler:
@@ -251,7 +221,6 @@ class NevergradOptimizer(SearchOptimizer):
         self._names = list(self.genome_space)
         self._lows = np.array([lo for lo, _ in self.genome_space.values()])
         self._spans = np.array([hi - lo for lo, hi in self.genome_space.values()])
-        self.joins_other_workers = False
         self._optimizer = self._new_nevergrad()  # checks the options now; rebuilt on bind
         self._asked: dict[int, Any] = {}  # trial number -> nevergrad candidate
         self._told: set[int] = set()  # trial numbers nevergrad already knows
@@ -259,10 +228,10 @@ class NevergradOptimizer(SearchOptimizer):
         self._in_flight: set[tuple] = set()  # genomes other workers are evaluating now
 
     def _new_nevergrad(self):
-        import nevergrad as ng
+        import nevergrad as ng  # 1.5 s to import: only for ng_ optimizers
 
         parametrization = ng.p.Array(shape=(len(self._names),), lower=0.0, upper=1.0)
-        parametrization.random_state.seed((self.seed ^ self._worker_salt()) % (2**32))
+        parametrization.random_state.seed((self.seed ^ self.salt) % (2**32))
         try:
             with _quiet():
                 return ng.optimizers.registry[self.registry_name](
@@ -289,16 +258,13 @@ class NevergradOptimizer(SearchOptimizer):
         return losses[0] if len(losses) == 1 else losses
 
     # -- ask / tell ------------------------------------------------------------
-    #: Study user attr keeping the budget nevergrad was first built with.
-    BUDGET_ATTR = "evomerge_nevergrad_budget"
-
     def _attach(self, study: Study) -> None:
         # Replay is exact only for the optimizer first built (NGOpt picks its
         # algorithm from the budget), so a resume with a larger budget reuses the first one.
-        if self.BUDGET_ATTR in study.user_attrs:
-            self.budget = study.user_attrs[self.BUDGET_ATTR]
+        if StudyKey.NEVERGRAD_BUDGET in study.user_attrs:
+            self.budget = study.user_attrs[StudyKey.NEVERGRAD_BUDGET]
         else:
-            study.set_user_attr(self.BUDGET_ATTR, self.budget)
+            study.set_user_attr(StudyKey.NEVERGRAD_BUDGET, self.budget)
         self._optimizer = self._new_nevergrad()
         self._asked.clear(), self._told.clear(), self._known.clear()
         study.sampler = _ProposalSampler(self)

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.planner import DEFAULT_DISK_BANDWIDTH, DEFAULT_HOST_BANDWIDTH, MemoryPlan
+from evomerge.errors import EvomergeError
+from evomerge.merge import get_method
+from evomerge.merge.layout import Layout
+from evomerge.merge.loading import check_compatible, open_model
+from evomerge.merge.memory import Budgets, format_bytes
+from evomerge.merge.planner import DEFAULT_DISK_BANDWIDTH, DEFAULT_HOST_BANDWIDTH, MemoryPlan, plan_memory
+from evomerge.search.space import SearchSpace
 
 
-def plan_space(space, *, host_bandwidth: float = DEFAULT_HOST_BANDWIDTH,
+def plan_space(space: SearchSpace, *, host_bandwidth: float = DEFAULT_HOST_BANDWIDTH,
                disk_bandwidth: float = DEFAULT_DISK_BANDWIDTH) -> tuple[MemoryPlan, str]:
     """The memory plan of a search space's merge (budgets from `space.memory`) and its description."""
-    from evomerge.merge import get_method
-    from evomerge.merge.layout import Layout
-    from evomerge.merge.loading import check_compatible, open_model
-    from evomerge.merge.memory import Budgets, format_bytes
-    from evomerge.merge.planner import plan_memory
-
+    if space.merge is None:
+        raise EvomergeError(f"{space.name} is a data-flow space: its layers are loaded whole, there is no merge "
+                            "to plan")
     base = open_model(space.base)
     experts = [open_model(p) for p in space.expert_paths]
     check_compatible(base, experts)
@@ -33,8 +36,8 @@ def plan_space(space, *, host_bandwidth: float = DEFAULT_HOST_BANDWIDTH,
         device = torch.device(space.device)
     budgets = Budgets.resolve(device, **space.memory)
     layout = Layout.from_files(base)
-    plan = plan_memory(layout, len(experts), budgets, methods=[get_method(space.method)],
+    plan = plan_memory(layout, len(experts), budgets, methods=[get_method(space.merge.method)],
                        pinned=device.type == "cuda", what=f"merging {space.name} on {device}")
-    header = (f"plan for {space.name}: {space.method} on {device}, budgets: device {format_bytes(budgets.device)}, "
+    header = (f"plan for {space.name}: {space.merge.method} on {device}, budgets: device {format_bytes(budgets.device)}, "
               f"host {format_bytes(budgets.host)}")
     return plan, header + "\n" + plan.describe(host_bandwidth, disk_bandwidth)

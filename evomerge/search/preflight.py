@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from evomerge.console import warn
 from evomerge.errors import EvomergeError
+from evomerge.estimate.extract import stage_sizes
+from evomerge.merge.loading import check_compatible, open_model
 from evomerge.search.space import SearchSpace
 
 
 def check_inputs(space: SearchSpace) -> dict:
     """Check the models' headers, the tokenizer and the benchmarks; returns the loaded benchmarks by name."""
-    from evomerge.estimate.extract import stage_sizes
-
-    if space.dfs is None:
+    if space.merge is not None:
         _check_models(space)
     tokenizer = _load_tokenizer(space.base)
     for path in space.extra_models:
@@ -41,18 +43,15 @@ def check_inputs(space: SearchSpace) -> dict:
 
 def _check_models(space: SearchSpace) -> None:
     """Base and experts can be merged tensor by tensor; the granularity fits the layers."""
-    from evomerge.merge.loading import check_compatible, open_model
-
     base = open_model(space.base)
     check_compatible(base, [open_model(path) for path in space.expert_paths])
-    if space.granularity == "layer_group" and space.layer_groups > base.num_layers:
-        warn(f"merge.layer_groups {space.layer_groups} is more than the {base.num_layers} layers of "
+    merge = space.merge
+    if merge.granularity == "layer_group" and merge.layer_groups > base.num_layers:
+        warn(f"merge.layer_groups {merge.layer_groups} is more than the {base.num_layers} layers of "
              f"{space.base}: searching {base.num_layers} groups of one layer")
 
 
 def _load_tokenizer(base: str):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(base))
     except (OSError, ValueError, TypeError) as error:

@@ -24,18 +24,11 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from optuna.study import Study
 
 from evomerge.benchmarks import score_items
 from evomerge.estimate import SubsetEstimator
-from evomerge.search.study import fitness, weighted_mean  # noqa: F401 (their one home is study.py)
-
-STAGE_ATTR = "stage"
-"""User attr: the last stage a trial was scored on (0-based)."""
-ITEMS_ATTR = "items"
-"""User attr: how many benchmark items the trial was scored on, over all benchmarks."""
-INTERVALS_ATTR = "intervals"
-FITNESS_INTERVAL_ATTR = "fitness_interval"
-STAGE_FITNESS_ATTR = "fitness_by_stage"
+from evomerge.search.records import Ranking, TrialKey, complete_trials
 
 
 def answers_string(correct: np.ndarray) -> str:
@@ -53,6 +46,7 @@ class StagedScorer:
         self.estimators = dict(estimators)
         self.method, self.per_task = method, per_task
         self.weights = np.asarray(weights, dtype=float)
+        self.ranking = Ranking(dict(zip(self.benchmarks, map(float, weights))))
         self.top_k, self.level, self.batch_size = top_k, level, batch_size
         counts = {len(e.stages) for e in self.estimators.values()}
         if len(counts) != 1:
@@ -60,7 +54,7 @@ class StagedScorer:
         self.n_stages = counts.pop()
         self._study = None
 
-    def bind(self, study) -> None:
+    def bind(self, study: Study) -> None:
         """The study whose complete trials set the promotion threshold."""
         self._study = study
 
@@ -68,12 +62,10 @@ class StagedScorer:
         """The ``top_k``-th best fitness among complete trials (None while there are fewer)."""
         if self._study is None:
             return None
-        from optuna.trial import TrialState
-
-        trials = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        trials = complete_trials(self._study)
         if len(trials) < self.top_k:
             return None
-        scores = sorted((fitness(t.values, self.weights) for t in trials), reverse=True)
+        scores = sorted((self.ranking.fitness(t.values) for t in trials), reverse=True)
         return scores[self.top_k - 1]
 
     def score(self, model, tokenizer, *, promote: bool = True) -> tuple[list[float], dict]:
@@ -99,13 +91,13 @@ class StagedScorer:
         per_task = [estimates[name].value for name in self.benchmarks]
         values = per_task if self.per_task else [value]
         attrs = {
-            "estimates": {name: e.value for name, e in estimates.items()},
-            "answers": {name: answers_string(a) for name, a in answers.items()},
-            INTERVALS_ATTR: {name: [e.low, e.high] for name, e in estimates.items()},
-            FITNESS_INTERVAL_ATTR: [max(0.0, value - margin), min(1.0, value + margin)],
-            STAGE_ATTR: stage,
-            ITEMS_ATTR: int(sum(len(a) for a in answers.values())),
-            STAGE_FITNESS_ATTR: by_stage,
+            TrialKey.ESTIMATES: {name: e.value for name, e in estimates.items()},
+            TrialKey.ANSWERS: {name: answers_string(a) for name, a in answers.items()},
+            TrialKey.INTERVALS: {name: [e.low, e.high] for name, e in estimates.items()},
+            TrialKey.FITNESS_INTERVAL: [max(0.0, value - margin), min(1.0, value + margin)],
+            TrialKey.STAGE: stage,
+            TrialKey.ITEMS: int(sum(len(a) for a in answers.values())),
+            TrialKey.STAGE_FITNESS: by_stage,
         }
         return values, attrs
 
@@ -119,26 +111,3 @@ class StagedScorer:
     def _promote(self, upper: float) -> bool:
         threshold = self.threshold()
         return threshold is None or upper >= threshold
-
-
-def trial_items(trial) -> int:
-    """Items a trial was scored on (trials from before racing: the length of their stored answers)."""
-    items = trial.user_attrs.get(ITEMS_ATTR)
-    if items is not None:
-        return int(items)
-    return sum(len(a) for a in trial.user_attrs.get("answers", {}).values())
-
-
-def preferred_trial(ranked: Sequence, weights: Sequence[float] | None = None):
-    """The trial to export from ``ranked`` (best estimate first).
-
-    Estimates that tie within the best trial's interval (at least its lower end)
-    are not told apart by their values; among them the trial scored on the most
-    items wins (then the higher estimate), since its figure is the better measured.
-    """
-    best = ranked[0]
-    interval = best.user_attrs.get(FITNESS_INTERVAL_ATTR)
-    if not interval:
-        return best
-    ties = [t for t in ranked if fitness(t.values, weights) >= interval[0]]
-    return max(ties, key=lambda t: (trial_items(t), fitness(t.values, weights)))

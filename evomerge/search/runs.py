@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
+from optuna.study import Study
 
 from evomerge.errors import EvomergeError
-from evomerge.jsonfile import write_text_atomic
+from evomerge.files import write_text_atomic
+from evomerge.search.dfs_space import RUN_SPACE_FILE
 from evomerge.search.space import SearchSpace, load_search_space
+from evomerge.search.study import load_study, open_study
 
-SPACE_FILE = "space.yaml"
+SPACE_FILE = RUN_SPACE_FILE
 STORAGE_FILE = "storage.url"
 
 
@@ -61,10 +64,8 @@ def storage_for(run_dir: str | Path, storage: str | None = None) -> str | None:
 
 
 def open_run_study(run_dir: str | Path, space: SearchSpace, storage: str | None,
-                   directions: Sequence[str], config: Mapping[str, Any]):
+                   directions: Sequence[str], config: Mapping[str, Any]) -> Study:
     """Create or continue the run's study, then record the space and storage in the folder."""
-    from evomerge.search.study import open_study
-
     run_dir = Path(run_dir)
     storage = storage_for(run_dir, storage)
     study = open_study(storage or run_dir, space.name, directions, config)
@@ -75,15 +76,7 @@ def open_run_study(run_dir: str | Path, space: SearchSpace, storage: str | None,
     return study
 
 
-def open_existing_study(run_dir: str | Path, storage: str | None = None):
+def open_existing_study(run_dir: str | Path, storage: str | None = None) -> Study:
     """Load a run's study to read it (no config check, nothing enqueued, nothing written)."""
-    import optuna
-
-    from evomerge.search.study import open_storage, storage_url
-
     space = load_run_space(run_dir)
-    url = storage_url(storage_for(run_dir, storage) or run_dir)
-    try:
-        return optuna.load_study(study_name=space.name, storage=open_storage(url))
-    except KeyError:
-        raise EvomergeError(f"no study {space.name!r} in {url} yet; start it with `evomerge search`") from None
+    return load_study(storage_for(run_dir, storage) or run_dir, space.name)

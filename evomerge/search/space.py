@@ -15,15 +15,17 @@ from typing import Any
 
 import yaml
 
+from evomerge.benchmarks import check_format, load_benchmark, option_keys
 from evomerge.errors import EvomergeError
+from evomerge.estimate import METHODS as ESTIMATORS
+from evomerge.estimate.extract import STRATEGY_NAMES
+from evomerge.merge.memory import parse_bytes
 from evomerge.merge.methods import METHODS
 from evomerge.search.dfs_space import DataFlowSpace, parse_dfs_section
 from evomerge.search.optimizers import check_optimizer
 
 GRANULARITIES = ("global", "layer_group", "layer")
 SPLITTABLE_MODULES = ("attention", "mlp")
-STRATEGIES = ("random", "stratified", "anchor", "anchor-irt", "anchor-correctness")
-ESTIMATORS = ("mean", "anchor", "pirt", "gpirt", "mpirt", "gmpirt")
 OBJECTIVE_MODES = ("mean", "per_task")
 
 
@@ -32,12 +34,6 @@ OBJECTIVE_MODES = ("mean", "per_task")
 def searchable_params(method: str) -> list[str]:
     """The parameters of `method` a space may search (its numeric ones; the method's spec decides)."""
     return [p.name for p in METHODS[method].params if not p.boolean]
-
-
-def per_expert_params(method: str) -> frozenset:
-    """The parameters of `method` that take one value per expert (the others are shared by all; a
-    data-flow-only space's "passthrough" has none)."""
-    return METHODS[method].per_expert if method in METHODS else frozenset()
 
 
 @dataclass
@@ -50,8 +46,6 @@ class BenchmarkSpec:
     def load(self, tokenizer=None):
         """The benchmark's items (`evomerge.benchmarks.load_benchmark` with this entry's options);
         with ``tokenizer``, a chat template asked for is checked now."""
-        from evomerge.benchmarks import load_benchmark
-
         return load_benchmark(self.path, name=self.name, tokenizer=tokenizer, **self.options)
 
 
@@ -73,19 +67,33 @@ class Evaluation:
         return len(self.stages) > 1
 
 
+@dataclass(frozen=True)
+class MergeSpec:
+    """The `merge` section: a parameter-space merge's method, how finely it is searched, and what."""
+
+    method: str
+    granularity: str = "layer_group"
+    layer_groups: int = 2
+    split_modules: bool = False
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)   # searched parameter -> bounds
+    fixed: dict[str, Any] = field(default_factory=dict)                    # parameter -> value, not searched
+
+    @property
+    def per_expert(self) -> frozenset:
+        """The parameters that take one value per expert (the others are shared by all)."""
+        return METHODS[self.method].per_expert
+
+
 @dataclass
 class SearchSpace:
-    """A validated search-space file. Paths are resolved against `root`."""
+    """A validated search-space file: a parameter-space `merge` or a data-flow `dfs` search (exactly one).
+    Paths are resolved against the working directory it was read from."""
 
     name: str
     base: str
     experts: dict[str, str]
-    method: str
-    granularity: str
-    layer_groups: int
-    split_modules: bool
-    ranges: dict[str, tuple[float, float]]
-    fixed: dict[str, Any]
+    merge: MergeSpec | None
+    dfs: DataFlowSpace | None
     benchmarks: list[BenchmarkSpec]
     subset_size: int
     strategy: str
@@ -100,10 +108,13 @@ class SearchSpace:
     baselines: bool = True
     device: str = "auto"
     zoo: str | None = None
-    dfs: DataFlowSpace | None = None    # a data-flow (layer path) search instead of a parameter merge
     memory: dict = field(default_factory=dict)  # MergeCore budgets: device_memory, host_memory, scoring_headroom (bytes)
     evaluation: Evaluation | None = None       # staged (raced) scoring; None: every candidate on subset_size items
     raw: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.merge is None) == (self.dfs is None):
+            raise ValueError("a search space has exactly one of a merge spec and a data-flow spec")
 
     @property
     def expert_names(self) -> list[str]:
@@ -205,18 +216,14 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         if "merge" in raw:
             raise EvomergeError(f"{source}: a space searches either merge (parameter space) or dfs (data-flow "
                                 "space), not both; for PS+DFS name a finished merge run as a dfs source")
-        dfs = parse_dfs_section(raw["dfs"], {"base": base, **experts}, source)
-        method, granularity, layer_groups, split_modules, ranges, fixed = "passthrough", "layer", 1, False, {}, {}
+        merge, dfs = None, parse_dfs_section(raw["dfs"], {"base": base, **experts}, source)
     else:
-        dfs = None
-        method, granularity, layer_groups, split_modules, ranges, fixed = _merge_section(reader, source, experts)
+        merge, dfs = _merge_section(reader, source, experts), None
 
     benchmarks_raw = raw.get("benchmarks")
     if not isinstance(benchmarks_raw, list) or not benchmarks_raw:
         raise EvomergeError(f"{source}: benchmarks must be a list of {{name, path, weight}}")
     benchmarks = []
-    from evomerge.benchmarks import check_format, option_keys
-
     for index, entry in enumerate(benchmarks_raw):
         where = f"benchmarks[{index}]"
         if not isinstance(entry, dict):
@@ -241,9 +248,9 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
             f"{source}: estimator.method {estimator_name!r} is unknown; choose one of {', '.join(ESTIMATORS)}"
         )
     strategy = estimator.get("strategy", "anchor")
-    if strategy not in STRATEGIES:
+    if strategy not in STRATEGY_NAMES:
         raise EvomergeError(
-            f"{source}: estimator.strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}"
+            f"{source}: estimator.strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGY_NAMES)}"
         )
     subset_size = reader.integer(estimator, "subset_size", "estimator", default=50, minimum=2)
     irt_dims = reader.integer(estimator, "dims", "estimator", default=2, minimum=1)
@@ -274,12 +281,8 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         name=_run_name(raw.get("name"), Path(source).stem, source),
         base=base,
         experts=experts,
-        method=method,
-        granularity=granularity,
-        layer_groups=layer_groups,
-        split_modules=split_modules,
-        ranges=ranges,
-        fixed=fixed,
+        merge=merge,
+        dfs=dfs,
         benchmarks=benchmarks,
         subset_size=subset_size,
         strategy=strategy,
@@ -294,7 +297,6 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         baselines=bool(optimizer.get("baselines", True)),
         device=device,
         zoo=raw.get("zoo"),
-        dfs=dfs,
         memory=memory,
         evaluation=evaluation,
         raw=copy.deepcopy(raw),
@@ -329,8 +331,8 @@ def _evaluation_section(reader: "_Reader", section: Any, estimator: dict) -> Eva
     return Evaluation(tuple(stages), top_k, float(level))
 
 
-def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]):
-    """The `merge` section: (method, granularity, layer_groups, split_modules, ranges, fixed)."""
+def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]) -> MergeSpec:
+    """The `merge` section, checked against the method's own parameter spec."""
     merge = reader.mapping("merge")
     reader.reject_unknown(
         merge, {"method", "granularity", "layer_groups", "split_modules", "params", "fixed"}, "merge"
@@ -390,7 +392,7 @@ def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]):
         spec.check_range(name, low, high, f"{source}: merge.params.{name}")
     if not ranges:
         raise EvomergeError(f"{source}: merge method {method} leaves no parameter to search")
-    return method, granularity, layer_groups, split_modules, ranges, fixed
+    return MergeSpec(method, granularity, layer_groups, split_modules, ranges, fixed)
 
 
 MEMORY_KEYS = {"device": "device_memory", "host": "host_memory", "scoring_headroom": "scoring_headroom"}
@@ -398,8 +400,6 @@ MEMORY_KEYS = {"device": "device_memory", "host": "host_memory", "scoring_headro
 
 def _memory_budgets(reader: "_Reader", memory) -> dict:
     """The `memory:` block (device / host / scoring_headroom sizes) as MergeCore keyword arguments."""
-    from evomerge.merge.memory import parse_bytes
-
     if memory is None:
         return {}
     if not isinstance(memory, dict):

@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from evomerge.benchmarks.prompts import prefix_ids, tokenize
 from evomerge.errors import EvomergeError
 from evomerge.zoo.tasks import LETTERS, near_miss_choices
 
@@ -256,8 +257,6 @@ TRAIN_THREADS = 2
 def example_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
     """``(ids, answer_start)``: ``<bos>`` and the prompt as the benchmarks send it, then the answer
     (after the entries' delimiter, a space) and the end-of-sequence token, tokenized as scoring does."""
-    from evomerge.benchmarks.prompts import prefix_ids, tokenize
-
     prompt_ids, answer_ids = tokenize(tokenizer, [prompt, " " + answer])
     prompt_ids = prefix_ids(tokenizer) + prompt_ids
     return prompt_ids + answer_ids + [tokenizer.eos_token_id], len(prompt_ids)

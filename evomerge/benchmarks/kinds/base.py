@@ -81,6 +81,10 @@ class ItemKind:
     def settings(self, options: Mapping[str, Any], where: str) -> Any:
         return None
 
+    def settings_of(self, bench: Benchmark) -> Any:
+        """The benchmark's settings for this kind: its own, else the kind's defaults."""
+        return bench.settings if bench.settings is not None else self.settings({}, bench.where)
+
     def read_item(self, raw: RawItem) -> Item:
         raise NotImplementedError
 

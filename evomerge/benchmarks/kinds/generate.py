@@ -47,7 +47,7 @@ class Generate(AnswerKind):
                                 parse_comparison(options.get("compare"), where))
 
     def score(self, ctx: ScoringContext, items: list[Item], records: bool) -> Scored:
-        settings: GenerateSettings = ctx.bench.settings
+        settings: GenerateSettings = self.settings_of(ctx.bench)
         prompts = prompt_ids(ctx.bench, items, ctx.tokenizer)
         generations = generate_greedy(ctx.model, ctx.tokenizer, prompts, settings.max_new_tokens, settings.stop,
                                       batch_size=ctx.batch_size, tick=ctx.tick)
