@@ -12,6 +12,7 @@ from pathlib import Path
 
 from evomerge.console import full_width_console, one_line_warnings
 from evomerge.errors import EvomergeError
+from evomerge.files import refusal
 
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a write the machine refused where no evomerge code named the path
+        cause = refusal(error)
+        if cause is None:
+            raise
+        where = getattr(error, "filename", None)
+        print(f"evomerge: error: {cause}" + (f": {where}" if where else f" ({type(error).__name__}: {error})"),
+              file=sys.stderr)
+        return 2
 
 
 def cmd_search(args) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from evomerge.errors import EvomergeError
-from evomerge.files import write_text_atomic
+from evomerge.files import check_free_space, write_text_atomic, writing
 from evomerge.merge import MergeCore, Recipe, recipe_to_mergekit_yaml
 
 RECIPE_FILE = "evomerge_recipe.json"
@@ -72,35 +72,56 @@ def _same_owner(found: dict | None, owner: dict) -> bool:
     return all(found.get(key) == owner.get(key) for key in ("study", "run") if key in found)
 
 
+#: Room for what an export writes besides its weights (config, tokenizer, card, figures).
+EXTRA_BYTES = 20_000_000
+
+
+def state_bytes(tensors) -> int:
+    """Bytes the distinct tensors take in safetensors (shared storage counted once, as it is saved)."""
+    seen = {}
+    for tensor in tensors:
+        seen.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel()),
+                        tensor.numel() * tensor.element_size())
+    return sum(seen.values())
+
+
 @contextmanager
-def export_folder(out_dir: str | Path, owner: Mapping | None = None, force: bool = False) -> Iterator[Path]:
+def export_folder(out_dir: str | Path, owner: Mapping | None = None, force: bool = False,
+                  needs: int | None = None) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``out_dir`` to write an export into; renamed into place on success.
 
     A killed export leaves only a hidden ``.NAME.partial-PID`` sibling, removed by
     the next export to the same place; ``out_dir`` itself is complete or absent.
+    ``needs``: the bytes of its weights, when known: a filesystem without that much room
+    (plus `EXTRA_BYTES`) is refused before anything is written; a write the machine refuses
+    anyway ends as one `MachineError` naming ``out_dir``, with nothing left behind.
     """
     out_dir = Path(out_dir)
     check_export_target(out_dir, owner, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        if not _pid_alive(leftover.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(leftover, ignore_errors=True)
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        yield partial
-        (partial / EXPORT_FILE).write_text(json.dumps({"owner": dict(owner or {})}, indent=2))
-    except BaseException:
+    total = None if needs is None else needs + EXTRA_BYTES
+    if total is not None:
+        check_free_space(out_dir.parent, total, f"the export {out_dir.name}")
+    with writing(out_dir, total):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+            if not _pid_alive(leftover.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(leftover, ignore_errors=True)
+        partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out_dir.exists():  # an earlier export (or a forced folder): swap, then delete the old one
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        partial.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        partial.rename(out_dir)
+        partial.mkdir()
+        try:
+            yield partial
+            (partial / EXPORT_FILE).write_text(json.dumps({"owner": dict(owner or {})}, indent=2))
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if out_dir.exists():  # an earlier export (or a forced folder): swap, then delete the old one
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            partial.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            partial.rename(out_dir)
 
 
 def _pid_alive(text: str) -> bool:
@@ -137,9 +158,9 @@ def export_checkpoint(
     ``finish(folder)`` adds to the export before it is complete (e.g. the card's figures).
     """
     out_dir = Path(out_dir)
-    with export_folder(out_dir, owner, force) as folder:
-        if model is None:
-            model, tokenizer = core.new_model()
+    if model is None:
+        model, tokenizer = core.new_model()
+    with export_folder(out_dir, owner, force, needs=state_bytes(model.state_dict().values())) as folder:
         core.merge_into(model, recipe, seed=seed)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:

@@ -106,7 +106,8 @@ def export_path(pool: LayerPool, path: DataFlowPath, out_dir: str | Path, *, tok
     ``finish(folder)`` adds to the export before it is complete (e.g. the card's figures).
     """
     out_dir = Path(out_dir)
-    with export_folder(out_dir, owner, force) as folder:
+    needs = sum(t.numel() * t.element_size() for _, t in pool.state_dict(path))  # a repeated layer is saved each time
+    with export_folder(out_dir, owner, force, needs=needs) as folder:
         model = pool.assemble(path)
         dtype = str(model.dtype).removeprefix("torch.")
         write_safetensors(pool.state_dict(path), folder, max_shard_size)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
+from evomerge.files import writing
 from evomerge.report.data import load_study_data
 from evomerge.report.figures import card_figures, report_figures
 from evomerge.report.html import write_page
@@ -50,7 +51,8 @@ def write_report(run_dir: str | Path, storage: str | None = None, out_dir: str |
         raise EvomergeError(f"evomerge report: {problem}")
     data = load_study_data(run_dir, storage)
     out = Path(out_dir) if out_dir else Path(run_dir) / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     figures = report_figures(data)
     pngs = {f.slug: write_png(f, out / f"{f.slug}.png") for f in figures}
     page = write_page(out / PAGE, data, figures, {slug: path.name for slug, path in pngs.items()})

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from optuna.study import Study
 
 from evomerge.estimate import ResponseMatrix, SubsetEstimator
-from evomerge.search.storage import rdb_engine, with_retries
+from evomerge.search.storage import database_name, rdb_engine, with_retries
 from evomerge.search.workers import create_tables
 
 _metadata = sa.MetaData()
@@ -43,7 +43,8 @@ class CalibrationStore:
 
     def __init__(self, engine: sa.engine.Engine, study_name: str):
         self.engine, self.study = engine, study_name
-        with_retries(lambda: create_tables(engine, _metadata), "creating the calibration table")
+        self.where = database_name(str(engine.url))
+        with_retries(lambda: create_tables(engine, _metadata), "creating the calibration table", where=self.where)
 
     @classmethod
     def of(cls, study: Study, create: bool = True) -> "CalibrationStore | None":
@@ -61,7 +62,7 @@ class CalibrationStore:
                 row = connection.execute(sa.select(_calibration.c.data).where(
                     _calibration.c.study == self.study, _calibration.c.key == key)).first()
             return None if row is None else bytes(row[0])
-        return with_retries(read, f"reading the study's calibration ({key})")
+        return with_retries(read, f"reading the study's calibration ({key})", where=self.where)
 
     def put(self, key: str, data: bytes) -> None:
         def write():
@@ -69,13 +70,13 @@ class CalibrationStore:
                 connection.execute(_calibration.delete().where(
                     _calibration.c.study == self.study, _calibration.c.key == key))
                 connection.execute(_calibration.insert().values(study=self.study, key=key, data=data))
-        with_retries(write, f"storing the study's calibration ({key})")
+        with_retries(write, f"storing the study's calibration ({key})", where=self.where)
 
     def clear(self) -> None:
         def delete():
             with self.engine.begin() as connection:
                 connection.execute(_calibration.delete().where(_calibration.c.study == self.study))
-        with_retries(delete, "clearing the study's calibration")
+        with_retries(delete, "clearing the study's calibration", where=self.where)
 
     def get_json(self, key: str) -> Any:
         data = self.get(key)

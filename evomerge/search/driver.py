@@ -5,12 +5,15 @@ exactly to it, and workers sharing a study fill it together. A trial's storage
 writes (ask, tell) finish before a Ctrl-C takes effect, and a trial interrupted
 anywhere else is failed before the interrupt goes on: none is left RUNNING.
 
-What fails a trial and what stops the run: a problem with the input or the
-machine (`EvomergeError`: a bad file, a full disk; running out of memory) fails
+What fails a trial and what stops the run: a problem with the candidate's input
+(`EvomergeError`: a bad item, a non-finite fitness; running out of memory) fails
 the trial, its message stored, and the search goes on, unless the first trials
-of this run all fail (then the input is broken and the run stops). Any other
-exception is a bug: the trial is marked failed and the run stops with its
-traceback, never hidden as one more failed trial.
+of this run all fail (then the input is broken and the run stops). A machine
+fault (`MachineError`: the disk full, a folder read-only) stops the run with one
+line: the next trial would hit the same wall. Any other exception is a bug: the
+trial is marked failed and the run stops with its traceback, never hidden as one
+more failed trial. Whatever stops the run, the completed trials stay, and a
+trial the storage could not mark failed is failed as stale when the run resumes.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from evomerge.console import progress_bar, say
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, MachineError
 from evomerge.search.optimizers import SearchOptimizer
 from evomerge.search.records import TrialKey, best_trials, complete_trials, genome_key, jsonable
 from evomerge.search.storage import gave_up
-from evomerge.search.workers import (Heartbeat, claim_worker_slot, fail_stale_trials,
+from evomerge.search.workers import (InFlight, claim_worker_slot, fail_stale_trials,
                                      finished_elsewhere, holds_budget, worker_identity, worker_salt)
 
 STALE_CHECK_S = 1.0
@@ -43,8 +46,10 @@ ObjectiveFn = Callable[[dict[str, float]], tuple[Sequence[float], Mapping[str, A
 
 
 def trial_failure(error: BaseException) -> bool:
-    """Whether ``error`` fails the trial it happened in (and the search goes on): a problem with the
-    input or the machine. Anything else is a bug, which stops the run."""
+    """Whether ``error`` fails the trial it happened in and the search goes on: a problem with the
+    candidate's input, or memory. A machine fault or a bug stops the run."""
+    if isinstance(error, MachineError):
+        return False
     return isinstance(error, (EvomergeError, MemoryError, torch.OutOfMemoryError))
 
 
@@ -166,7 +171,7 @@ class SearchDriver:
         try:
             with sigint_deferred():
                 trial = self.optimizer.ask({TrialKey.WORKER: worker_identity()})
-            with Heartbeat(self.study, trial):  # from its creation: a worker dying anywhere leaves a stale beat
+            with InFlight(self.study, trial):  # from its creation: a worker dying anywhere leaves a stale beat
                 if n_trials is not None and self._surplus(trial, n_trials):
                     told = True
                     self._tell(trial, None, {TrialKey.ERROR: "surplus: other workers had filled the budget (not run)"})
@@ -176,17 +181,19 @@ class SearchDriver:
                     values, user_attrs = self._evaluate(objective_fn, trial)
                 except Exception as error:
                     if not trial_failure(error) or gave_up():
-                        # a bug, or the database is gone: the trial is failed, the run stops
-                        if not gave_up():
-                            told = True
-                            self._tell(trial, None, {TrialKey.ERROR: f"{type(error).__name__}: {error}"[:2000],
-                                                     TrialKey.WALL_TIME: time.perf_counter() - started})
+                        # a bug, a machine fault, or the database is gone: the trial is failed, the run stops
+                        told = True
+                        self._fail_if_possible(trial, error)
                         raise
-                    values, user_attrs = None, {TrialKey.ERROR: f"{type(error).__name__}: {error}"[:2000]}
+                    values, user_attrs = None, {TrialKey.ERROR: describe(error)}
                 told = True
                 return self._tell(trial, values, {**user_attrs, TrialKey.WALL_TIME: time.perf_counter() - started})
         except optuna.exceptions.UpdateFinishedTrialError:
             return finished_elsewhere(self.study, trial)  # another worker popped the same enqueued trial first
+        except MachineError as error:  # the storage refused a write: fail the trial if it still takes one
+            if trial is not None and not told:
+                self._fail_if_possible(trial, error)
+            raise
         except BaseException:  # Ctrl-C or a kill signal turned exception: leave no RUNNING trial behind
             if trial is not None and not told and not gave_up():
                 try:
@@ -194,6 +201,16 @@ class SearchDriver:
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass
             raise
+
+    def _fail_if_possible(self, trial: Trial, error: BaseException) -> None:
+        """Mark the trial failed with ``error``'s message, unless the storage cannot take it now (its
+        disk full, the database gone): then its worker's death fails it when the run resumes."""
+        if gave_up():
+            return
+        try:
+            self._tell(trial, None, {TrialKey.ERROR: describe(error)})
+        except (MachineError, optuna.exceptions.UpdateFinishedTrialError):
+            pass
 
     def _evaluate(self, objective_fn: ObjectiveFn, trial: Trial) -> tuple[list[float], dict]:
         """The trial's values and attrs: the stored result of the same genome, or the objective's."""
@@ -226,6 +243,11 @@ class SearchDriver:
         if not all(math.isfinite(v) for v in values):
             raise EvomergeError(f"objective returned a non-finite value: {values}")
         return values
+
+
+def describe(error: BaseException) -> str:
+    """How a trial records the error that ended it."""
+    return f"{type(error).__name__}: {error}"[:2000]
 
 
 @contextmanager

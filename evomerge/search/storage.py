@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from evomerge.console import say
 from evomerge.errors import EvomergeError
+from evomerge.files import machine_error, refusal, unwritable, writing
 
 STUDY_DB = "study.db"
 HEARTBEAT_INTERVAL_S = int(os.environ.get("EVOMERGE_HEARTBEAT_S", 60))
@@ -56,8 +57,13 @@ def storage_url(target: str | os.PathLike) -> str:
     if "://" in text:
         return text
     folder = Path(text)
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(folder / STUDY_DB).resolve()}"
+    database = folder / STUDY_DB
+    cause = None if database.exists() else unwritable(folder)
+    if cause is not None:  # SQLite would only say "unable to open database file"
+        raise machine_error(cause, database)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{database.resolve()}"
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -78,7 +84,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RetryingRDBStorage(url, **options)
-        except Exception as error:  # bad URL, missing driver, unreachable server
+        except Exception as error:  # bad URL, missing driver, unreachable server, a disk that refuses
+            cause = refusal(error)
+            if cause is not None:
+                raise machine_error(cause, database_name(url)) from error
             text = str(error).lower()
             if attempt < attempts - 1 and any(sign in text for sign in CREATION_RACE_SIGNS):
                 time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables right now
@@ -149,10 +158,24 @@ def gave_up() -> bool:
     return _gave_up.is_set()
 
 
-def with_retries(call: Callable[[], Any], what: str, budget_s: float | None = None) -> Any:
+def database_name(url: str) -> str:
+    """How errors name a study database: an SQLite file's path, else the URL without its password."""
+    url = str(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        try:
+            return str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return str(path)
+    return hidden_password(url)
+
+
+def with_retries(call: Callable[[], Any], what: str, budget_s: float | None = None, where: str | None = None) -> Any:
     """``call()``, retried with growing pauses (0.5 s doubling to 15 s) while the database is
     unreachable, for at most ``budget_s`` (``EVOMERGE_DB_RETRY_S``, default 300 s); then one
-    EvomergeError that says what failed and how to continue."""
+    EvomergeError that says what failed and how to continue. A database that refuses the write
+    (its disk full, read-only, no permission) is not retried: one `MachineError` names
+    ``where`` (the database) and the cause."""
     budget = DB_RETRY_S if budget_s is None else budget_s
     started, pause, attempts = time.monotonic(), 0.5, 0
     while True:
@@ -163,7 +186,12 @@ def with_retries(call: Callable[[], Any], what: str, budget_s: float | None = No
                 say(f"evomerge: the study database answers again ({what}, after {attempts - 1} retries)")
             _gave_up.clear()
             return result
+        except EvomergeError:
+            raise
         except Exception as error:
+            cause = refusal(error)
+            if cause is not None:
+                raise machine_error(cause, where or "the study database") from error
             if not transient(error):
                 raise
             elapsed = time.monotonic() - started
@@ -190,7 +218,8 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
 def _retrying(name: str, method: Callable) -> Callable:
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        return with_retries(lambda: method(self, *args, **kwargs), name.strip("_").replace("_", " "))
+        return with_retries(lambda: method(self, *args, **kwargs), name.strip("_").replace("_", " "),
+                            where=database_name(self.url))
     return call
 
 
@@ -369,7 +398,8 @@ def write_params(storage, trial_id_: int, held: list[tuple[str, float, BaseDistr
                 session.add(models.TrialParamModel(trial_id=trial_id_, param_name=name, param_value=value,
                                                    distribution_json=distribution_to_json(distribution)))
 
-    with_retries(commit, "writing a trial's genome")  # one transaction: retried whole while the database is away
+    # one transaction: retried whole while the database is away
+    with_retries(commit, "writing a trial's genome", where=database_name(backend.url))
     if known is not None:
         with storage._lock:
             for name, _, distribution in held:

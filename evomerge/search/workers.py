@@ -37,8 +37,8 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from evomerge.search.records import TrialKey
-from evomerge.search.storage import (fail_trial, heartbeat_grace, heartbeat_interval, rdb_engine, record_heartbeat,
-                                     stale_trial_ids, stored_trial, trial_id, with_retries)
+from evomerge.search.storage import (database_name, fail_trial, heartbeat_grace, heartbeat_interval, rdb_engine,
+                                     record_heartbeat, stale_trial_ids, stored_trial, trial_id, with_retries)
 
 UNNAMED_GRACE_S = 10
 """A RUNNING trial still naming no worker this long after its start was orphaned between its
@@ -117,20 +117,33 @@ def age_seconds(trial: FrozenTrial) -> float:
     return float("inf") if started is None else (datetime.datetime.now() - started).total_seconds()
 
 
+_in_flight_here: set[int] = set()
+"""Ids of the trials this process is running now (a RUNNING trial of this process not among them was
+left by an earlier search of the same process, stopped by a fault)."""
+
+
+def left_by_this_process(worker: Mapping[str, Any], trial: FrozenTrial) -> bool:
+    return worker == worker_identity() and trial_id(trial) not in _in_flight_here
+
+
 def fail_stale_trials(study: Study) -> list[int]:
     """Mark FAIL the RUNNING trials whose worker is dead; return their numbers.
 
-    Same host: the worker's pid is checked at once. Other hosts: Optuna's
-    heartbeat (RDB server storage) fails them once they miss it for the grace period.
+    Same host: the worker's pid is checked at once (this very process: the trials it is
+    not running now). Other hosts: Optuna's heartbeat (RDB server storage) fails them
+    once they miss it for the grace period.
     """
     host = worker_host()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(TrialKey.WORKER)
         if isinstance(worker, Mapping):
-            if worker.get("host") != host or is_alive(worker):
+            if left_by_this_process(worker, trial):
+                reason = "stale: an earlier search of this process stopped while running it"
+            elif worker.get("host") != host or is_alive(worker):
                 continue
-            reason = f"stale: worker pid {worker.get('pid')} on {host} died"
+            else:
+                reason = f"stale: worker pid {worker.get('pid')} on {host} died"
         elif age_seconds(trial) > UNNAMED_GRACE_S:
             reason = "stale: its worker died before naming itself"
         else:
@@ -156,8 +169,8 @@ def holds_budget(trial: FrozenTrial) -> bool:
         TrialKey.WORKER in trial.user_attrs or age_seconds(trial) <= UNNAMED_GRACE_S)
 
 
-class Heartbeat:
-    """Records the trial's heartbeat while its objective runs (server databases only)."""
+class InFlight:
+    """While a trial runs: this process counts it as its own, and (server databases) its heartbeat beats."""
 
     def __init__(self, study: Study, trial: Trial):
         self._study, self._trial = study, trial
@@ -166,6 +179,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
 
     def __enter__(self):
+        _in_flight_here.add(trial_id(self._trial))
         if self._interval:
             with_retries(lambda: record_heartbeat(self._study, self._trial), "recording a heartbeat")
             self._thread = threading.Thread(target=self._beat, daemon=True)
@@ -183,6 +197,7 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        _in_flight_here.discard(trial_id(self._trial))
 
 
 def finished_elsewhere(study: Study, trial: Trial) -> FrozenTrial:
@@ -219,7 +234,8 @@ class StudyLock:
         self.engine = engine
         self.row = f"{name}:{study_name}"
         self.label = name
-        with_retries(lambda: create_tables(engine, _metadata), "creating the lock table")
+        self.where = database_name(str(engine.url))
+        with_retries(lambda: create_tables(engine, _metadata), "creating the lock table", where=self.where)
 
     @classmethod
     def of(cls, study: Study, name: str) -> "StudyLock | None":
@@ -233,7 +249,7 @@ class StudyLock:
                 row = connection.execute(sa.select(_locks.c.owner, _locks.c.beat).where(
                     _locks.c.name == self.row)).first()
             return None if row is None else (row[0], int(row[1]))
-        return with_retries(read, f"reading the {self.label} lock")
+        return with_retries(read, f"reading the {self.label} lock", where=self.where)
 
     def try_acquire(self, owner: str) -> bool:
         def insert():
@@ -243,7 +259,7 @@ class StudyLock:
                 return True
             except sa.exc.IntegrityError:
                 return False
-        return with_retries(insert, f"taking the {self.label} lock")
+        return with_retries(insert, f"taking the {self.label} lock", where=self.where)
 
     def compare_and_set(self, old: tuple[str, int], owner: str, beat: int, retry: bool = True) -> bool:
         def update():
@@ -252,13 +268,13 @@ class StudyLock:
                     _locks.c.name == self.row, _locks.c.owner == old[0], _locks.c.beat == old[1],
                 ).values(owner=owner, beat=beat))
             return result.rowcount == 1
-        return with_retries(update, f"updating the {self.label} lock") if retry else update()
+        return with_retries(update, f"updating the {self.label} lock", where=self.where) if retry else update()
 
     def release(self, owner: str, retry: bool = True) -> None:
         def delete():
             with self.engine.begin() as connection:
                 connection.execute(_locks.delete().where(_locks.c.name == self.row, _locks.c.owner == owner))
-        with_retries(delete, f"releasing the {self.label} lock") if retry else delete()
+        with_retries(delete, f"releasing the {self.label} lock", where=self.where) if retry else delete()
 
     def take_over_if_dead(self, me: str) -> bool:
         """Take the lock when its holder is a dead process of this host (or already this worker)."""

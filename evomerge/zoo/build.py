@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
+from evomerge.files import writing
 from evomerge.zoo.profiles import PROFILES
 from evomerge.zoo.tasks import BENCH_TASKS, BENCHMARK_OPTIONS, MAX_BENCH_ITEMS, TASKS, TaskSampler, make_bench_items
 from evomerge.zoo.training import _Progress, train_base, train_expert
@@ -130,17 +131,22 @@ def ensure_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full",
     out = Path(out_dir)
     if zoo_is_complete(out, profile, seed, bench_items):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if zoo_is_complete(out, profile, seed, bench_items):
-            return out
-        staging = out.parent / f".{out.name}.building-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        build_zoo(staging, seed=seed, profile=profile, progress=progress, bench_items=bench_items)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
+    with writing(out):  # a full disk or a read-only folder: one line naming the zoo, no half-built folder left
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f".{out.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if zoo_is_complete(out, profile, seed, bench_items):
+                return out
+            staging = out.parent / f".{out.name}.building-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                build_zoo(staging, seed=seed, profile=profile, progress=progress, bench_items=bench_items)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(staging, out)
     return out
 
 
