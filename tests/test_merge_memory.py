@@ -151,7 +151,7 @@ def _straddling_ties(core, density: float) -> int:
     return count
 
 
-def test_threshold_tables_equal_rank_caches_and_mergekit_on_bf16(family, resident, tmp_path, mergekit_stable_sorts):
+def test_threshold_tables_equal_rank_caches_and_mergekit_on_bf16(family, resident, tmp_path):
     from mergekit_run import assert_same, run_mergekit
 
     base, experts = family
