@@ -209,13 +209,17 @@ def _cores_on_every_tier(base, experts) -> dict:
     return cores
 
 
-def test_ties_equal_mergekit_on_bf16_families_on_every_tier(arch_family, tmp_path):
+def test_ties_equal_mergekit_on_bf16_families_on_every_tier(arch_family, tmp_path, monkeypatch):
     """TIES and breadcrumbs-TIES keep the elements mergekit 0.1.5 keeps among equal bf16 magnitudes
     (its own CPU sort order), bit for bit, whatever holds the blocks and the side data."""
     from mergekit_run import assert_same, run_mergekit
 
+    from evomerge.merge.methods import orders
     from evomerge.merge.methods.orders import RankOrder, ThresholdOrder
 
+    # The tiny tensors' tie codes would ride free with their tables; make them need room, as a large
+    # bf16 tensor's do, so that rank caches, tables with codes and tables without them all occur.
+    monkeypatch.setattr(orders, "FREE_CODE_BYTES", 0)
     arch, base, experts = arch_family
     cores = _cores_on_every_tier(base, experts)
     resident = cores["resident, rank caches"]

@@ -24,8 +24,9 @@ Both caches are built from that one call:
   - a code per tied element (one byte for up to 255 grid positions in the
     group), in flat order: the grid step from which mergekit's order keeps
     it. Codes are per-element side data (bf16 on CPU: about a byte per
-    element); they are kept only where the plan has room, and without them
-    such a k is answered by repeating mergekit's sort.
+    element); beyond `FREE_CODE_BYTES` per table they are kept only where
+    the plan has room, and without them such a k is answered by repeating
+    mergekit's sort.
   A few KB per tensor without codes. A k off the grid (a recipe not made by
   the search) is found from the data: its value by sorting only the elements
   between the two neighbouring grid thresholds; the tied elements kept by an
@@ -43,6 +44,7 @@ import torch
 DESCENDING = "desc"  # the k largest magnitudes first (TIES)
 ASCENDING = "asc"  # the k smallest first (breadcrumbs)
 _MEMO_LIMIT = 256
+FREE_CODE_BYTES = 64 << 10  # tie codes up to this size are part of their table (float32: a few bytes)
 _CUT = -1  # group value of a position answered by an index cut (all: cut = n, none: cut = 0)
 _RESORT = -2  # group value of a position whose codes did not fit: repeat mergekit's sort
 

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from evomerge.merge.methods import orders
 from evomerge.merge.methods.base import Param
 from evomerge.merge.methods.orders import (
     ASCENDING,
@@ -126,7 +127,7 @@ class _OrderSparsifier(Sparsifier):
                 order = RankOrder.build(task_vector, self.direction)
             else:
                 order = ThresholdOrder.build(task_vector, self.direction, self.grid_positions(slot.numel))
-                if order.code_bytes and not ctx.side.reserve(order.code_bytes):
+                if order.code_bytes > orders.FREE_CODE_BYTES and not ctx.side.reserve(order.code_bytes):
                     order.drop_codes()  # those positions repeat mergekit's sort per candidate
             ctx.side.put(key, order)
         _l1(ctx, slot, expert, task_vector, slot.shape)
