@@ -49,7 +49,7 @@ _CUT = -1  # group value of a position answered by an index cut (all: cut = n, n
 _RESORT = -2  # group value of a position whose codes did not fit: repeat mergekit's sort
 
 
-def order_key(task_vector: torch.Tensor, direction: Optional[str] = None) -> torch.Tensor:
+def order_key(task_vector: torch.Tensor) -> torch.Tensor:
     """|task vector|, flat: the tensor mergekit sorts (converted to float32 on CPU, as mergekit does)."""
     w = task_vector.abs().reshape(-1)
     if w.device.type == "cpu":
