@@ -45,32 +45,3 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def mergekit_stable_sorts(monkeypatch):
-    """mergekit's magnitude sorts made stable (ties by lowest index), as torch's CUDA sort and evomerge's are.
-
-    On CPU mergekit 0.1.5 calls torch.argsort without `stable`, which orders the
-    elements tied at a TIES / breadcrumbs threshold chaotically (docs/merge.md).
-    """
-    import torch
-
-    pytest.importorskip("mergekit", reason="mergekit (test extra, ==0.1.5) is not installed")
-    import mergekit.sparsify as sparsify_module
-
-    class StableSorts:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def argsort(input, dim=-1, descending=False, **kwargs):
-            kwargs["stable"] = kwargs.get("stable") or input.dim() == 1
-            return torch.argsort(input, dim=dim, descending=descending, **kwargs)
-
-        @staticmethod
-        def sort(input, dim=-1, descending=False, **kwargs):
-            kwargs["stable"] = kwargs.get("stable") or input.dim() == 1
-            return torch.sort(input, dim=dim, descending=descending, **kwargs)
-
-    monkeypatch.setattr(sparsify_module, "torch", StableSorts())

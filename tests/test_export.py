@@ -16,7 +16,7 @@ from evomerge.merge import MergeCore, Override, Recipe
 from evomerge.merge.loading import open_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import write_tiny_qwen2_family  # noqa: E402
+from tiny_models import write_tiny_arch_family, write_tiny_qwen2_family  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,7 @@ def bf16_family(tmp_path_factory):
     return write_tiny_qwen2_family(tmp_path_factory.mktemp("qwen2"), num_experts=2, num_layers=3)
 
 
-def test_exported_mergekit_yaml_remakes_a_bf16_ties_merge_tensor_for_tensor(bf16_family, tmp_path,
-                                                                            mergekit_stable_sorts):
-    """mergekit on CPU breaks magnitude ties at a threshold its own way (docs/merge.md): made stable here."""
+def test_exported_mergekit_yaml_remakes_a_bf16_ties_merge_tensor_for_tensor(bf16_family, tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -50,6 +48,27 @@ def test_exported_mergekit_yaml_remakes_a_bf16_ties_merge_tensor_for_tensor(bf16
     for name, tensor in ours.items():
         assert theirs[name].dtype == tensor.dtype == torch.bfloat16, name
         assert torch.equal(theirs[name], tensor), name
+
+
+def test_mergekit_yaml_remakes_every_tensor_of_a_bf16_ties_export(tmp_path):
+    """The issue's case: a Qwen2-shaped bf16 family whose task vectors have many equal magnitudes (experts
+    perturbed by N(0, (0.02 (e + 1))^2)); TIES 0.7/0.4/1.0 at densities 0.3/0.6/0.8; `mergekit-yaml` on the
+    export's own mergekit.yaml keeps the same tied elements (its CPU sort's order) and re-makes every tensor."""
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    base, experts = write_tiny_arch_family(tmp_path / "family", "qwen2", num_experts=3, num_layers=4, noise=0.02)
+    core = MergeCore(base, experts, device="cpu")
+    recipe = Recipe("ties", {"weight": [0.7, 0.4, 1.0], "density": [0.3, 0.6, 0.8]})
+    out = export_checkpoint(core, recipe, tmp_path / "export", seed=0, base_path=str(base),
+                            expert_paths=[str(e) for e in experts])
+    assert "dtype: bfloat16" in (out / "mergekit.yaml").read_text()
+    mergekit_yaml.main([str(out / "mergekit.yaml"), str(tmp_path / "remade"), "--no-copy-tokenizer", "--quiet"],
+                       standalone_mode=False)
+    ours, theirs = open_model(out).load(), open_model(tmp_path / "remade").load()
+    assert set(ours) == set(theirs) and len(ours) == 51
+    different = [name for name, tensor in ours.items()
+                 if theirs[name].dtype != tensor.dtype or not torch.equal(theirs[name], tensor)]
+    assert not different, f"{len(different)} of {len(ours)} tensors differ: {different[:3]}"
 
 
 @pytest.fixture(scope="module")

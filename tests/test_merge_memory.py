@@ -151,7 +151,7 @@ def _straddling_ties(core, density: float) -> int:
     return count
 
 
-def test_threshold_tables_equal_rank_caches_and_mergekit_on_bf16(family, resident, tmp_path, mergekit_stable_sorts):
+def test_threshold_tables_equal_rank_caches_and_mergekit_on_bf16(family, resident, tmp_path):
     from mergekit_run import assert_same, run_mergekit
 
     base, experts = family
@@ -168,6 +168,75 @@ def test_threshold_tables_equal_rank_caches_and_mergekit_on_bf16(family, residen
     for i, recipe in enumerate((ties, RECIPES["breadcrumbs_ties"])):
         theirs = run_mergekit(recipe, base, experts, tables.num_layers, tmp_path / f"out{i}", dtype="bfloat16")
         assert_same(tables.merge(recipe), theirs, recipe.method, exact=True)
+
+
+# Qwen2- and Mistral-shaped bf16 families, base and three experts perturbed by N(0, (0.02 (e + 1))^2): the
+# task vectors have many equal magnitudes, as real bf16 fine-tunes do, and thresholds fall inside them.
+# Each recipe has an override off the density grid.
+TIE_RECIPES = {
+    "ties": Recipe("ties", {"weight": [0.7, 0.4, 1.0], "density": [0.3, 0.6, 0.8]},
+                   [Override(layers=[1], modules=["mlp"], params={"density": 0.5123, "rescale": True})]),
+    "breadcrumbs_ties": Recipe("breadcrumbs_ties", {"weight": [0.7, 0.4, 1.0], "density": [0.5, 0.7, 0.9],
+                                                    "gamma": [0.0, 0.05, 0.1]},
+                               [Override(layers=[2], params={"density": 0.6543, "gamma": 0.0217})]),
+}
+
+
+@pytest.fixture(scope="module", params=["qwen2", "mistral"])
+def arch_family(request, tmp_path_factory):
+    from tiny_models import write_tiny_arch_family
+
+    base, experts = write_tiny_arch_family(tmp_path_factory.mktemp(request.param), request.param, num_experts=3,
+                                           num_layers=4, noise=0.02)
+    return request.param, base, experts
+
+
+def _cores_on_every_tier(base, experts) -> dict:
+    """label -> a core holding its blocks and side data one way (CPU budgets; all give mergekit's bits)."""
+    resident = MergeCore(base, experts, device="cpu")
+    fixed, one_expert = fixed_bytes((base, experts))
+    cores = {
+        "resident, rank caches": resident,
+        "resident, threshold tables": MergeCore(base, experts, device="cpu", cache_orderings=False),
+        # room for about a byte per element and expert: some rank caches, then tables with tie codes
+        "resident, tables with tie codes": MergeCore(base, experts, device="cpu",
+                                                     device_memory=resident.plan.device_bytes
+                                                     + resident.numel * len(experts)),
+    }
+    for label, (device_share, host_share) in BUDGETS.items():
+        cores[label] = MergeCore(base, experts, device="cpu", device_memory=fixed + int(device_share * one_expert),
+                                 host_memory=int(host_share * one_expert), block_elements=BLOCK_ELEMENTS)
+    return cores
+
+
+def test_ties_equal_mergekit_on_bf16_families_on_every_tier(arch_family, tmp_path, monkeypatch):
+    """TIES and breadcrumbs-TIES keep the elements mergekit 0.1.5 keeps among equal bf16 magnitudes
+    (its own CPU sort order), bit for bit, whatever holds the blocks and the side data."""
+    from mergekit_run import assert_same, run_mergekit
+
+    from evomerge.merge.methods import orders
+    from evomerge.merge.methods.orders import RankOrder, ThresholdOrder
+
+    # The tiny tensors' tie codes would ride free with their tables; make them need room, as a large
+    # bf16 tensor's do, so that rank caches, tables with codes and tables without them all occur.
+    monkeypatch.setattr(orders, "FREE_CODE_BYTES", 0)
+    arch, base, experts = arch_family
+    cores = _cores_on_every_tier(base, experts)
+    resident = cores["resident, rank caches"]
+    assert resident.dtype == torch.bfloat16
+    assert _straddling_ties(resident, 0.6) > len(resident.slots)  # most tensors split a tie group at 0.6
+    for name, recipe in TIE_RECIPES.items():
+        theirs = run_mergekit(recipe, base, experts, resident.num_layers, tmp_path / name, dtype="bfloat16")
+        for label, core in cores.items():
+            assert_same(core.merge(recipe), theirs, f"{arch} {name}, {label}", exact=True)
+    kinds = {label: [o for o in core._context.side.values.values() if isinstance(o, (RankOrder, ThresholdOrder))]
+             for label, core in cores.items()}
+    assert all(isinstance(o, RankOrder) for o in kinds["resident, rank caches"])
+    assert not any(isinstance(o, RankOrder) or o.code_bytes for o in kinds["resident, threshold tables"])
+    assert any(isinstance(o, ThresholdOrder) and o.code_bytes for o in kinds["resident, tables with tie codes"])
+    assert {DISK, HOST} <= {tier for label in BUDGETS for tier in cores[label].plan.tiers.values()}
+    for core in cores.values():
+        core.close()
 
 
 def test_snapping_to_the_density_grid():
@@ -303,7 +372,7 @@ def test_streamed_merge_is_bit_identical_cuda(family):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_ties_bf16_equal_mergekit_on_cuda(family, tmp_path):
-    """mergekit --cuda sorts with torch's stable CUDA sort: our tie rule, no patch needed."""
+    """mergekit --cuda sorts |delta| in bf16 on the GPU: the core makes the same call on the same device."""
     pytest.importorskip("mergekit")
     from mergekit_run import assert_same, run_mergekit
 

@@ -162,6 +162,53 @@ def test_mergekit_yaml_cli_accepts_export(family, core, tmp_path):
     assert_same(core.merge(recipe), open_model(tmp_path / "out").load(), "cli")
 
 
+# ----------------------------------------------------------------------------- equal magnitudes
+def _checkpoint_task_vector(numel: int, seed: int, dtype, noise: float = 0.02) -> torch.Tensor:
+    """expert - base as two checkpoints in `dtype` give it (in bf16: many equal magnitudes)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = (torch.randn(numel, generator=generator) * 0.02).to(dtype)
+    expert = (base.float() + torch.randn(numel, generator=generator) * noise).to(dtype)
+    return expert - base
+
+
+@pytest.mark.parametrize("numel, dtype", [(3000, torch.bfloat16), (50_000, torch.bfloat16), (50_000, torch.float32)])
+def test_magnitude_selections_keep_mergekits_elements_for_every_k(numel, dtype):
+    """Rank caches and threshold tables (with tie codes and without) keep exactly the elements
+    mergekit.sparsify keeps, on the density grid and off it, equal magnitudes at the threshold included."""
+    import random
+
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    from evomerge.merge.methods.orders import (ASCENDING, DESCENDING, RankOrder, ThresholdOrder, grid_positions,
+                                               order_key, window_positions)
+
+    task_vector = _checkpoint_task_vector(numel, seed=numel, dtype=dtype)
+    key = order_key(task_vector)
+    orders = {}
+    for direction, positions in ((DESCENDING, grid_positions(numel)), (ASCENDING, window_positions(numel))):
+        coded = ThresholdOrder.build(task_vector, direction, positions)
+        uncoded = ThresholdOrder.build(task_vector, direction, positions)
+        uncoded.drop_codes()  # no room for the codes: those thresholds repeat mergekit's sort
+        orders[direction] = {"ranks": RankOrder.build(task_vector, direction), "table": coded, "table, no codes": uncoded}
+        if dtype == torch.bfloat16:
+            assert coded.code_bytes > 0  # grid thresholds split groups of equal magnitudes
+    rng = random.Random(numel)
+    densities = [0.001, 0.3, 0.6, 0.8, 0.999, *(rng.randrange(1, 1000) / 1000 for _ in range(15)),
+                 *(rng.random() for _ in range(5))]  # the last ones off the grid
+    nonzero = task_vector != 0  # which zeros are kept changes no bit
+    for density in densities:
+        expected = magnitude(task_vector, density) != 0
+        k = max(1, int(density * numel))
+        for label, order in orders[DESCENDING].items():
+            assert torch.equal(order.first(k, key) & nonzero, expected), (label, density)
+        for gamma in (0.0, 0.01, rng.randrange(0, 200) / 1000, rng.random() * 0.2):
+            expected = magnitude_outliers(task_vector, density, gamma=gamma) != 0
+            target = int(density * numel)
+            n_bot = max(0, numel - target - int(gamma * numel))
+            for label, order in orders[ASCENDING].items():
+                assert torch.equal(order.window(n_bot, n_bot + target, key) & nonzero, expected), (label, density, gamma)
+
+
 # ----------------------------------------------------------------------------- reproducibility
 def test_dare_reproducible_per_seed_and_independent_of_order(family, core):
     base, experts = family

@@ -96,3 +96,37 @@ def write_tiny_qwen2_family(root, num_experts: int = 2, num_layers: int = 3, dty
         _save(model, root / f"expert{i}", None)
         experts.append(root / f"expert{i}")
     return root / "base", experts
+
+
+def write_tiny_arch_family(root, arch: str = "qwen2", num_experts: int = 3, num_layers: int = 4,
+                           dtype=torch.bfloat16, noise: float = 0.02, hidden: int = 32, intermediate: int = 64):
+    """A small Qwen2- or Mistral-architecture base and experts saved in `dtype`.
+
+    Expert e is base + N(0, (noise * (e + 1))^2) per parameter, drawn in float32 and rounded to `dtype`,
+    so in bf16 the task vectors have many equal magnitudes, as real bf16 fine-tunes do.
+    """
+    import transformers
+
+    classes = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
+    config_class, model_class = (getattr(transformers, name) for name in classes[arch])
+    config = config_class(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64, tie_word_embeddings=False)
+    root = Path(root)
+    torch.manual_seed(0)
+    base_model = model_class(config)
+    with torch.no_grad():
+        for param in base_model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    _save(base_model.to(dtype), root / "base", None)
+    experts = []
+    for e in range(num_experts):
+        model = model_class.from_pretrained(str(root / "base"), dtype=dtype)
+        generator = torch.Generator().manual_seed(200 + e)
+        with torch.no_grad():
+            for param in model.parameters():
+                delta = torch.randn(param.shape, generator=generator) * (noise * (e + 1))
+                param.copy_((param.float() + delta).to(dtype))
+        _save(model, root / f"expert{e}", None)
+        experts.append(root / f"expert{e}")
+    return root / "base", experts

@@ -167,7 +167,9 @@ class MergeCore:
     not fit are streamed from host memory or from the safetensors files (see
     `memory_report()`). `cache_orderings` allows int32 magnitude-rank caches
     (4 bytes/element/expert) where the plan has device room; elsewhere TIES and
-    breadcrumbs use exact threshold tables and DELLA recomputes its ranks.
+    breadcrumbs use exact threshold tables (with per-element tie codes where
+    there is room, else repeating mergekit's sort for those thresholds) and
+    DELLA recomputes its ranks. Every way selects mergekit's elements.
     `methods` (names) prepares their side data now, in one pass, instead of
     at the first merge, and sizes the workspace for them.
     """

@@ -5,8 +5,8 @@ operation order) from side data prepared once per tensor and expert:
 
 | sparsifier | mergekit name | side data |
 |---|---|---|
-| `Magnitude` (TIES) | magnitude | descending order: int32 ranks where the plan has room, else a threshold table; L1 norm |
-| `Outliers` (breadcrumbs) | magnitude_outliers | ascending order, likewise; L1 norm |
+| `Magnitude` (TIES) | magnitude | mergekit's descending order: int32 ranks where the plan has room, else a threshold table (tie codes where there is room); L1 norm |
+| `Outliers` (breadcrumbs) | magnitude_outliers | mergekit's ascending order, likewise; L1 norm |
 | `Random` (DARE) | random | L1 norm (work dtype); the mask is drawn per candidate |
 | `Della` (DELLA) | della_magprune | per-row normalised ranks where the plan has room, else recomputed per candidate; L1 norm |
 """
@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from evomerge.merge.methods import orders
 from evomerge.merge.methods.base import Param
 from evomerge.merge.methods.orders import (
     ASCENDING,
@@ -25,6 +26,7 @@ from evomerge.merge.methods.orders import (
     ThresholdOrder,
     grid_positions,
     order_key,
+    window_positions,
 )
 from evomerge.merge.methods.randomness import bernoulli_mask, mask_generator, random_keep, sparsify_work_dtype
 
@@ -114,13 +116,19 @@ class _OrderSparsifier(Sparsifier):
     def cache_bytes_per_element(self, dtype):
         return 4
 
+    def grid_positions(self, numel: int) -> tuple:
+        """The k a threshold table answers without touching the data (every grid value of the parameters)."""
+        return grid_positions(numel, DENSITY_GRID)
+
     def prepare(self, slot, expert, task_vector, ctx):
         key = (self.direction, slot.index, expert)
         if ctx.side.get(key) is None:
             if ctx.side.reserve(4 * slot.numel):
                 order = RankOrder.build(task_vector, self.direction)
             else:
-                order = ThresholdOrder.build(task_vector, self.direction, grid_positions(slot.numel, DENSITY_GRID))
+                order = ThresholdOrder.build(task_vector, self.direction, self.grid_positions(slot.numel))
+                if order.code_bytes > orders.FREE_CODE_BYTES and not ctx.side.reserve(order.code_bytes):
+                    order.drop_codes()  # those positions repeat mergekit's sort per candidate
             ctx.side.put(key, order)
         _l1(ctx, slot, expert, task_vector, slot.shape)
 
@@ -129,7 +137,7 @@ class _OrderSparsifier(Sparsifier):
         if order is None:  # pragma: no cover - the core prepares before merging
             self.prepare(slot, expert, task_vector, ctx)
             order = ctx.side.get((self.direction, slot.index, expert))
-        key = order_key(task_vector, self.direction) if order.needs_key else None
+        key = order_key(task_vector) if order.needs_key else None
         return order, key
 
     def _finish(self, slot, expert, task_vector, keep, rescale, dest, ctx):
@@ -158,6 +166,9 @@ class Outliers(_OrderSparsifier):
     density_search = (0.2, 0.98)
     extra_params = (Param("gamma", 0.01, per_expert=True, low=0.0, high=1.0, high_open=True, grid=DENSITY_GRID),)
 
+    def grid_positions(self, numel):
+        return window_positions(numel, DENSITY_GRID)
+
     def sparsify(self, slot, expert, task_vector, params, rescale, seed, dest, ctx):
         density = params["density"][expert]
         num = slot.numel
@@ -165,8 +176,7 @@ class Outliers(_OrderSparsifier):
         n_top = int(params["gamma"][expert] * num)
         n_bot = max(0, num - target_n - n_top)
         order, key = self._order(slot, expert, task_vector, ctx)
-        keep = order.first(n_bot + target_n, key)
-        keep &= ~order.first(n_bot, key)
+        keep = order.window(n_bot, n_bot + target_n, key)
         self._finish(slot, expert, task_vector, keep, rescale, dest, ctx)
 
 
