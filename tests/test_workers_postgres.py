@@ -186,3 +186,68 @@ def test_server_restart_mid_search_then_an_unreachable_server(postgres, zoo_dir,
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     assert len(running) <= 1
     assert fail_stale_trials(study) == [t.number for t in running]
+
+
+def _superuser(postgres):
+    import psycopg
+
+    return psycopg.connect(f"host=127.0.0.1 port={postgres.port} user=evomerge dbname=postgres", autocommit=True)
+
+
+def test_a_server_that_turns_read_only_or_fills_its_disk_stops_the_worker_in_one_line(postgres, zoo_dir, tmp_path):
+    """Not retried for the whole retry budget (that is for a server out of reach): one line naming the
+    database and the cause, exit 2, and the completed trials stay."""
+    space = small_space(zoo_dir, tmp_path / "space.yaml", optimizer={"name": "random", "trials": 40})
+    # read-only: every new session of the database refuses writes
+    url = postgres.new_database("ro")
+    worker = start_worker(space, tmp_path / "a" / "r", url, "machine-a", sleep_s=0.3, EVOMERGE_DB_RETRY_S="120")
+    try:
+        wait_for(lambda: complete_count(url) >= 2 or worker.poll() is not None, 180, "2 trials")
+        with _superuser(postgres) as connection:
+            connection.execute('ALTER DATABASE "ro" SET default_transaction_read_only = on')
+            connection.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'ro'")
+        started = time.time()
+        code, output = finish(worker, timeout=120)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert code == 2 and "Traceback" not in output, output[-3000:]
+    assert f"evomerge: error: the database is read-only: {url}" in output, output[-3000:]
+    assert time.time() - started < 60  # not the 120 s retry budget
+    assert complete_count(url) >= 2
+
+    # disk full: the database lives in a tablespace on a small tmpfs, which fills up
+    disk = postgres.folder / "tablespace"  # inside the server's own folder: its user can reach it
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here for the disk-full half")
+    try:
+        if postgres.runas is not None:
+            os.chown(disk, postgres.runas.pw_uid, postgres.runas.pw_gid)
+        with _superuser(postgres) as connection:
+            connection.execute(f"CREATE TABLESPACE tiny LOCATION '{disk}'")
+            connection.execute('CREATE DATABASE "full" TABLESPACE tiny')
+        url = postgres.url("full")
+        worker = start_worker(space, tmp_path / "b" / "r", url, "machine-b", sleep_s=0.3, EVOMERGE_DB_RETRY_S="120")
+        try:
+            wait_for(lambda: complete_count(url) >= 2 or worker.poll() is not None, 180, "2 trials")
+            with open(disk / "filler", "wb") as filler:
+                try:
+                    while True:
+                        filler.write(b"\0" * 65536)
+                        filler.flush()
+                except OSError:
+                    pass
+            code, output = finish(worker, timeout=120)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        assert code == 2 and "Traceback" not in output, output[-3000:]
+        assert f"evomerge: error: no space left on device: {url}" in output, output[-3000:]
+        (disk / "filler").unlink()
+        assert complete_count(url) >= 2
+    finally:
+        with _superuser(postgres) as connection:
+            connection.execute('DROP DATABASE IF EXISTS "full" WITH (FORCE)')
+            connection.execute("DROP TABLESPACE IF EXISTS tiny")
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
