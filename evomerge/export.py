@@ -100,7 +100,7 @@ def export_folder(out_dir: str | Path, owner: Mapping | None = None, force: bool
     check_export_target(out_dir, owner, force)
     total = None if needs is None else needs + EXTRA_BYTES
     if total is not None:
-        check_free_space(out_dir.parent, total, f"the export {out_dir.name}")
+        check_free_space(out_dir, total, "an export")
     with writing(out_dir, total):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         for leftover in out_dir.parent.glob(f".{out_dir.name}.partial-*"):

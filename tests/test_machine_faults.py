@@ -132,7 +132,7 @@ def test_an_export_that_cannot_fit_is_refused_before_writing(zoo_dir, tmp_path, 
     disk = small_disk(400)
     assert main(["export", str(run_dir), "--out", str(disk / "merged")]) == 2
     line = one_error_line(capsys)
-    assert "no space left on device for the export merged" in line and "needs about" in line and "free" in line
+    assert f"no space left on device for an export: {disk / 'merged'} needs about" in line and "free" in line
     assert list(disk.iterdir()) == []  # nothing partial
 
 
