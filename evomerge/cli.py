@@ -1,4 +1,4 @@
-"""`evomerge` command line: search, resume, status, validate, report, export, plan, eval, estimate-check, make-zoo, demo.
+"""`evomerge` command line: search, learn, resume, status, validate, report, export, plan, eval, estimate-check, make-zoo, demo.
 
 Input problems (EvomergeError) are printed as one line and exit with status 2;
 anything else is a bug and keeps its traceback.
@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_storage(search)
     _add_memory(search)
+
+    learn = commands.add_parser(
+        "learn", help="learn the space's merge coefficients from unlabelled prompts (AdaMerging), score them as a trial")
+    learn.add_argument("space", help="search-space YAML (task arithmetic; benchmarks with a data: source) or run folder")
+    learn.add_argument("--runs-root", default="runs", help="parent of the run folder (default: runs)")
+    learn.add_argument("--run-dir", help="run folder (default: RUNS_ROOT/<space name>)")
+    learn.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_storage(learn)
+    _add_memory(learn)
 
     resume = commands.add_parser("resume", help="continue a run from its folder")
     resume.add_argument("run_dir")
@@ -205,6 +214,29 @@ def _run_search(space, run_dir: Path, args) -> int:
     except KeyboardInterrupt:
         print(f"evomerge: interrupted; `evomerge resume {run_dir}` continues the search", file=sys.stderr)
         return 130
+    _print_status(study, search.space, top=5)
+    return 0
+
+
+def cmd_learn(args) -> int:
+    """Learn (or reuse) the coefficients, then score every trial waiting in the study: the learned one and,
+    on a new run, the baselines it is compared with."""
+    from optuna.trial import TrialState
+
+    from evomerge.search.records import complete_trials
+    from evomerge.search.run import MergeSearch
+    from evomerge.search.runs import SPACE_FILE, load_run_space, start_run
+
+    if Path(args.space, SPACE_FILE).is_file():
+        space, run_dir = load_run_space(args.space), Path(args.space)
+    else:
+        space, run_dir = start_run(args.space, args.runs_root, args.run_dir)
+    search = MergeSearch(_with_memory(space, args), run_dir, storage=args.storage, progress=not args.no_progress)
+    study = search.open()
+    search.prepare(study)
+    search.learn(study)
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    study, _ = search.run(len(complete_trials(study)) + waiting)
     _print_status(study, search.space, top=5)
     return 0
 
@@ -365,6 +397,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {
     "search": cmd_search,
+    "learn": cmd_learn,
     "resume": cmd_resume,
     "status": cmd_status,
     "export": cmd_export,

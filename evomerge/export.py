@@ -168,8 +168,10 @@ def export_checkpoint(
         num_layers = model.config.num_hidden_layers
         # the core's dtype: mergekit then computes deltas and TIES selections in it, as the core did
         dtype = str(core.dtype).removeprefix("torch.")
-        mergekit_yaml = recipe_to_mergekit_yaml(recipe, base_path, expert_paths, num_layers, dtype=dtype)
-        (folder / MERGEKIT_FILE).write_text(mergekit_yaml)
+        mergekit_yaml = None  # data-informed methods (RegMean, Fisher) have no mergekit equivalent
+        if recipe.spec.mergekit_name is not None:
+            mergekit_yaml = recipe_to_mergekit_yaml(recipe, base_path, expert_paths, num_layers, dtype=dtype)
+            (folder / MERGEKIT_FILE).write_text(mergekit_yaml)
         record = {"recipe": recipe.to_dict(), "seed": seed, "base": str(base_path),
                   "experts": [str(p) for p in expert_paths], "details": details or {}}
         (folder / RECIPE_FILE).write_text(json.dumps(record, indent=2))
@@ -188,7 +190,7 @@ def model_card(
     expert_paths: list[str],
     expert_names: list[str] | None,
     details: dict,
-    mergekit_yaml: str,
+    mergekit_yaml: str | None,
 ) -> str:
     """A README that says what was merged, how, and how well it was estimated to do."""
     names = expert_names or [Path(p).name for p in expert_paths]
@@ -219,12 +221,21 @@ def model_card(
         "",
         "## mergekit",
         "",
-        f"The same merge as a `mergekit-yaml` config (also in `{MERGEKIT_FILE}`):",
-        "",
-        "```yaml",
-        mergekit_yaml.rstrip(),
-        "```",
     ]
+    if mergekit_yaml is None:
+        lines += [
+            f"mergekit has no `{recipe.method}` merge: it needs statistics of each expert on its task's data",
+            "(collected by evomerge), so no `mergekit.yaml` is written. The exact recipe above and the",
+            "statistics re-make this checkpoint with evomerge.",
+        ]
+    else:
+        lines += [
+            f"The same merge as a `mergekit-yaml` config (also in `{MERGEKIT_FILE}`):",
+            "",
+            "```yaml",
+            mergekit_yaml.rstrip(),
+            "```",
+        ]
     if recipe.method in RANDOM_METHODS:
         lines += [
             "",

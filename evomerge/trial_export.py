@@ -59,7 +59,7 @@ def export_trial(
     if out_dir is not None:
         check_export_target(out_dir, owner, force)  # before any model is loaded
     if builder is None:
-        builder = make_builder(space)
+        builder = make_builder(space, run_dir)
     if trial_number is None and validate_top:
         validate_top_trials(run_dir, validate_top, storage, progress=progress, builder=builder)
     if trial_number is None:

@@ -78,6 +78,7 @@ def test_optunas_private_api_is_where_evomerge_expects_it(tmp_path):
     assert callable(_create_scoped_session)
     assert hasattr(models.TrialModel, "find_or_raise_by_id") and hasattr(models, "TrialParamModel")
     assert callable(getattr(optuna.trial.Trial, "_suggest", None))
+    assert "x0" in __import__("inspect").signature(optuna.samplers.CmaEsSampler).parameters  # optimizer.init
 
     study = optuna.create_study(storage=storage.open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="s")
     cached = storage.storage_of(study)

@@ -18,13 +18,13 @@ responses matrix, not just accuracies.
 from evomerge.benchmarks.generation import Generation, generate_greedy
 from evomerge.benchmarks.items import EXACT_MATCH, GENERATE, MULTIPLE_CHOICE, Benchmark, Item, Prompting, Shot
 from evomerge.benchmarks.kinds import KINDS, GenerateSettings, Scored, get_kind
-from evomerge.benchmarks.loading import BenchmarkFormat, check_format, load_benchmark, option_keys
+from evomerge.benchmarks.loading import BenchmarkFormat, check_format, load_benchmark, load_prompts, option_keys
 from evomerge.benchmarks.presets import PRESETS
 from evomerge.benchmarks.scoring import accuracy, greedy_generate, score_items, score_records, write_records
 
 __all__ = [
     "EXACT_MATCH", "GENERATE", "MULTIPLE_CHOICE", "KINDS", "PRESETS",
     "Benchmark", "BenchmarkFormat", "Generation", "GenerateSettings", "Item", "Prompting", "Scored", "Shot",
-    "accuracy", "check_format", "generate_greedy", "get_kind", "greedy_generate", "load_benchmark", "option_keys",
+    "accuracy", "check_format", "generate_greedy", "get_kind", "greedy_generate", "load_benchmark", "load_prompts", "option_keys",
     "score_items", "score_records", "write_records",
 ]

@@ -390,3 +390,23 @@ def load_benchmark(source, name: str | None = None, *, fields: Mapping[str, str]
     prompting = Prompting(_shots(fmt, source, kind, items, bench_name, where, on_disk) if items else (),
                           fmt.chat, fmt.delimiter, fmt.fewshot.separator)
     return Benchmark(bench_name, items, source=where, kind=kind.name, settings=fmt.settings, prompting=prompting)
+
+
+def load_prompts(source, name: str, options: Mapping[str, Any] | None = None, split: str | None = None) -> list[Item]:
+    """Unlabelled items for data statistics and coefficient learning: each record's prompt (and choices,
+    for multiple choice), read with a benchmark entry's own options (fields, template, preset, choices);
+    answers and labels, where the records have them, are never read. ``split`` overrides the entry's."""
+    options = dict(options or {})
+    fmt = check_format(options, f"benchmark {name!r} data")
+    records, where = read_records(source, split if split is not None else fmt.split, name)
+    records = _adapted(records, fmt)
+    items = []
+    for index, record in enumerate(records):
+        raw = _raw_item(record, index, f"{name} (data)", where, fmt)
+        choices = raw.choices
+        if isinstance(choices, dict) and isinstance(choices.get("text"), list):
+            choices = choices["text"]
+        items.append(Item(raw.id, raw.text_prompt(), choices=tuple(choices) if choices is not None else None))
+    if not items:
+        raise EvomergeError(f"benchmark {name!r}: its data {where} has no records")
+    return items

@@ -117,8 +117,10 @@ def export_path(pool: LayerPool, path: DataFlowPath, out_dir: str | Path, *, tok
         model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        mergekit_yaml = path_to_mergekit_yaml(path, model_refs, dtype=dtype, intermediates=intermediates)
-        (folder / MERGEKIT_FILE).write_text(mergekit_yaml)
+        mergekit_yaml = None
+        if all(source in model_refs or source in (intermediates or {}) for source, _ in path.layers):
+            mergekit_yaml = path_to_mergekit_yaml(path, model_refs, dtype=dtype, intermediates=intermediates)
+            (folder / MERGEKIT_FILE).write_text(mergekit_yaml)
         record = {"path": path.to_dict(), "layers": path.describe(), "sources": sources or {}, "details": details or {}}
         (folder / PATH_FILE).write_text(json.dumps(record, indent=2))
         (folder / "README.md").write_text(path_card(path, sources or {}, details or {}, mergekit_yaml, bool(intermediates)))
@@ -127,7 +129,7 @@ def export_path(pool: LayerPool, path: DataFlowPath, out_dir: str | Path, *, tok
     return out_dir
 
 
-def path_card(path: DataFlowPath, sources: dict, details: dict, mergekit_yaml: str, multi: bool) -> str:
+def path_card(path: DataFlowPath, sources: dict, details: dict, mergekit_yaml: str | None, multi: bool) -> str:
     """A README saying which layers run in which order, how they are scaled, and how to re-make it."""
     lines = ["---", "library_name: transformers", "tags: [merge, evomerge, passthrough]", "---", "",
              f"# Data-flow merge of {len(sources)} models by evomerge ({len(path)} layers)", "",
@@ -138,7 +140,10 @@ def path_card(path: DataFlowPath, sources: dict, details: dict, mergekit_yaml: s
     lines += ["", "Embeddings come from the first layer's source, the final norm and LM head from the last one's.",
               "A scaled position (`xS` above) scales its attention and MLP outputs (the `o_proj` and `down_proj`",
               "weights) by S: the same model as scaling the hidden state entering the layers (up to the norm epsilon).",
-              "", "## mergekit", "",
-              f"Re-make it with `{'mergekit-multi' if multi else 'mergekit-yaml'}` (also in `{MERGEKIT_FILE}`):",
-              "", "```yaml", mergekit_yaml.rstrip(), "```"]
+              "", "## mergekit", ""]
+    if mergekit_yaml is None:
+        lines += ["A source is a merge mergekit cannot make (a data-informed method): no `mergekit.yaml` is written."]
+    else:
+        lines += [f"Re-make it with `{'mergekit-multi' if multi else 'mergekit-yaml'}` (also in `{MERGEKIT_FILE}`):",
+                  "", "```yaml", mergekit_yaml.rstrip(), "```"]
     return "\n".join(lines) + "\n"

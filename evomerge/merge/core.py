@@ -32,6 +32,7 @@ from evomerge.merge.memory import Budgets, Ledger
 from evomerge.merge.methods import get_method
 from evomerge.merge.planner import BASE, DEVICE, DISK, HOST, plan_memory
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.statistics import StatisticsFiles
 from evomerge.merge.streaming import Stager
 from evomerge.merge.tiers import BlockStore, DiskSource
 
@@ -120,13 +121,14 @@ class Workspace:
 
 @dataclass
 class _Context:
-    """What a method's per-block calls may use."""
+    """What a method's per-block calls may use (``statistics``: the data statistics, for methods that read them)."""
 
     side: SideData
     work: Workspace
     num_experts: int
     device: torch.device
     prepared: set = field(default_factory=set)
+    statistics: Optional[StatisticsFiles] = None
 
 
 _META_BUILD = threading.local()
@@ -188,6 +190,7 @@ class MergeCore:
         scoring_headroom=None,
         methods: Sequence[str] = (),
         block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+        statistics: Optional[StatisticsFiles] = None,
     ):
         self.device = torch.device(device or default_device())
         self.base_path = base_path
@@ -227,6 +230,7 @@ class MergeCore:
                            max(self.layout.largest_tensor, min(self.chunk_elements, self.layout.largest_block))),
             num_experts=self.num_experts,
             device=self.device,
+            statistics=statistics,
         )
         self._out_flat: Optional[torch.Tensor] = None
         self._moved_last = 0
@@ -481,6 +485,9 @@ class MergeCore:
             raise EvomergeError(f"expected a Recipe, got {type(recipe).__name__}")
         recipe.validate(self.num_experts)
         method = recipe.spec
+        if method.statistics and self._context.statistics is None:
+            raise EvomergeError(f"merge method {method.name!r} needs data statistics ({', '.join(method.statistics)}) "
+                                "that this merge core was not given; a search collects them from its benchmarks' data")
         by_position, interned = {}, {}
         moved_before = self.stager.bytes_moved
         with torch.no_grad():

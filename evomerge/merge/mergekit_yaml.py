@@ -19,6 +19,7 @@ from typing import Optional
 
 import yaml
 
+from evomerge.errors import EvomergeError
 from evomerge.merge.loading import open_model
 from evomerge.merge.recipe import Recipe, layer_of, module_type_of
 
@@ -64,6 +65,8 @@ def recipe_to_mergekit_yaml(
     num_experts = len(expert_paths)
     recipe.validate(num_experts)
     spec = recipe.spec
+    if spec.mergekit_name is None:
+        raise EvomergeError(f"mergekit has no equivalent of the {spec.name!r} merge (it needs data statistics)")
     pre, post = _non_layer_tensors(base_path)
 
     def positions(layer: int):

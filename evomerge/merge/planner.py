@@ -167,7 +167,8 @@ def workspace_bytes(layout, num_experts: int, methods: Sequence, chunk_elements:
     """The largest merge workspace of `methods` (of every registered method when empty)."""
     unit = _unit_numel(layout, chunk_elements)
     chosen = list(methods) or list(METHODS.values())
-    return max(m.workspace_bytes(unit, num_experts, layout.dtype) for m in chosen)
+    merge = max(m.workspace_bytes(unit, num_experts, layout.dtype) for m in chosen)
+    return merge + max((m.statistics_bytes(layout, num_experts) for m in methods), default=0)
 
 
 def plan_memory(

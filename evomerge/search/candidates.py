@@ -26,11 +26,15 @@ from evomerge.errors import EvomergeError
 from evomerge.export import export_checkpoint
 from evomerge.merge import MergeCore, Recipe, recipe_to_mergekit_yaml
 from evomerge.merge.core import default_device
+from evomerge.merge.statistics import StatisticsFiles
 from evomerge.search.dfs_genome import dfs_genome_space, genome_to_path, path_genome
 from evomerge.search.genome import Genes, bounds_of, endpoint_genome, genome_space, genome_to_recipe, uniform_genome
 from evomerge.search.records import TrialKey
 from evomerge.search.sources import resolve_sources
 from evomerge.search.space import SearchSpace
+
+
+STATISTICS_DIR = "statistics"
 
 
 def candidate_seed(params: Mapping[str, float], base_seed: int) -> int:
@@ -116,10 +120,10 @@ class CandidateBuilder(ABC):
 class ParameterMerge(CandidateBuilder):
     """Parameter-space merges: the genome becomes a `Recipe`, merged in place into one model."""
 
-    def __init__(self, space: SearchSpace, core: MergeCore | None = None):
+    def __init__(self, space: SearchSpace, core: MergeCore | None = None, statistics: StatisticsFiles | None = None):
         self.space, self.merge = space, space.merge
         self.core = core or MergeCore(space.base, space.expert_paths, device=space_device(space),
-                                      methods=[self.merge.method], **space.memory)
+                                      methods=[self.merge.method], statistics=statistics, **space.memory)
         self.model, self.tokenizer = self.core.new_model()
         self.device, self.dtype = self.core.device, self.core.dtype
         self.num_layers = self.core.num_layers
@@ -231,7 +235,7 @@ class DataFlowMerge(CandidateBuilder):
         for source in self.dfs.sources:
             if source.run is None:
                 refs[source.name] = str(source.path)
-            else:
+            elif Recipe.from_dict(source.recipe).spec.mergekit_name is not None:  # else: no mergekit.yaml at all
                 intermediates[source.name] = recipe_to_mergekit_yaml(
                     Recipe.from_dict(source.recipe), source.run_base, source.run_experts, source.num_layers, dtype=dtype)
         return export_path(self.pool, self._path(attrs), out_dir, tokenizer=self.tokenizer, model_refs=refs,
@@ -270,6 +274,14 @@ def genes_of(space: SearchSpace, num_layers: int) -> Genes:
     return genome_space(space.merge, space.expert_names, num_layers)
 
 
-def make_builder(space: SearchSpace) -> CandidateBuilder:
-    """The builder for a space: a data-flow path when it has a `dfs` section, else a merge."""
-    return DataFlowMerge(space) if space.dfs is not None else ParameterMerge(space)
+def statistics_files(run_dir: str | Path) -> StatisticsFiles:
+    """Where a run keeps the data statistics its merge method reads (`evomerge.search.data_statistics`)."""
+    return StatisticsFiles(Path(run_dir) / STATISTICS_DIR)
+
+
+def make_builder(space: SearchSpace, run_dir: str | Path | None = None) -> CandidateBuilder:
+    """The builder for a space: a data-flow path when it has a `dfs` section, else a merge (reading the
+    data statistics of ``run_dir`` when its method needs them)."""
+    if space.dfs is not None:
+        return DataFlowMerge(space)
+    return ParameterMerge(space, statistics=statistics_files(run_dir) if run_dir is not None else None)

@@ -156,7 +156,9 @@ class OptunaOptimizer(SearchOptimizer):
         try:
             if self.name == "cmaes":
                 _require_cmaes()
-                return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **self.options)
+                with warnings.catch_warnings():  # x0 is deprecated from Optuna 4.9, kept until 6 (pyproject: <5.2)
+                    warnings.filterwarnings("ignore", message=".*`x0`.*", category=FutureWarning)
+                    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **self.options)
             if self.name == "tpe":
                 return optuna.samplers.TPESampler(seed=seed, **self.options)
             if self.name == "nsga2":
@@ -213,11 +215,13 @@ class NevergradOptimizer(SearchOptimizer):
     MAX_DUPLICATE_REASKS = 20
 
     def __init__(self, name, genome_space, directions, seed, registry_name: str,
-                 budget: int | None = None, options: Mapping[str, Any] | None = None):
+                 budget: int | None = None, options: Mapping[str, Any] | None = None,
+                 start: Mapping[str, float] | None = None):
         super().__init__(name, genome_space, directions, seed)
         self.registry_name = registry_name
         self.budget = budget
         self.options = dict(options or {})
+        self.start = dict(start) if start is not None else None
         self._names = list(self.genome_space)
         self._lows = np.array([lo for lo, _ in self.genome_space.values()])
         self._spans = np.array([hi - lo for lo, hi in self.genome_space.values()])
@@ -231,6 +235,8 @@ class NevergradOptimizer(SearchOptimizer):
         import nevergrad as ng  # 1.5 s to import: only for ng_ optimizers
 
         parametrization = ng.p.Array(shape=(len(self._names),), lower=0.0, upper=1.0)
+        if self.start is not None:  # CMA's mean starts there
+            parametrization.value = self._to_unit(self.start)
         parametrization.random_state.seed((self.seed ^ self.salt) % (2**32))
         try:
             with _quiet():
@@ -366,19 +372,37 @@ def make_optimizer(
     *,
     budget: int | None = None,
     options: Mapping[str, Any] | None = None,
+    start: Mapping[str, float] | None = None,
 ) -> SearchOptimizer:
     """Build the optimizer called ``name``; ``options`` go to the sampler/optimizer constructor.
 
     ``budget`` (total trials) only matters to nevergrad optimizers that plan for it (NGOpt).
+    ``start``: a genome the search starts around (CMA-ES's mean), e.g. learned coefficients.
     """
     space = validate_genome_space(genome_space)
     dirs = validate_directions(directions)
     registry_name = check_optimizer(name, len(dirs))
     key = str(name).lower()
+    if start is not None:
+        check_start(key)
+        start = {n: min(max(float(start[n]), lo), hi) for n, (lo, hi) in space.items()}
     if registry_name is None:
+        options = dict(options or {})
+        if start is not None:
+            options.setdefault("x0", start)
         return OptunaOptimizer(key, space, dirs, seed, options)
     return NevergradOptimizer(key if key in NEVERGRAD_ALIASES else name, space, dirs, seed,
-                              registry_name, budget=budget, options=options)
+                              registry_name, budget=budget, options=options, start=start)
+
+
+STARTABLE = ("cmaes", "ng_cma")
+"""Optimizers that can start their search around a given genome (CMA-ES's mean)."""
+
+
+def check_start(name: str) -> None:
+    if str(name).lower() not in STARTABLE:
+        raise EvomergeError(f"optimizer {name!r} cannot start at a given genome; optimizer.init needs one of "
+                            f"{', '.join(STARTABLE)}")
 
 
 def check_optimizer(name: str, n_objectives: int = 1) -> str | None:

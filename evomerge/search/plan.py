@@ -18,6 +18,7 @@ from evomerge.merge.layout import Layout
 from evomerge.merge.loading import check_compatible, open_model
 from evomerge.merge.memory import Budgets, format_bytes
 from evomerge.merge.planner import DEFAULT_DISK_BANDWIDTH, DEFAULT_HOST_BANDWIDTH, MemoryPlan, plan_memory
+from evomerge.merge.statistics import get_kind
 from evomerge.search.space import SearchSpace
 
 
@@ -40,4 +41,26 @@ def plan_space(space: SearchSpace, *, host_bandwidth: float = DEFAULT_HOST_BANDW
                        pinned=device.type == "cuda", what=f"merging {space.name} on {device}")
     header = (f"plan for {space.name}: {space.merge.method} on {device}, budgets: device {format_bytes(budgets.device)}, "
               f"host {format_bytes(budgets.host)}")
-    return plan, header + "\n" + plan.describe(host_bandwidth, disk_bandwidth)
+    lines = [header, plan.describe(host_bandwidth, disk_bandwidth)]
+    for kind in get_method(space.merge.method).statistics:
+        statistic = get_kind(kind)
+        lines.append(f"data statistics ({kind}): {format_bytes(statistic.bytes(layout))} per expert on disk "
+                     f"({format_bytes(statistic.bytes(layout) * len(experts))} in RUN/statistics/), read one tensor at "
+                     "a time while merging (in the workspace above)")
+    if space.optimizer_init == "learned":
+        lines.append(learning_plan(plan, layout, budgets))
+    return plan, "\n".join(lines)
+
+
+def learning_plan(plan: MemoryPlan, layout: Layout, budgets: Budgets) -> str:
+    """What learning the coefficients (`evomerge learn`) adds on the device: one merged copy of the model
+    whose tensors carry the gradient (the task vectors are re-read in the backward, not kept); refused
+    when that does not fit beside the merge core."""
+    merged = layout.numel * layout.element_size
+    needed = plan.device_bytes + merged
+    text = (f"learning (AdaMerging): one merged model beside the core, {format_bytes(merged)} "
+            f"({format_bytes(needed)} of {format_bytes(budgets.device)} on the device, before activations)")
+    if needed > budgets.device:
+        raise EvomergeError(f"{text}: over the device budget by {format_bytes(needed - budgets.device)}; give the "
+                            "merge core less (memory.device) or learn on a larger device")
+    return text

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from evomerge.console import warn
 from evomerge.errors import EvomergeError
 from evomerge.estimate.extract import stage_sizes
+from evomerge.merge import get_method
 from evomerge.merge.loading import check_compatible, open_model
 from evomerge.search.space import SearchSpace
 
@@ -24,6 +25,8 @@ def check_inputs(space: SearchSpace) -> dict:
     """Check the models' headers, the tokenizer and the benchmarks; returns the loaded benchmarks by name."""
     if space.merge is not None:
         _check_models(space)
+    if needs_data(space):
+        check_data_sources(space, f"merge method {space.merge.method!r}")
     tokenizer = _load_tokenizer(space.base)
     for path in space.extra_models:
         if not (Path(path) / "config.json").is_file():
@@ -56,3 +59,17 @@ def _load_tokenizer(base: str):
         return AutoTokenizer.from_pretrained(str(base))
     except (OSError, ValueError, TypeError) as error:
         raise EvomergeError(f"base model {base} has no usable tokenizer ({error}); benchmarks need one") from None
+
+
+def needs_data(space: SearchSpace) -> list[str]:
+    """The data statistics the space's merge method reads (empty: a black-box method)."""
+    return [] if space.merge is None else list(get_method(space.merge.method).statistics)
+
+
+def check_data_sources(space: SearchSpace, what: str) -> None:
+    """``what`` (a method's statistics, coefficient learning) needs unlabelled prompts: refuse a space without."""
+    if not any(b.data is not None for b in space.benchmarks):
+        raise EvomergeError(
+            f"{space.name}: {what} reads unlabelled prompts: give a benchmark a `data:` source (a file of "
+            "prompts, or {split: NAME} of its data; `data: self` uses its scored items' prompts, the "
+            "transductive setting)")

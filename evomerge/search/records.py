@@ -56,6 +56,7 @@ class StudyKey:
     FULL_ACCURACY = "full_accuracy:"        # + trial number: benchmark -> accuracy on every item (validation)
     NEVERGRAD_BUDGET = "evomerge_nevergrad_budget"  # the budget nevergrad was first built with (exact replay)
     GENES = "evomerge_genes"                # gene name -> [parameter, owner, group]: the genome's structure
+    LEARNED = "evomerge_learned"            # label -> {genome, losses, seconds}: coefficients learned from data
 
 
 def jsonable(value: Any) -> Any:

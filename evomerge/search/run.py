@@ -9,6 +9,7 @@ on any machine, scores the same items with the same estimators and starts in sec
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -19,16 +20,25 @@ from evomerge.console import say
 from evomerge.estimate import SubsetEstimator
 from evomerge.search.calibration import Calibration
 from evomerge.search.candidates import CandidateBuilder, make_builder
+from evomerge.search.data_statistics import UnlabelledSet, collect_statistics, unlabelled_sets
 from evomerge.search.driver import SearchDriver, SearchSummary
 from evomerge.search.optimizers import make_optimizer
-from evomerge.search.preflight import check_inputs
+from evomerge.search.plan import learning_plan
+from evomerge.search.learning import CoefficientLearner
+from evomerge.search.preflight import check_data_sources, check_inputs, needs_data
 from evomerge.search.racing import StagedScorer
 from evomerge.search.records import StudyKey, TrialKey, complete_trials, genome_key
 from evomerge.search.runs import open_run_study
 from evomerge.search.sources import pinned_trials, resolve_sources
-from evomerge.search.space import SearchSpace
-from evomerge.search.study import enqueue_first
+from evomerge.search.space import SearchSpace, check_learnable
+from evomerge.search.study import enqueue_first, enqueue_missing
 from evomerge.search.workers import study_lock
+
+
+def learned_label(space: SearchSpace) -> str:
+    """How a learned genome is named in `status`, the report and the demo table."""
+    granularity = {"global": "task-wise", "layer": "layer-wise"}.get(space.merge.granularity, "per layer group")
+    return f"adamerging ({granularity}{', attention / mlp' if space.merge.split_modules else ''})"
 
 
 def _synchronize(device) -> None:
@@ -52,7 +62,7 @@ class MergeSearch:
         self.progress = progress
         self.batch_size = batch_size
         self.benchmarks = check_inputs(space)  # seconds, before any weight is loaded
-        self.builder: CandidateBuilder = make_builder(resolve_sources(space, pinned_trials(self.run_dir)))
+        self.builder: CandidateBuilder = make_builder(resolve_sources(space, pinned_trials(self.run_dir)), self.run_dir)
         self.space = self.builder.space
         self.tokenizer = self.builder.tokenizer
         self.genome = self.builder.genome
@@ -61,9 +71,19 @@ class MergeSearch:
         self.estimators: dict[str, SubsetEstimator] = {}
         self._scorer: StagedScorer | None = None
         self._baseline_keys: set[tuple] | None = None
+        self._unlabelled: dict[str, UnlabelledSet] | None = None
+
+    def unlabelled(self) -> dict[str, UnlabelledSet]:
+        """The benchmarks' unlabelled prompts (data statistics, coefficient learning), read once."""
+        if self._unlabelled is None:
+            self._unlabelled = unlabelled_sets(self.space, self.benchmarks, progress=self.progress)
+        return self._unlabelled
 
     def prepare(self, study: Study | None = None) -> None:
-        """Fit or load each benchmark's estimator (`Calibration.estimators`)."""
+        """Collect the data statistics the merge method reads (before calibration: its merges need them),
+        then fit or load each benchmark's estimator (`Calibration.estimators`)."""
+        if needs_data(self.space):
+            collect_statistics(self.space, self.run_dir, self.builder, self.unlabelled(), study, self.progress)
         self.estimators = self.calibration.estimators(study)
 
     # ------------------------------------------------------------ objective
@@ -120,7 +140,36 @@ class MergeSearch:
             baselines = [(genome, {TrialKey.BASELINE: label}) for label, genome in self.baseline_genomes().items()]
             with study_lock(study, "baselines"):  # workers starting together: one enqueues them
                 enqueue_first(study, baselines)
+        learned = study.user_attrs.get(StudyKey.LEARNED, {})
+        if learned:  # a learned genome is scored until a trial of it completes (a kill mid-scoring loses nothing)
+            with study_lock(study, "baselines"):
+                enqueue_missing(study, [(entry["genome"], {TrialKey.BASELINE: label}) for label, entry in learned.items()])
         return study
+
+    def learn(self, study: Study) -> dict[str, float]:
+        """The space's coefficients learned from unlabelled prompts (AdaMerging, `evomerge.search.learning`),
+        kept in the study at once (a kill afterwards loses nothing) and enqueued as a named trial; a study
+        that holds them, learned with the same settings, is not taught again."""
+        label = learned_label(self.space)
+        settings = dataclasses.asdict(self.space.learn)
+        stored = dict(study.user_attrs.get(StudyKey.LEARNED, {}))
+        if label not in stored or stored[label].get("settings") != settings:
+            check_learnable(self.space.merge.method)
+            check_data_sources(self.space, "evomerge learn")
+            core = self.builder.core
+            learning_plan(core.plan, core.layout, core.budgets)  # refused here when it cannot fit
+            learner = CoefficientLearner(self.builder, self.unlabelled(), {b.name: b.weight for b in self.space.benchmarks},
+                                         self.space.learn, seed=self.space.data.seed)
+            if self.progress:
+                say(f"learning {len(learner.names)} coefficients ({label}) on the entropy of the merged model's "
+                    f"answers to {sum(len(s.items) for s in self.unlabelled().values())} unlabelled prompts")
+            result = learner.learn(progress=self.progress)
+            stored[label] = {"genome": result.genome, "settings": settings, "seconds": round(result.seconds, 2),
+                             "loss_first": result.losses[0], "loss_last": result.losses[-1]}
+            study.set_user_attr(StudyKey.LEARNED, stored)
+        genome = stored[label]["genome"]
+        enqueue_missing(study, [(genome, {TrialKey.BASELINE: label})])
+        return genome
 
     def run(self, n_trials: int | None = None) -> tuple[Study, SearchSummary]:
         """Start or continue the search until the study holds the budget of complete trials.
@@ -134,7 +183,9 @@ class MergeSearch:
         say(f"{'resuming' if done else 'starting'} search {self.space.name!r} in {self.run_dir}"
             + (f" ({done} of {budget} trials complete)" if done else ""))
         self.prepare(study)
-        optimizer = make_optimizer(self.space.optimizer, self.genome, self.directions, seed=self.space.seed, budget=budget)
+        start = self.learn(study) if self.space.optimizer_init == "learned" else None
+        optimizer = make_optimizer(self.space.optimizer, self.genome, self.directions, seed=self.space.seed,
+                                   budget=budget, start=start)
         driver = SearchDriver(study, optimizer, progress=self.progress)
         self.scorer.bind(study)
         return study, driver.run(self.objective, budget)

@@ -15,18 +15,29 @@ from typing import Any
 
 import yaml
 
-from evomerge.benchmarks import check_format, load_benchmark, option_keys
+from evomerge.benchmarks import check_format, load_benchmark, load_prompts, option_keys
 from evomerge.errors import EvomergeError
 from evomerge.estimate import METHODS as ESTIMATORS
 from evomerge.estimate.extract import STRATEGY_NAMES
 from evomerge.merge.memory import parse_bytes
 from evomerge.merge.methods import METHODS
 from evomerge.search.dfs_space import DataFlowSpace, parse_dfs_section
-from evomerge.search.optimizers import check_optimizer
+from evomerge.search.optimizers import check_optimizer, check_start
 
 GRANULARITIES = ("global", "layer_group", "layer")
 SPLITTABLE_MODULES = ("attention", "mlp")
 OBJECTIVE_MODES = ("mean", "per_task")
+
+
+LEARNABLE_METHODS = ("task_arithmetic",)
+"""Methods whose coefficients `evomerge learn` learns (their merge is differentiable in them)."""
+
+
+def check_learnable(method: str) -> None:
+    """Coefficients are learned through task arithmetic's merge (linear in them); refuse other methods."""
+    if method not in LEARNABLE_METHODS:
+        raise EvomergeError(f"coefficients are learned for {', '.join(LEARNABLE_METHODS)} merges; "
+                            f"this space merges with {method!r}")
 
 
 # What a space may search, and how, comes from each method's parameter spec (`evomerge.merge.methods`),
@@ -36,17 +47,53 @@ def searchable_params(method: str) -> list[str]:
     return [p.name for p in METHODS[method].params if not p.boolean]
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """Where a benchmark's unlabelled prompts come from (data statistics, coefficient learning): a file
+    or another split of the same data, never the scored items' answers. ``transductive``: the scored
+    items' own prompts (AdaMerging's transductive setting), said so wherever they are used."""
+
+    path: str
+    split: str | None = None
+    transductive: bool = False
+
+
 @dataclass
 class BenchmarkSpec:
     name: str
     path: str
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)   # fields, template, split, scoring, preset, generate keys...
+    data: DataSource | None = None
 
     def load(self, tokenizer=None):
         """The benchmark's items (`evomerge.benchmarks.load_benchmark` with this entry's options);
         with ``tokenizer``, a chat template asked for is checked now."""
         return load_benchmark(self.path, name=self.name, tokenizer=tokenizer, **self.options)
+
+    def load_data(self):
+        """The benchmark's unlabelled prompts (`DataSource`), read with the entry's own options."""
+        if self.data is None:
+            raise EvomergeError(f"benchmark {self.name!r} has no data: source of unlabelled prompts")
+        return load_prompts(self.data.path, self.name, self.options, split=self.data.split)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The `data:` section: how many unlabelled prompts data-informed merging reads, drawn by ``seed``."""
+
+    prompts: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LearnSettings:
+    """The `learn:` section: AdaMerging's gradient descent on the merge coefficients (`evomerge learn`)."""
+
+    steps: int = 100
+    lr: float = 0.02
+    batch: int = 8
+    init: float | None = None   # every coefficient's start (None: the middle of its range)
 
 
 @dataclass(frozen=True)
@@ -110,6 +157,9 @@ class SearchSpace:
     zoo: str | None = None
     memory: dict = field(default_factory=dict)  # MergeCore budgets: device_memory, host_memory, scoring_headroom (bytes)
     evaluation: Evaluation | None = None       # staged (raced) scoring; None: every candidate on subset_size items
+    data: DataSettings = field(default_factory=DataSettings)
+    learn: LearnSettings = field(default_factory=LearnSettings)
+    optimizer_init: str | None = None          # "learned": CMA-ES starts at the learned coefficients
     raw: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,6 +190,7 @@ class SearchSpace:
         config["name"] = self.name  # as a run folder stores it, whether or not the file named it
         config.get("optimizer", {}).pop("trials", None)
         config.pop("memory", None)
+        config.pop("learn", None)  # how coefficients are learned: a learned genome is one more enqueued trial
         return config
 
 
@@ -180,6 +231,11 @@ def _absolute_paths(raw: dict) -> dict:
     for entry in raw.get("benchmarks") or []:
         if isinstance(entry, dict):
             entry["path"] = resolve(entry.get("path"))
+            data = entry.get("data")
+            if isinstance(data, str) and data != "self":
+                entry["data"] = resolve(data)
+            elif isinstance(data, dict) and isinstance(data.get("path"), str):
+                data["path"] = resolve(data["path"])
             if isinstance(entry.get("fewshot"), dict) and entry["fewshot"].get("path"):
                 entry["fewshot"]["path"] = resolve(entry["fewshot"]["path"])
     estimator = raw.get("estimator")
@@ -199,7 +255,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     """Validate the parsed YAML mapping, naming the offending key in every error."""
     reader = _Reader(raw, source)
     known_sections = {"name", "zoo", "models", "merge", "dfs", "benchmarks", "estimator", "optimizer", "device",
-                      "memory", "evaluation"}
+                      "memory", "evaluation", "data", "learn"}
     reader.reject_unknown(raw, known_sections, "")
 
     models = reader.mapping("models")
@@ -228,14 +284,16 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         where = f"benchmarks[{index}]"
         if not isinstance(entry, dict):
             raise EvomergeError(f"{source}: {where} must be a mapping with name and path")
-        reader.reject_unknown(entry, {"name", "path", "weight", *option_keys()}, where)
+        reader.reject_unknown(entry, {"name", "path", "weight", "data", *option_keys()}, where)
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise EvomergeError(f"{source}: {where}.weight must be a positive number, got {weight!r}")
         name = reader.string(entry, "name", where)
-        options = {k: copy.deepcopy(v) for k, v in entry.items() if k not in ("name", "path", "weight")}
+        options = {k: copy.deepcopy(v) for k, v in entry.items() if k not in ("name", "path", "weight", "data")}
         check_format(options, f"{source}: {where} ({name})")
-        benchmarks.append(BenchmarkSpec(name, reader.string(entry, "path", where), float(weight), options=options))
+        path = reader.string(entry, "path", where)
+        data = _data_source(entry.get("data"), path, f"{source}: {where}.data")
+        benchmarks.append(BenchmarkSpec(name, path, float(weight), options=options, data=data))
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
         raise EvomergeError(f"{source}: benchmark names must be unique, got {names}")
@@ -258,7 +316,11 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     calibration_merges = reader.integer(estimator, "calibration_merges", "estimator", default=8, minimum=0)
 
     optimizer = raw.get("optimizer", {}) or {}
-    reader.reject_unknown(optimizer, {"name", "trials", "seed", "objectives", "baselines"}, "optimizer")
+    reader.reject_unknown(optimizer, {"name", "trials", "seed", "objectives", "baselines", "init"}, "optimizer")
+    optimizer_init = optimizer.get("init")
+    if optimizer_init not in (None, "learned"):
+        raise EvomergeError(f"{source}: optimizer.init {optimizer_init!r} is unknown; `learned` starts the search "
+                            "at the coefficients `evomerge learn` learned")
     objectives = optimizer.get("objectives", "mean")
     if objectives not in OBJECTIVE_MODES:
         raise EvomergeError(
@@ -269,6 +331,14 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         check_optimizer(optimizer_name, len(benchmarks) if objectives == "per_task" else 1)
     except EvomergeError as error:
         raise EvomergeError(f"{source}: optimizer.name: {error}") from None
+    if optimizer_init is not None:
+        try:
+            check_start(optimizer_name)
+            if merge is None:
+                raise EvomergeError("a data-flow space has no coefficients to learn")
+            check_learnable(merge.method)
+        except EvomergeError as error:
+            raise EvomergeError(f"{source}: optimizer.init: {error}") from None
     device = str(raw.get("device", "auto"))
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise EvomergeError(f"{source}: device must be auto, cpu or cuda[:N], got {device!r}")
@@ -299,6 +369,9 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         zoo=raw.get("zoo"),
         memory=memory,
         evaluation=evaluation,
+        data=_data_settings(reader, raw.get("data")),
+        learn=_learn_settings(reader, raw.get("learn")),
+        optimizer_init=optimizer_init,
         raw=copy.deepcopy(raw),
     )
 
@@ -393,6 +466,53 @@ def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]) -> M
     if not ranges:
         raise EvomergeError(f"{source}: merge method {method} leaves no parameter to search")
     return MergeSpec(method, granularity, layer_groups, split_modules, ranges, fixed)
+
+
+def _data_source(value: Any, path: str, where: str) -> DataSource | None:
+    """A benchmark's `data:`: a file of prompts, `{split: train}` (another split of the same data),
+    `{path, split}`, or `self` (the scored items' own prompts: the transductive setting)."""
+    if value is None:
+        return None
+    if value == "self":
+        return DataSource(path, transductive=True)
+    if isinstance(value, str) and value:
+        return DataSource(value)
+    if isinstance(value, dict) and set(value) <= {"path", "split"} and value:
+        data_path, split = value.get("path", path), value.get("split")
+        if not isinstance(data_path, str) or not data_path or (split is not None and not isinstance(split, str)):
+            raise EvomergeError(f"{where}: path and split must be strings")
+        if data_path == path and split is None:
+            raise EvomergeError(f"{where}: names the benchmark's own items; give another split, or `data: self` "
+                                "for their prompts on purpose (the transductive setting)")
+        return DataSource(data_path, split)
+    raise EvomergeError(f"{where} must be a file of prompts, {{split: NAME}}, {{path, split}} or self, got {value!r}")
+
+
+def _data_settings(reader: "_Reader", section: Any) -> DataSettings:
+    if section is None:
+        return DataSettings()
+    if not isinstance(section, dict):
+        raise EvomergeError(f"{reader.source}: data must be a mapping such as {{prompts: 64, seed: 0}}")
+    reader.reject_unknown(section, {"prompts", "seed"}, "data")
+    return DataSettings(reader.integer(section, "prompts", "data", default=64, minimum=1),
+                        reader.integer(section, "seed", "data", default=0, minimum=0))
+
+
+def _learn_settings(reader: "_Reader", section: Any) -> LearnSettings:
+    if section is None:
+        return LearnSettings()
+    if not isinstance(section, dict):
+        raise EvomergeError(f"{reader.source}: learn must be a mapping such as {{steps: 100, lr: 0.02, batch: 8}}")
+    reader.reject_unknown(section, {"steps", "lr", "batch", "init"}, "learn")
+    lr, init = section.get("lr", 0.02), section.get("init")
+    for key, value in (("lr", lr), ("init", init)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or (key == "lr" and value <= 0)):
+            raise EvomergeError(f"{reader.source}: learn.{key} must be a {'positive ' if key == 'lr' else ''}number, "
+                                f"got {value!r}")
+    return LearnSettings(reader.integer(section, "steps", "learn", default=100, minimum=1), float(lr),
+                         reader.integer(section, "batch", "learn", default=8, minimum=1),
+                         None if init is None else float(init))
 
 
 MEMORY_KEYS = {"device": "device_memory", "host": "host_memory", "scoring_headroom": "scoring_headroom"}

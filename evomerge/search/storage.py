@@ -311,6 +311,11 @@ def enqueued(trial: FrozenTrial) -> bool:
     return "fixed_params" in trial.system_attrs
 
 
+def planned_genome(trial: FrozenTrial) -> dict[str, float]:
+    """The trial's genome, also while it waits in the queue (its params are set only once it runs)."""
+    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
+
+
 def study_id(study: Study) -> int:
     return study._study_id
 

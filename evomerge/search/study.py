@@ -17,8 +17,8 @@ from optuna.study import Study
 from optuna.trial import TrialState
 
 from evomerge.errors import EvomergeError
-from evomerge.search.records import StudyKey, TrialKey, jsonable
-from evomerge.search.storage import fail_trial, open_storage, storage_url, trial_id
+from evomerge.search.records import StudyKey, TrialKey, genome_key, jsonable
+from evomerge.search.storage import fail_trial, open_storage, planned_genome, storage_url, trial_id
 from evomerge.search.workers import fail_stale_trials
 
 #: Config keys that may change on resume (the budget may grow).
@@ -144,3 +144,17 @@ def enqueue_first(study: Study, trials: Sequence[tuple[Mapping[str, float], Mapp
     for genome, user_attrs in trials:
         study.enqueue_trial(dict(genome), user_attrs=dict(user_attrs))
     return True
+
+
+def enqueue_missing(study: Study, trials: Sequence[tuple[Mapping[str, float], Mapping[str, Any]]]) -> int:
+    """Enqueue each ``(genome, user_attrs)`` no trial of the study has yet (waiting, running or complete);
+    returns how many were enqueued (a genome learned after the search began joins it this way)."""
+    have = {genome_key(planned_genome(t)) for t in study.get_trials(
+        deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE))}
+    count = 0
+    for genome, user_attrs in trials:
+        if genome_key(genome) not in have:
+            study.enqueue_trial(dict(genome), user_attrs=dict(user_attrs))
+            have.add(genome_key(genome))
+            count += 1
+    return count

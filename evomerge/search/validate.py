@@ -67,7 +67,7 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
     if missing:
         benchmarks = {b.name: b.load() for b in space.benchmarks}
         if builder is None:
-            builder = make_builder(space)
+            builder = make_builder(space, run_dir)
         for i, trial in enumerate(missing, 1):
             if progress:
                 say(f"validating trial {trial.number} ({i}/{len(missing)}) on all "

@@ -18,10 +18,13 @@ from pathlib import Path
 from evomerge.errors import EvomergeError
 from evomerge.files import writing
 from evomerge.zoo.profiles import PROFILES
-from evomerge.zoo.tasks import BENCH_TASKS, BENCHMARK_OPTIONS, MAX_BENCH_ITEMS, TASKS, TaskSampler, make_bench_items
+from evomerge.zoo.tasks import (BENCH_TASKS, BENCHMARK_OPTIONS, MAX_BENCH_ITEMS, TASKS, TaskSampler, make_bench_items,
+                                 make_data_items)
 from evomerge.zoo.training import _Progress, train_base, train_expert
 
 ZOO_VERSION = "5"
+DATA_ITEMS = 256
+"""Unlabelled prompts per task in ``data/`` (data statistics and coefficient learning read a sample of them)."""
 """Bump when the zoo recipe changes, so cached zoos (tests, demo) are rebuilt."""
 
 
@@ -75,6 +78,7 @@ def build_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", 
     sampler.exclude = {item["prompt"] for items in held_out.values() for item in items}
     for task, items in held_out.items():
         _write_jsonl(out / "bench" / f"{task}.jsonl", items[:n_items])
+    write_zoo_data(out, seed)
 
     total = settings.base_steps + settings.expert_steps * len(TASKS)
     with _Progress(progress, total) as bar:
@@ -95,12 +99,28 @@ def build_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", 
         "base": "base",
         "experts": {task: f"experts/{task}" for task in TASKS},
         "bench": {task: f"bench/{task}.jsonl" for task in BENCH_TASKS},
+        "data": {task: f"data/{task}.jsonl" for task in BENCH_TASKS},
         "benchmarks": {task: BENCHMARK_OPTIONS.get(task, {}) for task in BENCH_TASKS},
         "build_seconds": round(time.time() - started, 1),
         "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
     (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
     return out
+
+
+def write_zoo_data(zoo_dir: str | os.PathLike, seed: int) -> None:
+    """``data/<task>.jsonl``: unlabelled prompts of every task, none a benchmark prompt (drawn after the
+    benchmarks, apart from training: the weights do not depend on them). A zoo built before they existed
+    gets them here, without training anything."""
+    out = Path(zoo_dir)
+    sampler = TaskSampler(seed)
+    for task in BENCH_TASKS:
+        path = out / "data" / f"{task}.jsonl"
+        if path.is_file():
+            continue
+        bench = {item["prompt"] for item in make_bench_items(task, sampler, MAX_BENCH_ITEMS, seed)}
+        with writing(path):
+            _write_jsonl(path, make_data_items(task, sampler, DATA_ITEMS, seed, bench))
 
 
 def zoo_is_complete(zoo_dir: str | os.PathLike, profile: str | None = None, seed: int | None = None,
@@ -130,12 +150,14 @@ def ensure_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full",
     """
     out = Path(out_dir)
     if zoo_is_complete(out, profile, seed, bench_items):
+        write_zoo_data(out, seed)
         return out
     with writing(out):  # a full disk or a read-only folder: one line naming the zoo, no half-built folder left
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f".{out.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if zoo_is_complete(out, profile, seed, bench_items):
+                write_zoo_data(out, seed)
                 return out
             staging = out.parent / f".{out.name}.building-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)

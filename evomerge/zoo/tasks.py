@@ -246,6 +246,24 @@ def make_bench_items(task: str, sampler: TaskSampler, count: int, seed: int) -> 
     return items
 
 
+def make_data_items(task: str, sampler: TaskSampler, count: int, seed: int, exclude: set[str]) -> list[dict]:
+    """``count`` unlabelled prompts of ``task`` (choices, for multiple choice; no answer, no label), none of
+    them a benchmark prompt (``exclude``): the unlabelled data data-informed merging reads."""
+    rng = random.Random(f"data-{task}-{seed}")
+    seen = set(exclude)
+    items: list[dict] = []
+    while len(items) < count:
+        example = getattr(sampler, task)(rng)
+        if example.prompt in seen:
+            continue
+        seen.add(example.prompt)
+        item = {"id": f"{task}-data-{len(items):04d}", "prompt": example.prompt}
+        if task in CHOICE_ALPHABETS:
+            item["choices"] = near_miss_choices(list(example.answer), CHOICE_ALPHABETS[task], rng)
+        items.append(item)
+    return items
+
+
 def near_miss_choices(symbols: list[str], alphabet: str, rng: random.Random, n_choices: int = 4,
                       sep: str = "") -> list[str]:
     """Multiple-choice options: ``sep.join(symbols)`` plus distractors with the same 1-2 symbols

@@ -6,6 +6,8 @@
 | `task_arithmetic.py` | task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear |
 | `slerp.py` | slerp |
 | `model_stock.py` | model_stock |
+| `regmean.py` | regmean (data-informed: Gram matrices of each linear layer's inputs) |
+| `fisher.py` | fisher (data-informed: diagonal Fisher information) |
 
 Shared pieces: `base.py` (the `MergeMethod` interface and `Param` spec),
 `sparsify.py` (TIES / DARE / breadcrumbs / DELLA drops), `orders.py` (exact
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.methods.base import REQUIRED, BlockData, MergeMethod, Param
+from evomerge.merge.methods.fisher import FisherMerge
 from evomerge.merge.methods.linear import Linear, linear_combine
 from evomerge.merge.methods.model_stock import ModelStock, model_stock
+from evomerge.merge.methods.regmean import RegMean
 from evomerge.merge.methods.randomness import bernoulli_mask, mask_generator, mask_seed, random_keep
 from evomerge.merge.methods.slerp import Slerp
 from evomerge.merge.methods.task_arithmetic import FAMILY, TaskArithmetic, combine_task_vectors
@@ -42,7 +46,7 @@ def get_method(name: str) -> MergeMethod:
     return method
 
 
-for _method in (Linear(), *FAMILY, Slerp(), ModelStock()):
+for _method in (Linear(), *FAMILY, Slerp(), ModelStock(), RegMean(), FisherMerge()):
     register(_method)
 
 __all__ = [

@@ -128,6 +128,7 @@ class MergeMethod(ABC):
     base_is_input: bool = True  # mergekit: base_model set and the base listed as a source
     reference: str = ""
     side_kinds: tuple = ()  # names of the side data `prepare` makes (empty: nothing to prepare)
+    statistics: tuple = ()  # data statistics it reads (`evomerge.merge.statistics.KINDS`), collected before it merges
 
     # ------------------------------------------------------------------ spec
     def param(self, name: str) -> Param:
@@ -221,6 +222,10 @@ class MergeMethod(ABC):
         """Bytes per element of optional per-element caches (kept only where the plan has room)."""
         return 0
 
+    def statistics_bytes(self, layout, num_experts: int) -> int:
+        """Device bytes the data statistics of one tensor take while it merges (all experts' at once)."""
+        return 0
+
     def workspace_bytes(self, unit_numel: int, num_experts: int, dtype: torch.dtype) -> int:
         """Upper estimate of temporaries while merging a unit of `unit_numel` elements."""
         size = torch.empty((), dtype=dtype).element_size()
@@ -236,7 +241,8 @@ class MergeMethod(ABC):
 
     # ------------------------------------------------------------------ export
     @property
-    def mergekit_name(self) -> str:
+    def mergekit_name(self) -> str | None:
+        """The same method's name in mergekit; None where mergekit has no equivalent (data-informed methods)."""
         return self.name
 
     def __repr__(self) -> str:
