@@ -1,0 +1,216 @@
+"""Merges that learn from data against hand-set and black-box evolved ones, every model scored on every item.
+
+For one family (a search space: the demo zoo by default), each of these is merged and scored on
+all items of the space's benchmarks, raw and normalized (the share of each expert's gain over the
+base kept, as `evomerge demo` prints it), with the wall time of what it took:
+
+* base, each expert; uniform task arithmetic (weight 0.5 and 1.0), TIES (1.0, density 0.5): hand-set;
+* Fisher merging and RegMean (uniform weights, their defaults), from statistics of each expert on
+  its own task's unlabelled prompts (the benchmarks' `data:` sources);
+* AdaMerging, task-wise (one weight per expert) and layer-wise (one per expert and layer), learned
+  on the entropy of the merged model's answers to unlabelled prompts;
+* the black-box evolved merge: the space searched as shipped, its top 5 validated, the best exported
+  (as `evomerge demo` does);
+* the seeded evolved merge: the same search (task arithmetic at the space's granularity, the same
+  budget of scored trials) starting at the learned coefficients (`optimizer: {init: learned}`), and
+  the learned genome it starts from.
+
+    python tools/bench_datamerge.py --space search_spaces/demo.yaml --zoo runs/zoo --out runs/bench-datamerge
+    python tools/bench_datamerge.py --space search_spaces/smol_demo.yaml --out runs/bench-datamerge-smol
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evomerge.demo import normalized_accuracy  # noqa: E402
+from evomerge.evaluation import evaluate_models  # noqa: E402
+from evomerge.merge import Recipe  # noqa: E402
+from evomerge.search.data_statistics import collect_statistics  # noqa: E402
+from evomerge.search.genome import genome_to_recipe  # noqa: E402
+from evomerge.search.learning import CoefficientLearner  # noqa: E402
+from evomerge.search.records import StudyKey  # noqa: E402
+from evomerge.search.run import MergeSearch, learned_label  # noqa: E402
+from evomerge.search.runs import open_existing_study  # noqa: E402
+from evomerge.search.space import load_search_space  # noqa: E402
+from evomerge.search.validate import validate_top_trials  # noqa: E402
+from evomerge.trial_export import export_trial  # noqa: E402
+from evomerge.zoo import ensure_zoo  # noqa: E402
+
+HAND_SET = {
+    "task_arithmetic (uniform 0.5)": {"method": "task_arithmetic", "params": {"weight": 0.5}},
+    "task_arithmetic (uniform 1.0)": {"method": "task_arithmetic", "params": {"weight": 1.0}},
+    "ties (1.0, density 0.5)": {"method": "ties", "params": {"weight": 1.0, "density": 0.5}},
+}
+VALIDATE_TOP = 5
+
+
+def quiet_libraries() -> None:
+    import optuna
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def load_raw(space: Path, zoo: Path | None, zoo_seed: int, trials: int | None) -> dict:
+    """The space with its `runs/zoo` paths moved onto ``zoo`` (built for ``zoo_seed`` when missing)."""
+    raw = yaml.safe_load(space.read_text())
+    if zoo is not None:
+        ensure_zoo(zoo, seed=zoo_seed, progress=False)
+
+        def moved(value):
+            if isinstance(value, str) and value.startswith("runs/zoo"):
+                return str(zoo / Path(value).relative_to("runs/zoo"))
+            if isinstance(value, dict):
+                return {k: moved(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [moved(v) for v in value]
+            return value
+
+        raw = moved(raw)
+        raw.pop("zoo", None)
+    if trials:
+        raw["optimizer"]["trials"] = trials
+    raw["device"] = "cpu"
+    return raw
+
+
+def variant(raw: dict, out: Path, name: str, **merge) -> Path:
+    """``raw`` with its merge section replaced (method, granularity ...), written as ``out/name.yaml``."""
+    changed = copy.deepcopy(raw)
+    changed["name"] = name
+    changed["merge"] = {**{k: v for k, v in raw["merge"].items() if k in ("granularity", "layer_groups",
+                                                                            "split_modules")}, **merge}
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(changed, sort_keys=False))
+    return path
+
+
+def searched(raw: dict, out: Path, name: str) -> tuple[dict, MergeSearch, float]:
+    """Search ``raw`` to its budget, validate the top trials, export the best measured one."""
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**raw, "name": name}, sort_keys=False))
+    search = MergeSearch(load_search_space(path), out / name, progress=False)
+    started = time.perf_counter()
+    search.run()
+    rows = validate_top_trials(out / name, VALIDATE_TOP, progress=False, builder=search.builder)
+    seconds = time.perf_counter() - started
+    exported = export_trial(out / name, trial_number=rows[0].number, out_dir=out / name / "best", progress=False,
+                            builder=search.builder, force=True)
+    return {"export": exported, "trial": rows[0].number}, search, seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default="search_spaces/demo.yaml")
+    parser.add_argument("--zoo", help="zoo folder standing for the space's runs/zoo (built when missing)")
+    parser.add_argument("--zoo-seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench-datamerge")
+    parser.add_argument("--trials", type=int, help="budget of both searches (default: the space's)")
+    parser.add_argument("--steps", type=int, help="AdaMerging steps (default: the space's learn.steps)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    raw = load_raw(Path(args.space), Path(args.zoo).resolve() if args.zoo else None, args.zoo_seed, args.trials)
+    if args.steps:
+        raw.setdefault("learn", {})["steps"] = args.steps
+    experts = list(raw["models"]["experts"])
+    n = len(experts)
+    results: dict[str, dict] = {}
+    seconds: dict[str, dict] = {}
+
+    # hand-set merges and the endpoints, in one task-arithmetic builder
+    ta = MergeSearch(load_search_space(variant(raw, out, "ta", method="task_arithmetic",
+                                               params={"weight": [0.0, 1.5]})), out / "ta", progress=False)
+    benchmarks, tokenizer = ta.benchmarks, ta.tokenizer
+    results.update(evaluate_models({"base": raw["models"]["base"],
+                                    **{f"expert {e}": p for e, p in raw["models"]["experts"].items()}}, benchmarks))
+    for label, recipe in HAND_SET.items():
+        ta.builder.core.merge_into(ta.builder.model, Recipe.from_dict(recipe), seed=0)
+        results.update(evaluate_models({label: (ta.builder.model, tokenizer)}, benchmarks))
+    print("hand-set merges scored", file=sys.stderr, flush=True)
+
+    # data-informed methods: statistics, then the merge with their defaults
+    for method, params in (("fisher", {"weight": [1.0] * n}), ("regmean", {"weight": [1.0] * n, "alpha": 0.9})):
+        search = MergeSearch(load_search_space(variant(raw, out, method, method=method, granularity="global")),
+                             out / method, progress=False)
+        started = time.perf_counter()
+        collect_statistics(search.space, out / method, search.builder, search.unlabelled(), progress=False)
+        seconds[method] = {"statistics_s": round(time.perf_counter() - started, 1)}
+        search.builder.core.merge_into(search.builder.model, Recipe(method, params), seed=0)
+        results.update(evaluate_models({f"{method} (uniform)": (search.builder.model, tokenizer)}, benchmarks))
+        print(f"{method} scored", file=sys.stderr, flush=True)
+
+    # AdaMerging, task-wise and layer-wise
+    for granularity in ("global", "layer"):
+        search = MergeSearch(load_search_space(variant(raw, out, f"adamerging-{granularity}", method="task_arithmetic",
+                                                       granularity=granularity, split_modules=False,
+                                                       params={"weight": [0.0, 1.5]})),
+                             out / f"adamerging-{granularity}", progress=False)
+        learner = CoefficientLearner(search.builder, search.unlabelled(), {b.name: b.weight for b in search.space.benchmarks},
+                                     search.space.learn, seed=search.space.data.seed)
+        result = learner.learn(progress=False)
+        label = learned_label(search.space)
+        seconds[label] = {"learning_s": round(result.seconds, 1), "loss_first": round(result.losses[0], 4),
+                          "loss_last": round(result.losses[-1], 4)}
+        recipe = genome_to_recipe(search.space.merge, search.space.expert_names, result.genome,
+                                  search.builder.num_layers)
+        search.builder.core.merge_into(search.builder.model, recipe, seed=0)
+        results.update(evaluate_models({label: (search.builder.model, tokenizer)}, benchmarks))
+        print(f"{label} scored", file=sys.stderr, flush=True)
+
+    # black-box and seeded evolution, the same budget of scored trials
+    blackbox, _, blackbox_s = searched(raw, out, "evolved-blackbox")
+    seeded_raw = copy.deepcopy(raw)
+    seeded_raw["merge"] = {**{k: v for k, v in raw["merge"].items() if k in ("granularity", "layer_groups",
+                                                                             "split_modules")},
+                           "method": "task_arithmetic", "params": {"weight": [0.0, 1.5]}}
+    seeded_raw["optimizer"] = {**raw["optimizer"], "name": "cmaes", "init": "learned"}
+    seeded, seeded_search, seeded_s = searched(seeded_raw, out, "evolved-seeded")
+    study = open_existing_study(out / "evolved-seeded")
+    learned = study.user_attrs[StudyKey.LEARNED]
+    learned_name = learned_label(seeded_search.space)
+    recipe = genome_to_recipe(seeded_search.space.merge, seeded_search.space.expert_names,
+                              learned[learned_name]["genome"], seeded_search.builder.num_layers)
+    seeded_search.builder.core.merge_into(seeded_search.builder.model, recipe, seed=0)
+    results.update(evaluate_models({f"{learned_name} (seed of the search)": (seeded_search.builder.model, tokenizer)},
+                                   benchmarks))
+    results.update(evaluate_models({f"evolved, black-box ({raw['merge']['method']})": blackbox["export"],
+                                    "evolved, seeded (task_arithmetic from adamerging)": seeded["export"]}, benchmarks))
+    seconds["evolved, black-box"] = {"search_and_validation_s": round(blackbox_s, 1), "trials": raw["optimizer"]["trials"]}
+    seconds["evolved, seeded"] = {"search_and_validation_s": round(seeded_s, 1), "trials": raw["optimizer"]["trials"],
+                                  "learning_s": learned[learned_name]["seconds"]}
+
+    tasks = list(benchmarks)
+    normalized = normalized_accuracy(results, [t for t in experts if t in tasks])
+    lines = [f"| model | {' | '.join(tasks)} | mean | normalized mean |", "|---" * (len(tasks) + 3) + "|"]
+    for name, scores in results.items():
+        mean = sum(scores[t] for t in tasks) / len(tasks)
+        norm = [normalized[name][t] for t in tasks if normalized[name][t] == normalized[name][t]]
+        cells = [f"{scores[t]:.3f} ({normalized[name][t]:.2f})" for t in tasks]
+        lines.append(f"| {name} | {' | '.join(cells)} | {mean:.3f} | {sum(norm) / len(norm):.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    print(json.dumps(seconds, indent=1))
+    (out / "report.json").write_text(json.dumps({"space": args.space, "zoo": args.zoo, "zoo_seed": args.zoo_seed,
+                                                 "results": results, "normalized": normalized, "seconds": seconds},
+                                                indent=1))
+    (out / "table.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
