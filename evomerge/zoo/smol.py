@@ -167,6 +167,10 @@ SMOL_TASKS = ("add", "cipher", "reverse")
 SMOL_SCORING = {"add": "generate", "cipher": "multiple_choice", "reverse": "exact_match"}
 
 
+DATA_ITEMS = 256
+"""Unlabelled prompts per task in ``data/``."""
+
+
 def _spaced(word: str) -> str:
     return " ".join(word)
 
@@ -229,6 +233,37 @@ class SmolTasks:
                 item["answer"] = answer
             items.append(item)
         return items
+
+    def data_items(self, task: str, count: int, seed: int) -> list[dict]:
+        """``count`` unlabelled prompts of ``task`` (choices for cipher; no answer, no label), none a
+        benchmark prompt (``exclude``): what data-informed merging and `evomerge learn` read."""
+        import random
+
+        rng = random.Random(f"smol-data-{task}-{seed}")
+        seen = set(self.exclude)
+        items: list[dict] = []
+        while len(items) < count:
+            prompt, answer = getattr(self, task)(rng)
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            item = {"id": f"{task}-data-{len(items):04d}", "prompt": prompt}
+            if task == "cipher":
+                item["choices"] = _cipher_choices(answer, rng)
+            items.append(item)
+        return items
+
+
+def write_smol_data(out: str | os.PathLike, seed: int, heldout_items: int) -> None:
+    """``data/<task>.jsonl`` of a family (added to one built before they existed, without training)."""
+    out = Path(out)
+    tasks = SmolTasks(seed)
+    for task in SMOL_TASKS:
+        tasks.exclude |= {item["prompt"] for item in tasks.bench_items(task, heldout_items, seed)}
+    for task in SMOL_TASKS:
+        path = out / "data" / f"{task}.jsonl"
+        if not path.is_file():
+            _write_jsonl(path, tasks.data_items(task, DATA_ITEMS, seed))
 
 
 def _cipher_choices(answer: str, rng, n_choices: int = 4) -> list[str]:
@@ -382,6 +417,7 @@ def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, se
         raise EvomergeError(f"smol benchmarks hold at most {recipe.heldout_items} items per task (the ones its "
                             f"fine-tunes never saw), got --bench-items {n_items}")
     if smol_is_complete(out, n_items):
+        write_smol_data(out, _manifest(out).get("seed", seed), recipe.heldout_items)
         return out
     _require_gguf_package()
     out.mkdir(parents=True, exist_ok=True)
@@ -410,6 +446,7 @@ def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, se
                 heldout = tasks.bench_items(task, recipe.heldout_items, seed)
                 _write_jsonl(out / "bench" / f"{task}.jsonl", heldout[:n_items])
                 tasks.exclude |= {item["prompt"] for item in heldout}
+            write_smol_data(out, seed, recipe.heldout_items)
 
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -437,6 +474,7 @@ def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, se
             "base": "base", "base_fp32": "base-fp32", "tasks": list(SMOL_TASKS),
             "experts": {task: f"experts/{task}" for task in SMOL_TASKS},
             "bench": {task: f"bench/{task}.jsonl" for task in SMOL_TASKS}, "bench_items": n_items,
+            "data": {task: f"data/{task}.jsonl" for task in SMOL_TASKS},
             "scoring": SMOL_SCORING, "benchmarks": {task: _options(bench_entry(task, "")) for task in SMOL_TASKS},
             "recipe": asdict(recipe), "first_last_loss": losses, "seconds": timings,
         }
