@@ -383,7 +383,8 @@ def cmd_make_zoo(args) -> int:
         return 0
     from evomerge.zoo import ensure_zoo
 
-    path = ensure_zoo(args.out or "runs/zoo", seed=args.seed, profile=profile, bench_items=args.bench_items)
+    path = ensure_zoo(args.out or "runs/zoo", seed=args.seed, profile=profile, bench_items=args.bench_items,
+                      shipped=False)  # make-zoo builds: it is how the shipped zoo is made
     print(f"zoo ready in {path}")
     return 0
 

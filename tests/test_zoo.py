@@ -17,7 +17,9 @@ from evomerge.zoo import (
     KNOWN_LETTERS,
     TaskSampler,
     carryless_sum,
+    ZOO_VERSION,
     build_zoo,
+    ensure_zoo,
     load_zoo_manifest,
     MAX_BENCH_ITEMS,
     make_bench_items,
@@ -198,3 +200,19 @@ def test_uniform_task_arithmetic_keeps_every_skill(zoo_dir, one_torch_thread):
         if expert_acc > base_acc:
             kept = (merged_acc - base_acc) / (expert_acc - base_acc)
             assert kept >= MIN_KEPT[task], f"{task}: uniform task arithmetic keeps {kept:.2f} of the expert's gain"
+
+
+def test_the_shipped_zoo_is_this_versions_and_whole(tmp_path):
+    """The demo zoo ships built (tools/ship_zoo.py): its manifest names the code's zoo version, how it was
+    built, and a checksum per file; a recipe change that forgets to ship it again fails here."""
+    from evomerge.zoo.shipped import SHIPPED_ZOO, shipped_manifest, shipped_matches, verify_shipped
+
+    manifest = shipped_manifest()
+    assert manifest is not None, f"no shipped zoo in {SHIPPED_ZOO}: run python tools/ship_zoo.py"
+    assert manifest["version"] == ZOO_VERSION, "the zoo recipe changed: run python tools/ship_zoo.py"
+    assert manifest["seed"] == 0 and manifest["profile"] == "full"
+    assert {"commit", "command", "dtype", "sha256"} <= set(manifest["shipped"])
+    assert verify_shipped() == []
+    assert shipped_matches(ZOO_VERSION, "full", 0, manifest["bench_items"])
+    zoo = ensure_zoo(tmp_path / "zoo", seed=0, profile="full", progress=False)  # copied, not trained
+    assert zoo_is_complete(zoo, profile="full", seed=0) and (zoo / "data" / "arith.jsonl").is_file()

@@ -18,6 +18,7 @@ from pathlib import Path
 from evomerge.errors import EvomergeError
 from evomerge.files import writing
 from evomerge.zoo.profiles import PROFILES
+from evomerge.zoo.shipped import copy_shipped, shipped_matches
 from evomerge.zoo.tasks import (BENCH_TASKS, BENCHMARK_OPTIONS, MAX_BENCH_ITEMS, TASKS, TaskSampler, make_bench_items,
                                  make_data_items)
 from evomerge.zoo.training import _Progress, train_base, train_expert
@@ -142,9 +143,11 @@ def zoo_is_complete(zoo_dir: str | os.PathLike, profile: str | None = None, seed
 
 
 def ensure_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", progress: bool = True,
-               bench_items: int | None = None) -> Path:
+               bench_items: int | None = None, shipped: bool = True) -> Path:
     """Build the zoo unless a complete one is already there; safe when several processes race.
 
+    With ``shipped`` the zoo the package ships (`evomerge.zoo.shipped`) is copied instead
+    of trained when it is the zoo asked for (this version, profile and seed).
     A file lock serialises builders, and the zoo is built in a temporary sibling folder
     and renamed into place, so readers never see a half-written zoo.
     """
@@ -162,7 +165,10 @@ def ensure_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full",
             staging = out.parent / f".{out.name}.building-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                build_zoo(staging, seed=seed, profile=profile, progress=progress, bench_items=bench_items)
+                if shipped and shipped_matches(ZOO_VERSION, profile, seed, bench_items or PROFILES[profile].bench_items):
+                    copy_shipped(staging)
+                else:
+                    build_zoo(staging, seed=seed, profile=profile, progress=progress, bench_items=bench_items)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
