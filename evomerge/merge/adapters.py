@@ -109,7 +109,8 @@ class AdapterFiles:
 
     @property
     def device_bytes(self) -> int:
-        """Bytes of the adapter's tensors on the merge device (factors in their file dtype, full tensors in the base's)."""
+        """Bytes of the adapter's tensors on the merge device (factors in their file dtype, full tensors in the
+        base's)."""
         total = 0
         for change in self.low_rank.values():
             for key in (change.a_key, change.b_key):
@@ -269,7 +270,8 @@ def open_adapter(path, base: ModelFiles) -> AdapterFiles:
         for role in ("A", "B"):
             if role not in entry:
                 other = entry.get("B" if role == "A" else "A") or entry.get("bias")
-                raise EvomergeError(f"adapter file {file}: tensor {other} has no matching lora_{role} for module {module}")
+                raise EvomergeError(f"adapter file {file}: tensor {other} has no matching lora_{role} "
+                                    f"for module {module}")
         a_key, b_key = entry["A"], entry["B"]
         name = f"{module}.weight"
         _check_base_tensor(adapter, a_key, name, made_for)
@@ -373,7 +375,8 @@ class AdapterWeights:
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def delta(self, name: str) -> torch.Tensor:
-        """``transpose(B @ A) * scaling`` (or a LoRA bias times scaling) in peft's float dtype, shaped like the tensor."""
+        """``transpose(B @ A) * scaling`` (or a LoRA bias times scaling) in peft's float dtype, shaped like the
+        tensor."""
         change = self.files.low_rank[name]
         dtype = self._factor_dtype(name)
         b = self.tensors[change.b_key].to(dtype)

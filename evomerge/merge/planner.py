@@ -167,9 +167,11 @@ class MemoryPlan:
         )
         if self.adapter_bytes:
             adapters_total = model * len(self.adapter_bytes)
-            dense = sum(self.item_bytes(b) for (b, s), t in self.tiers.items() if s in self.adapter_bytes and t == DEVICE)
+            dense = sum(self.item_bytes(b) for (b, s), t in self.tiers.items()
+                        if s in self.adapter_bytes and t == DEVICE)
+            factors = format_bytes(sum(self.adapter_bytes.values()))
             lines.append(
-                f"adapters: {len(self.adapter_bytes)} LoRA expert(s), factors {format_bytes(sum(self.adapter_bytes.values()))} "
+                f"adapters: {len(self.adapter_bytes)} LoRA expert(s), factors {factors} "
                 f"on the device; task vectors {100 * dense / adapters_total:.0f}% dense on the device, "
                 f"{100 * self.bytes_on(FACTORS) / adapters_total:.0f}% recomputed from the factors per candidate "
                 f"({format_bytes(self.bytes_on(FACTORS))}, buffer {format_bytes(self.materialize_bytes)})"
