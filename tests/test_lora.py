@@ -29,7 +29,7 @@ from evomerge.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterWeig
 from evomerge.merge.layout import Layout
 from evomerge.merge.loading import open_model
 from evomerge.merge.planner import DEVICE, DISK, FACTORS, STAGING_SLOTS, workspace_bytes
-from evomerge.search.candidates import DataFlowMerge, ParameterMerge
+from evomerge.search.candidates import DataFlowMerge, ParameterMerge, load_model_folder
 from evomerge.search.plan import plan_space
 from evomerge.search.preflight import _check_models
 from evomerge.search.space import parse_search_space
@@ -343,3 +343,16 @@ def test_adapter_without_safetensors_is_refused(family, tmp_path):
     (folder / ADAPTER_WEIGHTS).rename(folder / "adapter_model.bin")
     with pytest.raises(EvomergeError, match=r"broken: no adapter_model.safetensors \(adapter_model.bin is not read"):
         MergeCore(family["base"], [folder], device="cpu")
+
+
+def test_an_adapter_alone_is_merged_into_the_base_it_records(family, tmp_path):
+    """`evomerge eval ADAPTER` (through load_checkpoint) scores the adapter merged into its adapter_config.json's
+    local base; a base that is not a local folder is refused, naming the adapter."""
+    model = load_model_folder(family["adapter"], None, "cpu")
+    reference = open_model(family["merged"]).load()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[name], reference[name]) for name in reference)
+    folder = _broken_copy(family, tmp_path, {"base_model_name_or_path": "someone/some-hub-model"})
+    with pytest.raises(EvomergeError, match=r"broken: its base_model_name_or_path 'someone/some-hub-model' is not "
+                                            "a local model folder"):
+        load_model_folder(folder, None, "cpu")

@@ -162,6 +162,16 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
+def recorded_base(path) -> str:
+    """The base an adapter records (``base_model_name_or_path``), for an adapter given without one; it must be
+    a local model folder (nothing is downloaded)."""
+    name = _read_config(Path(path)).get("base_model_name_or_path")
+    if not name or not (Path(name) / "config.json").is_file():
+        raise EvomergeError(f"adapter {path}: its base_model_name_or_path {name!r} is not a local model folder; "
+                            "name the base with the adapter (e.g. as an expert of a search space on that base)")
+    return str(name)
+
+
 def check_supported(config: dict, folder) -> None:
     """Refuse, naming the folder and the setting, what is not a plain LoRA weight delta."""
     peft_type = str(config.get("peft_type", "LORA")).upper()

@@ -25,7 +25,7 @@ from evomerge.dataflow.export import export_path
 from evomerge.errors import EvomergeError
 from evomerge.export import export_checkpoint
 from evomerge.merge import MergeCore, Recipe, recipe_to_mergekit_yaml
-from evomerge.merge.adapters import is_adapter, merge_adapter_into, mergekit_reference, open_adapter
+from evomerge.merge.adapters import is_adapter, merge_adapter_into, mergekit_reference, open_adapter, recorded_base
 from evomerge.merge.core import default_device
 from evomerge.merge.loading import open_model
 from evomerge.search.dfs_genome import dfs_genome_space, genome_to_path, path_genome
@@ -50,14 +50,14 @@ class Candidate:
 
 
 def load_model_folder(path: str | Path, dtype, device, base: str | Path | None = None):
-    """A model folder through ``from_pretrained`` (on ``device``, in ``dtype``; None: the checkpoint's);
-    a LoRA adapter folder: ``base`` loaded so, with the adapter merged as peft's merge_and_unload() does."""
+    """A model folder through ``from_pretrained`` (on ``device``, in ``dtype``); a LoRA adapter folder: ``base``
+    (None: the local base its adapter_config.json records) loaded so, with the adapter merged as peft's
+    merge_and_unload() does."""
     if not Path(path).is_dir():
         raise EvomergeError(f"model folder not found: {path}")
     if not is_adapter(path):
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    if base is None:
-        raise EvomergeError(f"{path} is a LoRA adapter; it is read only as an expert of a space's base model")
+    base = base or recorded_base(path)
     adapter = open_adapter(path, open_model(base))  # checked against the base before the weights load
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(device).eval()
     return merge_adapter_into(model, adapter)
@@ -66,8 +66,11 @@ def load_model_folder(path: str | Path, dtype, device, base: str | Path | None =
 def load_checkpoint(path: str | Path, dtype, device, base: str | Path | None = None) -> tuple[Any, Any]:
     """A checkpoint folder's model (on ``device``, in ``dtype``) and tokenizer, loaded from disk.
 
-    A LoRA adapter folder gives ``base`` with the adapter merged, and the base's tokenizer.
+    A LoRA adapter folder gives ``base`` (None: the one it records) with the adapter merged, and the
+    base's tokenizer.
     """
+    if is_adapter(path):
+        base = base or recorded_base(path)
     model = load_model_folder(path, dtype, device, base)
     return model, AutoTokenizer.from_pretrained(str(base if is_adapter(path) else path))
 
