@@ -276,7 +276,8 @@ def test_space_preflight_plan_and_checkpoint_model_take_an_adapter(family, tmp_p
 
 
 def test_data_flow_source_may_be_an_adapter(family, tmp_path):
-    """A data-flow source that is an adapter is the base with the adapter merged; its export names it BASE+ADAPTER."""
+    """A data-flow source that is an adapter is the base with the adapter merged; its export names it
+    BASE+ADAPTER, which mergekit re-makes."""
     raw = _space(family, tmp_path, dfs={"sources": ["adapter", "full"], "max_layers": 6})
     del raw["merge"]
     space = parse_search_space(raw)
@@ -288,9 +289,13 @@ def test_data_flow_source_may_be_an_adapter(family, tmp_path):
     genome = builder.baseline_genomes()["source adapter"]
     attrs = builder.candidate(genome).attrs
     out = builder.export(attrs, tmp_path / "dfs_export")
-    assert f"{family['base']}+{family['adapter']}" in (out / "mergekit.yaml").read_text()
+    text = (out / "mergekit.yaml").read_text()
+    assert f"{family['base']}+{family['adapter']}" in text
     exported = open_model(out).load()
     assert all(torch.equal(exported[n], reference[n]) for n in reference)
+    pytest.importorskip("mergekit")
+    theirs = _run_mergekit(text, tmp_path / "remade", tmp_path / "cache")
+    assert set(theirs) == set(exported) and all(torch.equal(theirs[n], exported[n]) for n in exported)
 
 
 def _broken_copy(family, tmp_path, config=None, tensors=None) -> Path:
