@@ -198,6 +198,8 @@ def test_export_is_remade_by_mergekit_yaml(family, tmp_path):
     recipe = Recipe("ties", {"weight": W, "density": 0.5})
     out = export_checkpoint(core, recipe, tmp_path / "export", seed=0, base_path=str(family["base"]),
                             expert_paths=[str(p) for p in experts], expert_names=["full", "adapter"])
+    assert "- expert `adapter`: `" + str(family["adapter"]) + "` (LoRA adapter on the base)" in (
+        out / "README.md").read_text()
     cli = Path(sys.executable).parent / "mergekit-yaml"
     subprocess.run([str(cli), str(out / "mergekit.yaml"), str(tmp_path / "remade"), "--lora-merge-cache",
                     str(tmp_path / "cache"), "--no-copy-tokenizer"], check=True, capture_output=True)
