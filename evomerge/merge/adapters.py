@@ -120,11 +120,6 @@ class AdapterFiles:
             total += _numel(self.base.shapes[name]) * _element_size(self.base.dtypes[name])
         return total
 
-    def describe(self) -> str:
-        ranks = sorted({c.rank for c in self.low_rank.values() if c.a_key is not None})
-        return (f"LoRA adapter {self.path} (rank {', '.join(map(str, ranks)) or '-'}): {len(self.low_rank)} low-rank, "
-                f"{len(self.replaced)} saved full tensor(s)")
-
 
 def _numel(shape) -> int:
     count = 1
