@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 from rich.table import Table
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.benchmarks import Benchmark, load_benchmark, score_records, write_records
 from evomerge.console import full_width_console
 from evomerge.errors import EvomergeError
+from evomerge.search.candidates import load_checkpoint
 from evomerge.search.runs import SPACE_FILE
 from evomerge.search.space import load_search_space
 
@@ -31,13 +31,14 @@ def benchmarks_for(paths: list[str] | None, space: str | None) -> dict[str, Benc
 
 
 def load_model(path: str | Path, device: str | None = None):
-    """(model, tokenizer) from a Hugging Face folder, through from_pretrained."""
+    """(model, tokenizer) from a Hugging Face folder, through from_pretrained; a LoRA adapter folder is
+    merged into the local base its adapter_config.json records."""
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise EvomergeError(f"{path} is not a Hugging Face model folder (no config.json)")
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise EvomergeError(f"{path} is not a Hugging Face model folder (no config.json) nor a LoRA adapter "
+                            "(no adapter_config.json)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(str(path))
+    return load_checkpoint(path, None, device)
 
 
 def evaluate_models(models: dict, benchmarks: dict[str, Benchmark], batch_size: int = 128,

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Mapping
 from evomerge.errors import EvomergeError
 from evomerge.files import check_free_space, write_text_atomic, writing
 from evomerge.merge import MergeCore, Recipe, recipe_to_mergekit_yaml
+from evomerge.merge.adapters import is_adapter
 
 RECIPE_FILE = "evomerge_recipe.json"
 MERGEKIT_FILE = "mergekit.yaml"
@@ -205,7 +206,8 @@ def model_card(
         f"- method: **{recipe.method}**",
         f"- base model: `{base_path}`",
     ]
-    lines += [f"- expert `{name}`: `{path}`" for name, path in zip(names, expert_paths)]
+    lines += [f"- expert `{name}`: `{path}`" + (" (LoRA adapter on the base)" if is_adapter(path) else "")
+              for name, path in zip(names, expert_paths)]
     lines.append(f"- candidate seed: {seed}")
     for key, value in details.items():
         lines.append(f"- {key}: {value}")

@@ -130,3 +130,41 @@ def write_tiny_arch_family(root, arch: str = "qwen2", num_experts: int = 3, num_
         _save(model, root / f"expert{e}", None)
         experts.append(root / f"expert{e}")
     return root / "base", experts
+
+
+def write_tiny_lora(base_path, path, seed: int = 0, scale: float = 0.05, dtype=None, **lora_kwargs):
+    """Save a PEFT LoRA adapter of `base_path` with random (nonzero) factors and saved tensors; returns the path.
+
+    `lora_kwargs` go to peft's LoraConfig (target_modules, r, lora_alpha, use_rslora, ...).
+    The factors are N(0, scale) and every trainable tensor (modules_to_save, biases)
+    gets N(0, scale / 10) added, so each change the adapter can make is exercised.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype or "auto")
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=generator).to(param.dtype)
+            if "lora_" in name:
+                param.copy_(noise * scale)
+            else:
+                param.add_(noise * scale / 10)
+    peft_model.save_pretrained(str(path))
+    return Path(path)
+
+
+def peft_merged(base_path, adapter_path, out_path=None) -> dict:
+    """The base with the adapter merged by peft's merge_and_unload() (saved to `out_path` if given): name -> tensor."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_path))
+    merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
+    if out_path is not None:
+        _save(merged, out_path, None)
+    return {name: tensor.detach().clone() for name, tensor in merged.state_dict().items()}

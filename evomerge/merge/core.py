@@ -4,7 +4,9 @@ Layout (`evomerge.merge.layout`): every floating tensor of the base gets a
 slice of one flat index space, grouped into per-layer blocks. The memory plan
 (`evomerge.merge.planner`) puts each block of the base and of every task
 vector (expert - base) on the device, in host memory or leaves it on disk,
-within `device_memory` / `host_memory`. A merge walks the blocks in order
+within `device_memory` / `host_memory`; an expert may be a LoRA adapter
+folder (`evomerge.merge.adapters`), whose task vector is made from its
+factors kept on the device. A merge walks the blocks in order
 (`evomerge.merge.streaming`): resident blocks are read in place, the others
 are copied into staging while the previous block merges. Every path gives the
 same bits: the same per-block units and the same math run on identical inputs.
@@ -21,16 +23,18 @@ import contextlib
 import json
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.adapters import AdapterFiles, AdapterWeights, is_adapter, open_adapter, open_experts
 from evomerge.merge.layout import DEFAULT_BLOCK_ELEMENTS, Layout, TensorSlot  # noqa: F401 (TensorSlot re-exported)
 from evomerge.merge.loading import check_compatible, open_model
 from evomerge.merge.memory import Budgets, Ledger
 from evomerge.merge.methods import get_method
-from evomerge.merge.planner import BASE, DEVICE, DISK, HOST, plan_memory
+from evomerge.merge.planner import BASE, DEVICE, DISK, FACTORS, HOST, plan_memory
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.statistics import StatisticsFiles
 from evomerge.merge.streaming import Stager
@@ -198,8 +202,7 @@ class MergeCore:
         if not self.expert_paths:
             raise EvomergeError("a merge needs at least one expert model")
         self.base_files = open_model(base_path)
-        self.expert_files = [open_model(p) for p in self.expert_paths]
-        check_compatible(self.base_files, self.expert_files)
+        self.expert_files = open_experts(self.base_files, self.expert_paths)  # ModelFiles or AdapterFiles
         self.config = self.base_files.config
         self.num_layers = self.base_files.num_layers
         self.num_experts = len(self.expert_files)
@@ -215,15 +218,19 @@ class MergeCore:
         self.methods = [get_method(m) for m in methods]
 
         self.budgets = Budgets.resolve(self.device, device_memory, host_memory, scoring_headroom)
+        adapter_files = {e: f for e, f in enumerate(self.expert_files) if isinstance(f, AdapterFiles)}
         self.plan = plan_memory(
             self.layout, self.num_experts, self.budgets, methods=self.methods,
             pinned=self.device.type == "cuda", chunk_elements=self.chunk_elements,
+            adapters={e: f.device_bytes for e, f in adapter_files.items()},
         )
         self.ledger = Ledger()
         self.ledger.add(DEVICE, "resident model", self.plan.resident_bytes)
         self.ledger.add(DEVICE, "workspace", self.plan.workspace_bytes)
+        self.adapters = {e: AdapterWeights(f, self.device) for e, f in adapter_files.items()}
+        self.ledger.add(DEVICE, "adapter factors", sum(a.nbytes for a in self.adapters.values()))
         self._load()
-        self.stager = Stager(self.plan, self.layout, self.stores, self.disk, self.device, self.ledger)
+        self.stager = Stager(self.plan, self.layout, self.stores, self.disk, self.device, self.ledger, self.adapters)
         self._context = _Context(
             side=SideData(self.ledger, self.plan.cache_room, cache_orderings),
             work=Workspace(self.num_experts, self.dtype, self.device,
@@ -252,7 +259,7 @@ class MergeCore:
                     self.ledger.add(tier, "base blocks" if source == BASE else "task vector blocks", store.nbytes)
         files = {BASE: self.base_files, **dict(enumerate(self.expert_files))}
         self.disk = {s: DiskSource(files[s]) for s in plan.sources
-                     if any(plan.tier(b.index, s) == DISK for b in layout.blocks)}
+                     if any(plan.tier(b.index, s) == DISK for b in layout.blocks)}  # never an adapter (FACTORS)
 
         block_of = {slot.name: self._block_of[slot.index] for slot in self.slots}
         self.passthrough = {}
@@ -265,7 +272,16 @@ class MergeCore:
             tier = plan.tier(block.index, BASE)
             if tier != DISK:
                 self.stores[(tier, BASE)].slot_view(block, self.slot_by_name[name]).copy_(tensor.reshape(-1))
+        for e, adapter in self.adapters.items():  # dense task-vector blocks of LoRA experts, made from the factors
+            for block in layout.blocks:
+                if plan.tier(block.index, e) != DEVICE:
+                    continue
+                store = self.stores[(DEVICE, e)]
+                for slot in block.slots:
+                    adapter.task_vector_into(slot.name, self._base_slot(block, slot), store.slot_view(block, slot))
         for e, files in enumerate(self.expert_files):
+            if e in self.adapters:
+                continue
             wanted = [s.name for s in self.slots if plan.tier(block_of[s.name].index, e) != DISK]
             for name, tensor in files.iter_tensors(wanted):
                 slot = self.slot_by_name[name]
@@ -305,6 +321,9 @@ class MergeCore:
             return self.stores[(DEVICE, expert)].slot_view(block, slot)
         if tier == HOST:
             return self.stores[(HOST, expert)].slot_view(block, slot).to(self.device)
+        if tier == FACTORS:
+            base = self._base_slot(block, slot)
+            return self.adapters[expert].task_vector_into(slot.name, base, torch.empty_like(base))
         weights = self.disk[expert].view(slot.name).to(device=self.device, dtype=self.dtype)
         return torch.sub(weights, self._base_slot(block, slot))
 
@@ -421,17 +440,34 @@ class MergeCore:
         """Write a compatible checkpoint's own weights (e.g. the base or one expert) into `model`, in place.
 
         Lets a search score its endpoints in the model it already holds instead of
-        loading a second copy onto the device. Tensors are read one at a time.
+        loading a second copy onto the device. Tensors are read one at a time. A LoRA
+        adapter folder gives the base with the adapter merged as peft's merge_and_unload()
+        does (from the factors this core holds when it is one of its experts).
         """
-        files = open_model(path)
-        check_compatible(self.base_files, [files])
         arena = getattr(model, "_evomerge_arena", None)
         if arena is None or getattr(model, "_evomerge_layout", None) != id(self):
             raise EvomergeError("load_weights_into needs a model made by this core's new_model()")
+        if is_adapter(path):
+            adapter = self._adapter_weights(path)
+            for block in self.layout.blocks:
+                for slot in block.slots:
+                    base = self._base_slot(block, slot)
+                    merged = adapter.merged(slot.name, base) if adapter.changes(slot.name) else base
+                    arena[slot.offset : slot.end].copy_(merged.reshape(-1))
+            return model
+        files = open_model(path)
+        check_compatible(self.base_files, [files])
         for name, tensor in files.iter_tensors(self.tensor_names):
             slot = self.slot_by_name[name]
             arena[slot.offset : slot.end].copy_(tensor.reshape(-1))
         return model
+
+    def _adapter_weights(self, path) -> AdapterWeights:
+        """This core's loaded adapter for `path` when it is one of its experts, else the adapter read now."""
+        for adapter in self.adapters.values():
+            if adapter.files.path.resolve() == Path(path).resolve():
+                return adapter
+        return AdapterWeights(open_adapter(path, self.base_files), self.device)
 
     # ------------------------------------------------------------------ merging
     def _units(self, recipe: Recipe, block, by_position: dict, interned: dict) -> list[_Unit]:

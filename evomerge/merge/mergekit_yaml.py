@@ -20,6 +20,7 @@ from typing import Optional
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.adapters import mergekit_note, mergekit_reference
 from evomerge.merge.loading import open_model
 from evomerge.merge.recipe import Recipe, layer_of, module_type_of
 
@@ -60,7 +61,8 @@ def recipe_to_mergekit_yaml(
     dtype: str = "float32",
 ) -> str:
     """mergekit-yaml config text for `recipe` merging `expert_paths` onto `base_path`."""
-    expert_paths = [str(p) for p in expert_paths]
+    note = mergekit_note(expert_paths)
+    expert_paths = [mergekit_reference(p, base_path) for p in expert_paths]  # a LoRA adapter: BASE+ADAPTER
     base = str(base_path)
     num_experts = len(expert_paths)
     recipe.validate(num_experts)
@@ -111,7 +113,7 @@ def recipe_to_mergekit_yaml(
         config["base_model"] = base
     config["dtype"] = dtype
     config["slices"] = slices
-    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    return note + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 
 
 def write_mergekit_yaml(path, recipe: Recipe, base_path, expert_paths, num_layers: int, dtype: str = "float32"):

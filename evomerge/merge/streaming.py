@@ -9,7 +9,10 @@ stream: a slot is refilled only after the merge that read it. On CPU the same
 code runs with the worker thread doing plain copies, so the tests exercise the
 pipeline and its buffer reuse. A disk block of a task vector holds the
 expert's weights after the copy; `walk` turns it into the task vector
-(expert - base, the same operation the loader uses for resident blocks).
+(expert - base, the same operation the loader uses for resident blocks). A
+LoRA adapter's block in the `factors` tier is not copied at all: `walk`
+recomputes it on the device from the adapter's factors and the block's base
+values (the same function the loader uses for its dense blocks).
 """
 
 from __future__ import annotations
@@ -20,23 +23,28 @@ from typing import Iterator, Optional
 import torch
 
 from evomerge.merge.methods.base import BlockData
-from evomerge.merge.planner import BASE, DEVICE, DISK, HOST, STAGING_SLOTS
+from evomerge.merge.planner import BASE, DEVICE, DISK, FACTORS, HOST, STAGING_SLOTS
 
 
 class Stager:
     """Double-buffered staging of non-resident block inputs with copy/compute overlap."""
 
-    def __init__(self, plan, layout, stores: dict, disk_sources: dict, device: torch.device, ledger):
+    def __init__(self, plan, layout, stores: dict, disk_sources: dict, device: torch.device, ledger,
+                 adapters: Optional[dict] = None):
         self.plan = plan
         self.layout = layout
         self.stores = stores  # (tier, source) -> BlockStore
         self.disk = disk_sources  # source -> DiskSource
+        self.adapters = adapters or {}  # source -> AdapterWeights (LoRA experts)
         self.device = device
         self.cuda = device.type == "cuda"
         slot_numel = plan.staging_slot_numel
         dtype = layout.dtype
         self.slots = [torch.empty(slot_numel, dtype=dtype, device=device) for _ in range(STAGING_SLOTS)] if slot_numel else []
         ledger.add(DEVICE, "staging", sum(s.numel() * s.element_size() for s in self.slots))
+        recompute_numel = plan.materialize_slot_numel
+        self.recompute = torch.empty(recompute_numel, dtype=dtype, device=device) if recompute_numel else None
+        ledger.add(DEVICE, "adapter buffer", recompute_numel * plan.element_size)
         self.pinned = []
         if self.cuda and plan.pinned_staging_bytes:
             pinned_numel = plan.pinned_staging_bytes // plan.element_size // STAGING_SLOTS
@@ -99,9 +107,15 @@ class Stager:
     def _data(self, block, k: Optional[int]) -> BlockData:
         regions = self._regions(block, k) if k is not None else {}
 
+        recomputed = self.plan.recomputed(block.index)
+
         def source_view(source):
-            if self.plan.tier(block.index, source) == DEVICE:
+            tier = self.plan.tier(block.index, source)
+            if tier == DEVICE:
                 return self.stores[(DEVICE, source)].view(block)
+            if tier == FACTORS:
+                start = recomputed.index(source) * block.numel
+                return self.recompute[start : start + block.numel]
             return regions[source]
 
         base = source_view(BASE)
@@ -109,6 +123,8 @@ class Stager:
         for e in range(self.plan.num_experts):
             if self.plan.tier(block.index, e) == DISK:
                 tvs[e].sub_(base)  # staged expert weights -> task vector
+            elif self.plan.tier(block.index, e) == FACTORS:
+                self.adapters[e].block_task_vector_into(block, base, tvs[e])
         return BlockData(block.start, base, tvs)
 
     # ------------------------------------------------------------------ all blocks

@@ -25,7 +25,9 @@ from evomerge.dataflow.export import export_path
 from evomerge.errors import EvomergeError
 from evomerge.export import export_checkpoint
 from evomerge.merge import MergeCore, Recipe, recipe_to_mergekit_yaml
+from evomerge.merge.adapters import is_adapter, merge_adapter_into, mergekit_reference, open_adapter, recorded_base
 from evomerge.merge.core import default_device
+from evomerge.merge.loading import open_model
 from evomerge.merge.statistics import StatisticsFiles
 from evomerge.search.dfs_genome import dfs_genome_space, genome_to_path, path_genome
 from evomerge.search.genome import Genes, bounds_of, endpoint_genome, genome_space, genome_to_recipe, uniform_genome
@@ -51,12 +53,30 @@ class Candidate:
     attrs: dict
 
 
-def load_checkpoint(path: str | Path, dtype, device) -> tuple[Any, Any]:
-    """A checkpoint folder's model (on ``device``, in ``dtype``) and tokenizer, loaded from disk."""
+def load_model_folder(path: str | Path, dtype, device, base: str | Path | None = None):
+    """A model folder through ``from_pretrained`` (on ``device``, in ``dtype``); a LoRA adapter folder: ``base``
+    (None: the local base its adapter_config.json records) loaded so, with the adapter merged as peft's
+    merge_and_unload() does."""
     if not Path(path).is_dir():
         raise EvomergeError(f"model folder not found: {path}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(str(path))
+    if not is_adapter(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    base = base or recorded_base(path)
+    adapter = open_adapter(path, open_model(base))  # checked against the base before the weights load
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(device).eval()
+    return merge_adapter_into(model, adapter)
+
+
+def load_checkpoint(path: str | Path, dtype, device, base: str | Path | None = None) -> tuple[Any, Any]:
+    """A checkpoint folder's model (on ``device``, in ``dtype``) and tokenizer, loaded from disk.
+
+    A LoRA adapter folder gives ``base`` (None: the one it records) with the adapter merged, and the
+    base's tokenizer.
+    """
+    if is_adapter(path):
+        base = base or recorded_base(path)
+    model = load_model_folder(path, dtype, device, base)
+    return model, AutoTokenizer.from_pretrained(str(base if is_adapter(path) else path))
 
 
 class CandidateBuilder(ABC):
@@ -111,10 +131,11 @@ class CandidateBuilder(ABC):
     def checkpoint_model(self, path: str | Path):
         """The model of a checkpoint folder as it is (an endpoint or an extra model), for calibration.
 
-        This default loads it from disk onto the builder's device; a builder that holds
-        a model of the same architecture may load the weights into it instead.
+        This default loads it from disk onto the builder's device (a LoRA adapter: the
+        space's base with it merged); a builder that holds a model of the same
+        architecture may load the weights into it instead.
         """
-        return load_checkpoint(path, self.dtype, self.device)[0]
+        return load_model_folder(path, self.dtype, self.device, base=self.space.base)
 
 
 class ParameterMerge(CandidateBuilder):
@@ -136,7 +157,8 @@ class ParameterMerge(CandidateBuilder):
         return Candidate(self.model, {TrialKey.RECIPE: recipe.to_dict(), TrialKey.MERGE_SEED: seed})
 
     def checkpoint_model(self, path):
-        """The base or an expert as it is, loaded into the model the merges write to (no second copy)."""
+        """The base or an expert as it is (a LoRA adapter merged into the base), loaded into the model the
+        merges write to (no second copy)."""
         return self.core.load_weights_into(self.model, path)
 
     def rebuild(self, attrs):
@@ -177,7 +199,8 @@ class ParameterMerge(CandidateBuilder):
 class DataFlowMerge(CandidateBuilder):
     """Data-flow merges: the genome becomes a layer path through loaded source models (no weight copies).
 
-    Sources are loaded once: model folders with ``from_pretrained``, a
+    Sources are loaded once: model folders with ``from_pretrained`` (a LoRA
+    adapter: the space's base with the adapter merged into it), a
     parameter-space run's trial merged by the merge core (which is then freed).
     A run named as a source is resolved first (`evomerge.search.sources`).
     """
@@ -201,8 +224,7 @@ class DataFlowMerge(CandidateBuilder):
 
     def _load(self, source):
         if source.run is None:
-            model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=self.dtype or "auto")
-            return model.to(self.device).eval()
+            return load_model_folder(source.path, self.dtype or "auto", self.device, base=source.adapter_base)
         core = MergeCore(source.run_base, source.run_experts, device=self.device, dtype=self.dtype,
                          **self.space.memory)  # the space's budgets hold while the PS merge is re-made
         model, _ = core.new_model()
@@ -233,8 +255,8 @@ class DataFlowMerge(CandidateBuilder):
         dtype = str(self.dtype).removeprefix("torch.")
         refs, intermediates = {}, {}
         for source in self.dfs.sources:
-            if source.run is None:
-                refs[source.name] = str(source.path)
+            if source.run is None:  # a LoRA adapter as mergekit names it: BASE+ADAPTER
+                refs[source.name] = mergekit_reference(source.path, source.adapter_base or self.space.base)
             elif Recipe.from_dict(source.recipe).spec.mergekit_name is not None:  # else: no mergekit.yaml at all
                 intermediates[source.name] = recipe_to_mergekit_yaml(
                     Recipe.from_dict(source.recipe), source.run_base, source.run_experts, source.num_layers, dtype=dtype)

@@ -13,6 +13,10 @@ dfs:
     - [{source: lang, layers: [0, 2]}, {source: arith, layers: [2, 4]}]
 ```
 
+A source may be a LoRA adapter folder on the space's base: its layers are the
+base's with the adapter merged in (peft's merge_and_unload(), done by evomerge
+when the source loads).
+
 Everything that can be wrong with the section is found here, from model headers
 alone, before a model is loaded: a source that is neither a model nor a run folder,
 sources whose layers cannot be stacked (hidden size, heads, vocabulary...), budgets
@@ -34,6 +38,7 @@ import yaml
 
 from evomerge.dataflow.path import DataFlowPath
 from evomerge.errors import EvomergeError
+from evomerge.merge.adapters import is_adapter, open_adapter
 from evomerge.merge.loading import open_model
 from evomerge.merge.recipe import layer_of
 
@@ -61,6 +66,7 @@ class DataFlowSource:
 
     name: str
     path: str | None                    # model folder (None for a run)
+    adapter_base: str | None = None     # for a LoRA adapter folder: the base it is merged into
     run: str | None = None              # run folder of a parameter-space search
     trial: int | None = None            # that run's trial whose merge is the source (None: its winner, once resolved)
     recipe: dict | None = None          # the trial's stored recipe and merge seed (read when resolved)
@@ -84,7 +90,7 @@ class DataFlowSource:
     def identity(self) -> dict:
         """What a study records about this source (a resumed study must find it unchanged)."""
         if self.run is None:
-            return {"path": self.path}
+            return {"path": self.path} if self.adapter_base is None else {"path": self.path, "base": self.adapter_base}
         return {"run": self.run, "trial": self.trial}
 
 
@@ -202,7 +208,7 @@ def _source(entry: Any, index: int, models: dict[str, str], source: str) -> Data
         if entry not in models:
             raise EvomergeError(f"{where}: {entry!r} is not a model of this space; "
                                 f"name one of {', '.join(models)} or give {{name, source: runs/NAME}}")
-        return _model_source(entry, models[entry], where)
+        return _model_source(entry, models[entry], where, models["base"])
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry.get("name"):
         raise EvomergeError(f"{where} must be a model name or a mapping {{name, source: runs/NAME}}")
     unknown = sorted(set(entry) - {"name", "source", "trial"})
@@ -214,19 +220,23 @@ def _source(entry: Any, index: int, models: dict[str, str], source: str) -> Data
     if trial is not None and (isinstance(trial, bool) or not isinstance(trial, int) or trial < 0):
         raise EvomergeError(f"{where}.trial must be a trial number, got {trial!r}")
     folder = Path(entry["source"])
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").is_file() or is_adapter(folder):
         if trial is not None:
             raise EvomergeError(f"{where}: {folder} is a model folder; trial applies to run folders only")
-        return _model_source(entry["name"], str(folder), where)
+        return _model_source(entry["name"], str(folder), where, models["base"])
     return _run_source(entry["name"], folder, trial, where)
 
 
-def _model_source(name: str, path: str, where: str) -> DataFlowSource:
+def _model_source(name: str, path: str, where: str, base: str) -> DataFlowSource:
+    """A model folder, or a LoRA adapter on the space's ``base`` (its layers: the base's, sized from its headers)."""
+    adapter_base = base if is_adapter(path) else None
     try:
-        files = open_model(path)
+        files = open_model(adapter_base or path)
+        if adapter_base is not None:
+            open_adapter(path, files)
     except EvomergeError as error:
         raise EvomergeError(f"{where} ({name}): {error}") from None
-    return _with_sizes(DataFlowSource(name, path), files)
+    return _with_sizes(DataFlowSource(name, path, adapter_base=adapter_base), files)
 
 
 def _with_sizes(spec: DataFlowSource, files) -> DataFlowSource:

@@ -1,7 +1,8 @@
 """`evomerge plan SPACE.yaml`: where a search's weights would live, from configs and headers only.
 
 Reads the models' config.json and safetensors headers (no weights, seconds
-even for 70B), checks that base and experts fit together, and places every
+even for 70B), checks that base and experts fit together (an expert may be a
+LoRA adapter folder: its factors are accounted on the device), and places every
 block of the merge (`evomerge.merge.planner`) within the budgets: the same
 plan the merge core would make at the start of the search. A budget that
 cannot hold the resident model, the workspace and the staging buffers is
@@ -14,8 +15,9 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
+from evomerge.merge.adapters import AdapterFiles, open_experts
 from evomerge.merge.layout import Layout
-from evomerge.merge.loading import check_compatible, open_model
+from evomerge.merge.loading import open_model
 from evomerge.merge.memory import Budgets, format_bytes
 from evomerge.merge.planner import DEFAULT_DISK_BANDWIDTH, DEFAULT_HOST_BANDWIDTH, MemoryPlan, plan_memory
 from evomerge.merge.statistics import get_kind
@@ -29,8 +31,8 @@ def plan_space(space: SearchSpace, *, host_bandwidth: float = DEFAULT_HOST_BANDW
         raise EvomergeError(f"{space.name} is a data-flow space: its layers are loaded whole, there is no merge "
                             "to plan")
     base = open_model(space.base)
-    experts = [open_model(p) for p in space.expert_paths]
-    check_compatible(base, experts)
+    experts = open_experts(base, space.expert_paths)
+    adapters = {e: files.device_bytes for e, files in enumerate(experts) if isinstance(files, AdapterFiles)}
     if space.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -38,7 +40,7 @@ def plan_space(space: SearchSpace, *, host_bandwidth: float = DEFAULT_HOST_BANDW
     budgets = Budgets.resolve(device, **space.memory)
     layout = Layout.from_files(base)
     plan = plan_memory(layout, len(experts), budgets, methods=[get_method(space.merge.method)],
-                       pinned=device.type == "cuda", what=f"merging {space.name} on {device}")
+                       pinned=device.type == "cuda", what=f"merging {space.name} on {device}", adapters=adapters)
     header = (f"plan for {space.name}: {space.merge.method} on {device}, budgets: device {format_bytes(budgets.device)}, "
               f"host {format_bytes(budgets.host)}")
     lines = [header, plan.describe(host_bandwidth, disk_bandwidth)]

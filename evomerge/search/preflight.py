@@ -17,7 +17,8 @@ from evomerge.console import warn
 from evomerge.errors import EvomergeError
 from evomerge.estimate.extract import stage_sizes
 from evomerge.merge import get_method
-from evomerge.merge.loading import check_compatible, open_model
+from evomerge.merge.adapters import open_experts
+from evomerge.merge.loading import open_model
 from evomerge.search.space import SearchSpace
 
 
@@ -45,9 +46,10 @@ def check_inputs(space: SearchSpace) -> dict:
 
 
 def _check_models(space: SearchSpace) -> None:
-    """Base and experts can be merged tensor by tensor; the granularity fits the layers."""
+    """Base and experts (full fine-tunes or LoRA adapters on the base) can be merged tensor by tensor; the
+    granularity fits the layers."""
     base = open_model(space.base)
-    check_compatible(base, [open_model(path) for path in space.expert_paths])
+    open_experts(base, space.expert_paths)
     merge = space.merge
     if merge.granularity == "layer_group" and merge.layer_groups > base.num_layers:
         warn(f"merge.layer_groups {merge.layer_groups} is more than the {base.num_layers} layers of "
