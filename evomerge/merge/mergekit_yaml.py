@@ -9,7 +9,12 @@ are planned by mergekit with the first / last slice's parameters, so those
 slices also carry exact-name filters for them, placed first.
 
 Every parameter is written fully resolved (method defaults included), so the
-YAML does not depend on mergekit's defaults staying the same.
+YAML does not depend on mergekit's defaults staying the same. Methods without
+a base input (linear, karcher, the SLERPs of the experts' own weights) get no
+`base_model` and no base source; a method's `mergekit=False` parameters shape
+the config instead of being written (`MergeMethod.uses_base`). `dtype` and
+`out_dtype` are the merge dtype: mergekit then computes in it and writes it,
+as the core does.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ def recipe_to_mergekit_yaml(
     if spec.mergekit_name is None:
         raise EvomergeError(f"mergekit has no equivalent of the {spec.name!r} merge (it needs data statistics)")
     pre, post = _non_layer_tensors(base_path)
+    uses_base = spec.uses_base(recipe.resolved_params(None, None, num_experts))
+    exported = [p.name for p in spec.params if p.mergekit]
 
     def positions(layer: int):
         """(filter, layer, module_type) in first-match order for one slice."""
@@ -89,18 +96,18 @@ def recipe_to_mergekit_yaml(
         for e, path in enumerate(expert_paths):
             params = {
                 name: _setting([(filt, r[name][e]) for filt, r in resolved])
-                for name in spec.param_names
+                for name in exported
                 if name in spec.per_expert
             }
             source = {"model": path, "layer_range": [layer, layer + 1]}
             if params:
                 source["parameters"] = params
             sources.append(source)
-        if spec.base_is_input:
+        if uses_base:
             sources.append({"model": base, "layer_range": [layer, layer + 1]})
         shared = {
             name: _setting([(filt, r[name]) for filt, r in resolved])
-            for name in spec.param_names
+            for name in exported
             if name not in spec.per_expert
         }
         out_slice = {"sources": sources}
@@ -109,9 +116,10 @@ def recipe_to_mergekit_yaml(
         slices.append(out_slice)
 
     config = {"merge_method": spec.mergekit_name}
-    if spec.base_is_input:
+    if uses_base:
         config["base_model"] = base
     config["dtype"] = dtype
+    config["out_dtype"] = dtype  # a few kernels (arcee_fusion, ramplus_tl) return float32; the core writes `dtype`
     config["slices"] = slices
     return note + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 

@@ -119,6 +119,11 @@ class Recipe:
         ]:
             for name, value in params.items():
                 spec.check_param(name, value, where)
+                if where != "recipe" and spec.param(name).recipe_wide:
+                    raise EvomergeError(
+                        f"parameter {name!r} of {spec.name!r} holds for the whole merge; set it in the recipe's "
+                        f"params, not in {where}"
+                    )
 
     @property
     def spec(self) -> MergeMethod:

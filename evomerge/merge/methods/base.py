@@ -33,7 +33,11 @@ class Param:
     value per expert (mergekit's per-model parameters); the others are shared.
     The domain is `low`/`high` with open or closed ends. `grid` makes searched
     values snap to multiples of it (threshold tables exist only there);
-    `search` is the default search range a space uses.
+    `integer` ones take whole numbers (searched values round to them);
+    `search` is the default search range a space uses. `recipe_wide`
+    parameters have one value for the whole merge (overrides may not set
+    them), and `mergekit=False` ones shape the export instead of being
+    written as a mergekit parameter (e.g. whether the base is an input).
     """
 
     name: str
@@ -46,6 +50,9 @@ class Param:
     high_open: bool = False
     grid: Optional[float] = None
     search: Optional[tuple[float, float]] = None
+    integer: bool = False
+    recipe_wide: bool = False
+    mergekit: bool = True
 
     @property
     def domain(self) -> str:
@@ -53,7 +60,8 @@ class Param:
             return "true or false"
         low = "-inf" if self.low is None else f"{self.low:g}"
         high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+        interval = f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+        return f"{interval} (whole numbers)" if self.integer else interval
 
     def contains(self, value: float) -> bool:
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
@@ -70,12 +78,19 @@ class Param:
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise EvomergeError(f"parameter {self.name!r} must be a finite number, got {value!r} ({where})")
-        if not self.contains(value):
+        if not self.contains(value) or (self.integer and value != int(value)):
             raise EvomergeError(f"{self.name} must be in {self.domain}, got {value} ({where})")
 
     def snap(self, value: float) -> float:
-        """The grid value nearest to `value`, kept inside the domain."""
-        if self.grid is None or self.boolean:
+        """The grid value (or whole number) nearest to `value`, kept inside the domain."""
+        if self.boolean:
+            return value
+        if self.integer:
+            whole = round(value)
+            if not self.contains(whole):
+                whole += 1 if whole <= (self.low or 0) else -1
+            return whole
+        if self.grid is None:
             return value
         steps = round(value / self.grid)
         decimals = max(0, -int(math.floor(math.log10(self.grid))))
@@ -187,7 +202,7 @@ class MergeMethod(ABC):
         result = dict(params)
         for name, value in params.items():
             param = next((p for p in self.params if p.name == name), None)
-            if param is None or param.grid is None:
+            if param is None or (param.grid is None and not param.integer):
                 continue
             result[name] = [param.snap(v) for v in value] if isinstance(value, list) else param.snap(value)
         return result
@@ -195,6 +210,13 @@ class MergeMethod(ABC):
     def search_ranges(self) -> dict:
         """Default searched parameters of a search space using this method, with their ranges."""
         return {p.name: p.search for p in self.params if p.search is not None}
+
+    def uses_base(self, params: dict) -> bool:
+        """Whether the base is an input of a merge with these resolved (recipe-wide) parameters.
+
+        mergekit: `base_model` set and the base listed as a source of every slice.
+        """
+        return self.base_is_input
 
     def endpoint(self, expert: Optional[int], num_experts: int) -> Optional[dict]:
         """Parameter values whose merge is `expert` alone (or the base for None); None if none is.
