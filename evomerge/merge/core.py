@@ -24,7 +24,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -125,7 +125,8 @@ class Workspace:
 
 @dataclass
 class _Context:
-    """What a method's per-block calls may use (``statistics``: the data statistics, for methods that read them)."""
+    """What a method's per-block calls may use (``statistics``: the data statistics, for methods that read them;
+    ``read_expert(slot, expert)``: an expert's own weights of one tensor, read from its checkpoint)."""
 
     side: SideData
     work: Workspace
@@ -133,6 +134,7 @@ class _Context:
     device: torch.device
     prepared: set = field(default_factory=set)
     statistics: Optional[StatisticsFiles] = None
+    read_expert: Optional[Callable] = None
 
 
 _META_BUILD = threading.local()
@@ -238,9 +240,11 @@ class MergeCore:
             num_experts=self.num_experts,
             device=self.device,
             statistics=statistics,
+            read_expert=self.expert_weights,
         )
         self._out_flat: Optional[torch.Tensor] = None
         self._moved_last = 0
+        self._checkpoints: dict = {}  # BASE or expert -> DiskSource, for `expert_weights`
         if self.methods:
             self._prepare(self.methods)
 
@@ -326,6 +330,35 @@ class MergeCore:
             return self.adapters[expert].task_vector_into(slot.name, base, torch.empty_like(base))
         weights = self.disk[expert].view(slot.name).to(device=self.device, dtype=self.dtype)
         return torch.sub(weights, self._base_slot(block, slot))
+
+    def expert_weights(self, slot: TensorSlot, expert: int) -> torch.Tensor:
+        """Expert `expert`'s own weights of one tensor, read from its checkpoint (a flat copy on the merge device).
+
+        The blocks hold task vectors, and base + (expert - base) rounds back to the expert only
+        where the subtraction was exact (not always in bf16); methods that merge the experts'
+        weights themselves read them here (`evomerge.merge.methods.experts`). A LoRA expert's
+        weights are its base checkpoint's with the adapter merged as peft merges it: the model
+        mergekit's BASE+ADAPTER reads.
+        """
+        adapter = self.adapters.get(expert)
+        if adapter is None:
+            weights = self._checkpoint_tensor(expert, slot.name)
+        else:
+            base = self._checkpoint_tensor(BASE, slot.name, convert=False)
+            weights = adapter.merged(slot.name, base) if adapter.changes(slot.name) else base
+        return weights.to(device=self.device, dtype=self.dtype).reshape(-1)
+
+    def _checkpoint_tensor(self, source: int, name: str, convert: bool = True) -> torch.Tensor:
+        """One tensor of the base (`BASE`) or of a full expert as its checkpoint holds it (a copy, on the merge
+        device; in the merge dtype when `convert`)."""
+        files = self._checkpoints.get(source)
+        if files is None:
+            model_files = self.base_files if source == BASE else self.expert_files[source]
+            files = self._checkpoints[source] = DiskSource(model_files)
+        dtype = self.dtype if convert else None
+        tensor = files.view(name).to(device=self.device, dtype=dtype, copy=True)
+        files.release(name)
+        return tensor
 
     def clear_cache(self) -> None:
         """Forget all side data (it is prepared again at the next merge)."""
