@@ -31,6 +31,7 @@ EXPORT_FILE = "evomerge_export.json"
 """Written last into every export: the run that wrote it (``{"owner": {"study": ..., "run": ...}}``)."""
 LEGACY_RECORDS = (RECIPE_FILE,)  # exports made before EXPORT_FILE: their details name the study
 RANDOM_METHODS = ("dare_ties", "dare_linear", "della")
+SAMPLED_METHODS = ("arcee_fusion",)  # random samples of tensors over 1M elements (their quartiles)
 
 
 def check_export_target(out_dir: str | Path, owner: Mapping | None = None, force: bool = False) -> None:
@@ -243,6 +244,12 @@ def model_card(
             "",
             "Note: this method drops parameters at random; mergekit draws its own random masks,",
             "so its result matches this checkpoint in distribution, not bit for bit.",
+        ]
+    if recipe.method in SAMPLED_METHODS:
+        lines += [
+            "",
+            "Note: on tensors of over 1M elements this method reads its threshold off a random sample;",
+            "mergekit draws its own sample there, so those tensors match in distribution, not bit for bit.",
         ]
     return "\n".join(lines) + "\n"
 
