@@ -179,8 +179,9 @@ class MemoryPlan:
         if self.cache_bytes_wanted:
             fit = min(self.cache_room, self.cache_bytes_wanted)
             lines.append(
-                f"side data: rank caches would take {format_bytes(self.cache_bytes_wanted)}; "
-                f"{format_bytes(fit)} fit on the device, threshold tables for the rest"
+                f"side data: per-element caches (rank caches, SCE's variance) would take "
+                f"{format_bytes(self.cache_bytes_wanted)}; {format_bytes(fit)} fit on the device, "
+                "threshold tables or recomputation for the rest"
             )
         streamed = self.streamed_bytes()
         lines.append(
