@@ -297,11 +297,16 @@ def test_recipe_errors_name_the_parameter(make, pattern):
         make()
 
 
-def test_multislerp_of_cancelling_inputs_names_the_tensor():
+def test_multislerp_without_a_direction_names_the_tensor():
+    """Where mergekit raises (no mean direction among 3+ inputs), so does evomerge, naming the tensor and why."""
     a = torch.randn(8)
     with pytest.raises(EvomergeError, match="multislerp of tensor model.norm.weight: the weighted sum"):
         multislerp(torch.stack([a, -a, torch.zeros(8)]), [1.0, 1.0, 1.0], normalize_weights=True, eps=1e-8,
                    name="model.norm.weight")
+    with pytest.raises(EvomergeError, match="every expert's task vector is zero there .*task_vectors: false"):
+        multislerp(torch.zeros(3, 8), [1.0, 1.0, 1.0], normalize_weights=True, eps=1e-8, name="model.norm.weight")
+    two = multislerp(torch.zeros(2, 8), [1.0, 1.0], normalize_weights=True, eps=1e-8, name="model.norm.weight")
+    assert torch.equal(two, torch.zeros(8))  # two inputs: mergekit's linear fallback
 
 
 def test_recipes_round_trip_and_snap_whole_numbers():

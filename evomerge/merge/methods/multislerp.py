@@ -30,9 +30,15 @@ def multislerp(stacked: torch.Tensor, weights: list, *, normalize_weights: bool,
     if mean_norm < eps:
         if stacked.shape[0] == 2:  # mergekit falls back to a linear interpolation
             return (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
+        if not bool((norms > 0).any()):
+            raise EvomergeError(
+                f"multislerp of tensor {name}: every expert's task vector is zero there (no expert changed it), "
+                "which has no direction to interpolate (mergekit 0.1.5 fails on it too); merge the experts' "
+                "weights (task_vectors: false) or use another method"
+            )
         raise EvomergeError(
             f"multislerp of tensor {name}: the weighted sum of the unit inputs is zero (antipodal inputs "
-            "whose weights cancel); choose other weights"
+            "whose weights cancel; mergekit 0.1.5 fails on it too); choose other weights"
         )
     mean = mean / mean_norm
     dots = (units * mean).sum(-1, keepdim=True)
