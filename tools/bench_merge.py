@@ -11,7 +11,13 @@ model-sized safetensors write.
 
     python tools/bench_merge.py            # ~0.3B, bf16, 3 experts, models cached in runs/.cache/
     python tools/bench_merge.py --small    # tiny models, seconds
+    python tools/bench_merge.py --size medium   # ~34M parameters: per-candidate costs beyond mergekit's start-up
     python tools/bench_merge.py --family runs/smol   # a real family: SmolLM2-135M and its experts (make-zoo --profile smol)
+    python tools/bench_merge.py --small --methods sce,karcher,nearswap --mergekit-methods all
+
+Methods that merge a fixed number of experts (nuslerp: 2; nearswap, arcee_fusion: 1) use the
+first ones of the family, with a core of their own; "x mergekit" is mergekit's run_merge time over
+the core's time per candidate, both measured in the same run.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from evomerge.merge.core import resolve_dtype  # noqa: E402
 SIZES = {
     # hidden, intermediate, layers, heads, vocab  -> ~0.30B parameters
     "full": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=18, num_attention_heads=16, vocab_size=32000),
+    "medium": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, vocab_size=8000),
     "small": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, vocab_size=1000),
 }
 
@@ -105,7 +112,20 @@ def recipes(num_experts: int, num_layers: int) -> dict:
         "dare_ties": Recipe("dare_ties", {"weight": w, "density": 0.5}),
         "breadcrumbs": Recipe("breadcrumbs", {"weight": w, "density": 0.8, "gamma": 0.02}),
         "della": Recipe("della", {"weight": w, "density": 0.5, "epsilon": 0.1}),
+        "sce": Recipe("sce", {"select_topk": 0.5}),
+        "karcher": Recipe("karcher", {}),
+        # the experts' weights: the random family's norms are 1 + noise below bf16's resolution, so their
+        # task vectors are 0 and have no direction (mergekit's multislerp with a base fails there too)
+        "multislerp": Recipe("multislerp", {"weight": w, "task_vectors": False}),
+        "nuslerp": Recipe("nuslerp", {"weight": [0.4, 0.6]}),
+        "nearswap": Recipe("nearswap", {"t": 0.001}),
+        "arcee_fusion": Recipe("arcee_fusion", {}),
+        "ram": Recipe("ram", {}),
+        "ramplus_tl": Recipe("ramplus_tl", {}),
     }
+
+
+EXPERTS_MERGED = {"nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}  # methods that take a fixed number of experts
 
 
 def time_core(core: MergeCore, model, recipe: Recipe, repeats: int) -> tuple[float, float]:
@@ -166,14 +186,17 @@ def time_mergekit(recipe: Recipe, base, experts, num_layers: int, dtype_name: st
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="tiny models for a quick run")
+    parser.add_argument("--small", action="store_true", help="tiny models for a quick run (--size small)")
+    parser.add_argument("--size", choices=list(SIZES), default="full",
+                        help="random family: full ~0.3B, medium ~34M, small ~1M parameters")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: cuda if available else cpu")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the benchmark recipes")
     parser.add_argument("--no-mergekit", action="store_true")
-    parser.add_argument("--mergekit-methods", default="linear,ties,task_arithmetic per-layer")
+    parser.add_argument("--mergekit-methods", default="linear,ties,task_arithmetic per-layer",
+                        help='comma-separated recipes also timed with mergekit ("all": every timed one)')
     parser.add_argument("--cache", default=str(ROOT / "runs" / ".cache"))
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--family", default=None,
@@ -192,7 +215,7 @@ def main(argv=None):
         base = str(family / manifest["base"])
         experts = [str(family / rel) for rel in manifest["experts"].values()]
     else:
-        size = "small" if args.small else "full"
+        size = "small" if args.small else args.size
         root = Path(args.cache) / f"bench_merge_{size}_{args.dtype}_{args.experts}"
         base, experts = build_models(root, size, dtype, args.experts)
     print(f"models: {root} (ready in {time.perf_counter() - start:.1f}s)")
@@ -205,24 +228,40 @@ def main(argv=None):
           f"{core.num_experts} experts, device {core.device}, load {load_s:.1f}s, torch threads {torch.get_num_threads()}")
     bandwidth = copy_bandwidth(core.device, min(core.numel, 1 << 27))
     print(f"memory copy bandwidth (torch copy_, read+write): {bandwidth:.1f} GB/s")
-    model, _ = core.new_model()
+    cores = {core.num_experts: (core, core.new_model()[0])}
+
+    def core_for(num_experts: int) -> tuple:
+        """(core, model) merging the first `num_experts` experts (made on first use, not timed)."""
+        if num_experts not in cores:
+            other = MergeCore(base, experts[:num_experts], device=args.device)
+            cores[num_experts] = (other, other.new_model()[0])
+        return cores[num_experts]
 
     all_recipes = recipes(core.num_experts, core.num_layers)
     wanted = args.methods.split(",") if args.methods else list(all_recipes)
-    moved = (2 + core.num_experts) * model_bytes
+    unknown = [name for name in wanted if name not in all_recipes]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(all_recipes)}")
+    with_mergekit = wanted if args.mergekit_methods == "all" else args.mergekit_methods.split(",")
     figures = {"models": str(root), "params_M": core.numel / 1e6, "dtype": args.dtype, "experts": core.num_experts,
                "copy_GBps": bandwidth, "core_load_s": load_s, "methods": {}}
-    print(f"\n{'method':28s} {'first s':>8s} {'merge s':>8s} {'eff GB/s':>9s}   mergekit s: cli / run_merge / merge-only est.")
+    print(f"\n{'method':28s} {'first s':>8s} {'merge s':>8s} {'eff GB/s':>9s}   mergekit s: cli / run_merge / "
+          "merge-only est. (x mergekit: run_merge / merge s)")
     for name in wanted:
         recipe = all_recipes[name]
-        first, median = time_core(core, model, recipe, args.repeats)
-        row = {"first_s": first, "merge_s": median, "effective_GBps": moved / median / 1e9}
+        merged = EXPERTS_MERGED.get(name, core.num_experts)
+        name_core, model = core_for(merged)
+        first, median = time_core(name_core, model, recipe, args.repeats)
+        moved = (2 + merged) * model_bytes
+        row = {"experts": merged, "first_s": first, "merge_s": median, "effective_GBps": moved / median / 1e9}
         line = f"{name:28s} {first:8.3f} {median:8.3f} {row['effective_GBps']:9.2f}"
-        if not args.no_mergekit and name in args.mergekit_methods.split(","):
+        if not args.no_mergekit and name in with_mergekit:
             with tempfile.TemporaryDirectory() as tmp:
-                mk = time_mergekit(recipe, base, experts, core.num_layers, args.dtype, Path(tmp))
+                mk = time_mergekit(recipe, base, experts[:merged], core.num_layers, args.dtype, Path(tmp))
             row["mergekit"] = mk
-            line += f"   {mk['cli_s']:.1f} / {mk['run_merge_s']:.1f} / {mk['merge_only_est_s']:.1f}"
+            row["x_mergekit"] = mk["run_merge_s"] / median
+            line += (f"   {mk['cli_s']:.1f} / {mk['run_merge_s']:.1f} / {mk['merge_only_est_s']:.1f}"
+                     f" (x{row['x_mergekit']:.1f})")
         figures["methods"][name] = row
         print(line, flush=True)
     if args.json:
