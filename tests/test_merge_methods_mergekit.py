@@ -34,7 +34,7 @@ from mergekit_run import assert_same, run_mergekit  # noqa: E402
 from test_merge_memory import BLOCK_ELEMENTS, BUDGETS, fixed_bytes  # noqa: E402
 from test_space import demo_raw  # noqa: E402
 from tiny_models import tiny_llama_config, write_tiny_arch_family, write_tiny_expert, write_tiny_family  # noqa: E402
-from tiny_models import write_tiny_llama  # noqa: E402
+from tiny_models import write_tiny_llama, write_tiny_lora  # noqa: E402
 
 pytest.importorskip("mergekit", reason="mergekit (test extra, ==0.1.5) is not installed")
 
@@ -146,6 +146,42 @@ def test_bf16_experts_are_read_exactly(tmp_path):
     merged = core.merge(Recipe("karcher"))
     core.clear_cache()
     assert all(torch.equal(merged[n], t) for n, t in core.merge(Recipe("karcher")).items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_new_methods_with_a_lora_expert_equal_mergekit(dtype, tmp_path):
+    """A LoRA adapter expert is the model mergekit's BASE+ADAPTER makes (peft's merge_and_unload): its task
+    vector and, for the methods that read weights, its weights (also when they are read per candidate)."""
+    pytest.importorskip("peft")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    base = write_tiny_llama(tmp_path / "base", tiny_llama_config(num_layers=2), dtype=dtype)
+    full = write_tiny_expert(base, tmp_path / "full", seed=11)
+    adapter = write_tiny_lora(base, tmp_path / "adapter", seed=5, r=4, lora_alpha=8,
+                              target_modules=["q_proj", "v_proj", "down_proj"])
+    pair, alone = [full, adapter], [adapter]
+    cases = {
+        "sce": (Recipe("sce", {"select_topk": 0.5}), pair),
+        "karcher": (Recipe("karcher"), pair),
+        "multislerp of the experts": (Recipe("multislerp", {"weight": [0.4, 0.6], "task_vectors": False}), pair),
+        "nuslerp": (Recipe("nuslerp", {"weight": [0.4, 0.6]}), pair),
+        "nuslerp of the experts": (Recipe("nuslerp", {"weight": [0.4, 0.6], "task_vectors": False}), pair),
+        "nearswap": (Recipe("nearswap", {"t": 0.005}), alone),
+        "arcee_fusion": (Recipe("arcee_fusion"), alone),
+        "ramplus_tl": (Recipe("ramplus_tl", {"epsilon": 0.001}), pair),
+    }
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    for label, (recipe, experts) in cases.items():
+        text = recipe_to_mergekit_yaml(recipe, base, experts, 2, dtype=name)
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / label),
+                  MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False,
+                               lora_merge_cache=str(tmp_path / "lora_cache")))
+        theirs = open_model(tmp_path / label).load()
+        for cached in (True, False):  # fixes kept as side data, or weights read again per candidate
+            core = MergeCore(base, experts, device="cpu", cache_orderings=cached)
+            assert_same(core.merge(recipe), theirs, f"{label}, LoRA expert, side data {cached}", exact=True)
 
 
 # ----------------------------------------------------------------------------- arcee_fusion's sampled quartiles
