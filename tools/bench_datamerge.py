@@ -45,7 +45,7 @@ from evomerge.search.runs import open_existing_study  # noqa: E402
 from evomerge.search.space import load_search_space  # noqa: E402
 from evomerge.search.validate import validate_top_trials  # noqa: E402
 from evomerge.trial_export import export_trial  # noqa: E402
-from evomerge.zoo import ensure_zoo  # noqa: E402
+from evomerge.zoo import ensure_zoo, zoo_is_complete  # noqa: E402
 
 HAND_SET = {
     "task_arithmetic (uniform 0.5)": {"method": "task_arithmetic", "params": {"weight": 0.5}},
@@ -67,7 +67,7 @@ def quiet_libraries() -> None:
 def load_raw(space: Path, zoo: Path | None, zoo_seed: int, trials: int | None) -> dict:
     """The space with its `runs/zoo` paths moved onto ``zoo`` (built for ``zoo_seed`` when missing)."""
     raw = yaml.safe_load(space.read_text())
-    if zoo is not None:
+    if zoo is not None and not zoo_is_complete(zoo):  # a finished zoo of any profile is used as it is
         ensure_zoo(zoo, seed=zoo_seed, progress=False)
 
         def moved(value):
