@@ -281,6 +281,9 @@ def _print_status(study, space, top: int) -> None:
     table.add_column("items", justify="right")
     if measured:
         table.add_column("measured", justify="right")
+    methods = {r.method for r in records.values() if r.method}
+    if len(methods) > 1:  # the method is searched too
+        table.add_column("method")
     table.add_column("baseline")
 
     def add(rank: int, number: int) -> None:
@@ -294,6 +297,7 @@ def _print_status(study, space, top: int) -> None:
             *([f"{record.stage + 1}/{n_stages}" if record.stage is not None else ""] if n_stages > 1 else []),
             str(record.items),
             *([f"{ranking.mean(measured[number]):.3f}" if number in measured else ""] if measured else []),
+            *([record.method or ""] if len(methods) > 1 else []),
             record.baseline or "",
         )
 

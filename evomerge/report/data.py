@@ -112,12 +112,17 @@ def load_study_data(run_dir: str | Path, storage: str | None = None, study: Stud
 def _genes(study: Study, space) -> dict[str, Gene]:
     """The genome's structure: as the search stored it, else (a study from before) rebuilt from the
     space and the base model's headers; empty when neither is at hand."""
-    bounds = {name: (float(lo), float(hi)) for name, (lo, hi) in
-              study.user_attrs.get(StudyKey.CONFIG, {}).get("genome", {}).items()}
+    stored_bounds = study.user_attrs.get(StudyKey.CONFIG, {}).get("genome", {})
     stored = study.user_attrs.get(StudyKey.GENES)
     if stored:
-        return {name: Gene(param, owner, group, *bounds.get(name, (float("nan"), float("nan"))))
-                for name, (param, owner, group) in stored.items()}
+        genes = {}
+        for name, (param, owner, group) in stored.items():
+            bounds = stored_bounds.get(name, [float("nan"), float("nan")])
+            if all(isinstance(b, str) for b in bounds):  # the method gene: its choices
+                genes[name] = Gene(param, owner, group, float("nan"), float("nan"), choices=tuple(bounds))
+            else:
+                genes[name] = Gene(param, owner, group, float(bounds[0]), float(bounds[1]))
+        return genes
     try:
         return genes_of(space, open_model(space.base).num_layers)
     except (EvomergeError, OSError):  # models moved or gone: the report draws what it can without the genome

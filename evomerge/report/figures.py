@@ -42,6 +42,8 @@ def card_figures(data: StudyData, trial_number: int) -> list[Figure]:
 def _trial_hover(trial: TrialRecord, data: StudyData) -> str:
     parts = [f"trial {trial.number}", f"fitness {trial.fitness:.3f}"]
     parts += [f"{task} {trial.estimates[task]:.3f}" for task in data.tasks if task in trial.estimates]
+    if trial.method and any(g.choices for g in data.genes.values()):  # the method is searched too
+        parts.append(trial.method)
     if trial.baseline:
         parts.append(trial.baseline)
     return "\n".join(parts)
@@ -189,7 +191,8 @@ def _split_group(group: str) -> tuple[str, str | None]:
 def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None:
     """The trial's genome, one heatmap per parameter: layer groups across, expert x module down."""
     trial = data.trial(trial_number)
-    structure = [data.genes[n] for n in data.genes if n in trial.params]  # the genome's own order
+    structure = [data.genes[n] for n in data.genes  # the genome's own order; the method gene is in the title
+                 if n in trial.params and data.genes[n].choices is None]
     genes = {(g.param, g.owner, g.group): trial.params[g.name] for g in structure}
     if not genes:
         return None
@@ -225,7 +228,8 @@ def genome_figure(data: StudyData, trial_number: int, why: str) -> Figure | None
         "over the parameter's search range. A data-flow genome shows `include` per pass (r0, r1, ...) and "
         "source layer (on the path when >= 0.5) and `level`, the log2 scale after each source layer "
         "(E: its embedding).")
-    return Figure("genome", f"Best genome (trial {trial.number}, {why})", caption, panels)
+    method = f", {trial.method}" if trial.method and any(g.choices for g in data.genes.values()) else ""
+    return Figure("genome", f"Best genome (trial {trial.number}{method}, {why})", caption, panels)
 
 
 # ---------------------------------------------------------------- calibration

@@ -27,6 +27,7 @@ from evomerge.estimate.extract import stage_sizes, strategy_name
 from evomerge.files import read_json, write_json
 from evomerge.search.calibration_store import CalibrationStore, canonical
 from evomerge.search.candidates import CandidateBuilder, load_checkpoint
+from evomerge.search.optimizers import Choices
 from evomerge.search.space import SearchSpace
 from evomerge.search.workers import study_lock
 
@@ -50,7 +51,10 @@ class Calibration:
     def genomes(self) -> dict[str, dict[str, float]]:
         """Random in-space merges whose full responses sharpen the IRT item parameters."""
         rng = np.random.default_rng(self.space.seed + 7919)
-        return {f"calib{i}": {n: float(rng.uniform(lo, hi)) for n, (lo, hi) in self.builder.genome.items()}
+        def draw(bounds):
+            return str(rng.choice(list(bounds))) if isinstance(bounds, Choices) else float(rng.uniform(*bounds))
+
+        return {f"calib{i}": {n: draw(b) for n, b in self.builder.genome.items()}
                 for i in range(self.space.calibration_merges)}
 
     def endpoint_names(self) -> list[str]:

@@ -30,7 +30,8 @@ from evomerge.merge.core import default_device
 from evomerge.merge.loading import open_model
 from evomerge.merge.statistics import StatisticsFiles
 from evomerge.search.dfs_genome import dfs_genome_space, genome_to_path, path_genome
-from evomerge.search.genome import Genes, bounds_of, endpoint_genome, genome_space, genome_to_recipe, uniform_genome
+from evomerge.search.genome import (METHOD_GENE, Genes, bounds_of, endpoint_genome, genome_space, genome_to_recipe,
+                                   uniform_genome)
 from evomerge.search.records import TrialKey
 from evomerge.search.sources import resolve_sources
 from evomerge.search.space import SearchSpace
@@ -41,7 +42,8 @@ STATISTICS_DIR = "statistics"
 
 def candidate_seed(params: Mapping[str, float], base_seed: int) -> int:
     """A merge seed derived from the genome, so DARE masks are reproducible at export."""
-    text = json.dumps({k: round(float(v), 12) for k, v in sorted(params.items())}) + f"|{base_seed}"
+    text = json.dumps({k: v if isinstance(v, str) else round(float(v), 12) for k, v in sorted(params.items())})
+    text += f"|{base_seed}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
@@ -144,7 +146,7 @@ class ParameterMerge(CandidateBuilder):
     def __init__(self, space: SearchSpace, core: MergeCore | None = None, statistics: StatisticsFiles | None = None):
         self.space, self.merge = space, space.merge
         self.core = core or MergeCore(space.base, space.expert_paths, device=space_device(space),
-                                      methods=[self.merge.method], statistics=statistics, **space.memory)
+                                      methods=list(self.merge.methods), statistics=statistics, **space.memory)
         self.model, self.tokenizer = self.core.new_model()
         self.device, self.dtype = self.core.device, self.core.dtype
         self.num_layers = self.core.num_layers
@@ -182,9 +184,13 @@ class ParameterMerge(CandidateBuilder):
         """
         points = [{"weight": 1.0, "density": 0.7, "t": 0.5}, {"weight": 0.5, "density": 1.0, "t": 0.3}]
         genomes = {}
-        for values in points:
-            label = "uniform " + ", ".join(f"{p} {v:g}" for p, v in values.items() if p in self.merge.ranges)
-            genomes[label] = uniform_genome(self.genes, values)
+        for method in self.merge.methods:  # with the method searched: each method's uniform merges
+            active = set(self.merge.params_of(method))
+            for values in points:
+                label = "uniform " + ", ".join(f"{p} {v:g}" for p, v in values.items() if p in active)
+                if self.merge.searches_method:
+                    label = f"{method}, {label}"
+                genomes[label] = uniform_genome(self.genes, {**values, METHOD_GENE: method})
         for expert in [None, *self.space.expert_names]:
             genome = endpoint_genome(self.merge, self.space.expert_names, self.genes, expert)
             if genome is not None:

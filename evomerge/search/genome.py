@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from evomerge.merge import Override, Recipe, get_method
+from evomerge.search.optimizers import Choices
 from evomerge.search.space import MergeSpec
 
 
@@ -25,11 +26,16 @@ def gene_name(param: str, owner: str | None, group: str) -> str:
     return f"{param}.{owner}.{group}" if owner is not None else f"{param}.{group}"
 
 
+METHOD_GENE = "method"
+"""The gene naming a trial's merge method, when a space searches several."""
+
+
 @dataclass(frozen=True)
 class Gene:
     """One searched value: ``param`` of ``owner`` (an expert; None: shared by all) in tensor ``group``.
 
     A data-flow genome uses the same shape: ``include`` of owner ``r0.lang`` in group ``L3``.
+    A gene with ``choices`` is categorical (the merge method): its value is one of them.
     """
 
     param: str
@@ -37,14 +43,16 @@ class Gene:
     group: str
     low: float
     high: float
+    choices: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
-        return gene_name(self.param, self.owner, self.group)
+        return gene_name(self.param, self.owner, self.group) if self.param != METHOD_GENE else METHOD_GENE
 
     @property
-    def bounds(self) -> tuple[float, float]:
-        return self.low, self.high
+    def bounds(self):
+        """(low, high), or the choices of a categorical gene (`evomerge.search.optimizers.Choices`)."""
+        return Choices(self.choices) if self.choices is not None else (self.low, self.high)
 
     def to_list(self) -> list:
         """How a study stores the gene's structure (`records.StudyKey.GENES`)."""
@@ -92,8 +100,11 @@ def tensor_groups(merge: MergeSpec, num_layers: int) -> list[TensorGroup]:
 
 
 def genome_space(merge: MergeSpec, experts: list[str], num_layers: int) -> Genes:
-    """Every searched value, e.g. gene ``weight.arith.G0_mlp`` with bounds (0.0, 1.2)."""
+    """Every searched value, e.g. gene ``weight.arith.G0_mlp`` with bounds (0.0, 1.2); first the method,
+    when the space searches several."""
     genes: Genes = {}
+    if merge.searches_method:
+        genes[METHOD_GENE] = Gene(METHOD_GENE, None, "all", 0.0, 0.0, choices=merge.methods)
     for group in tensor_groups(merge, num_layers):
         for param, (low, high) in merge.ranges.items():
             owners = experts if param in merge.per_expert else [None]
@@ -103,9 +114,14 @@ def genome_space(merge: MergeSpec, experts: list[str], num_layers: int) -> Genes
     return genes
 
 
+def method_of(merge: MergeSpec, genome: Mapping[str, float]) -> str:
+    """The merge method of a genome: its method gene, or the space's one method."""
+    return str(genome[METHOD_GENE]) if merge.searches_method else merge.method
+
+
 def _group_params(merge: MergeSpec, experts: list[str], genome: Mapping[str, float], group: TensorGroup) -> dict:
     params = {}
-    for param in merge.ranges:
+    for param in merge.params_of(method_of(merge, genome)):
         if param in merge.per_expert:
             params[param] = [float(genome[gene_name(param, e, group.name)]) for e in experts]
         else:
@@ -116,7 +132,9 @@ def _group_params(merge: MergeSpec, experts: list[str], genome: Mapping[str, flo
 def genome_to_recipe(merge: MergeSpec, experts: list[str], genome: Mapping[str, float], num_layers: int) -> Recipe:
     """Turn an optimizer's proposal into the merge recipe it stands for."""
     groups = tensor_groups(merge, num_layers)
-    default = {**merge.fixed, **_group_params(merge, experts, genome, groups[0])}
+    method = method_of(merge, genome)
+    fixed = {k: v for k, v in merge.fixed.items() if k in get_method(method).param_names}
+    default = {**fixed, **_group_params(merge, experts, genome, groups[0])}
     overrides = [
         Override(
             layers=list(group.layers),
@@ -127,13 +145,16 @@ def genome_to_recipe(merge: MergeSpec, experts: list[str], genome: Mapping[str, 
     ]
     # Grid parameters (TIES / breadcrumbs density, gamma) snap to the grid their threshold
     # tables are exact on; the trial records the snapped recipe, so exports say what was merged.
-    return Recipe(method=merge.method, params=default, overrides=overrides).snapped()
+    return Recipe(method=method, params=default, overrides=overrides).snapped()
 
 
 def uniform_genome(genes: Genes, values: Mapping[str, float]) -> dict[str, float]:
     """A genome with one value per parameter everywhere (clipped to its bounds): a uniform merge."""
     genome = {}
     for name, gene in genes.items():
+        if gene.choices is not None:
+            genome[name] = values.get(gene.param, gene.choices[0])
+            continue
         value = values.get(gene.param, (gene.low + gene.high) / 2)
         genome[name] = min(max(float(value), gene.low), gene.high)
     return genome
@@ -161,13 +182,24 @@ def endpoint_genome(merge: MergeSpec, experts: list[str], genes: Genes, expert: 
     cannot express the point: a bound excludes the value (density capped below 1), a
     fixed parameter contradicts it (lambda 0.8), or the method has no such point.
     """
-    targets = get_method(merge.method).endpoint(None if expert is None else experts.index(expert), len(experts))
+    for method in merge.methods:  # the first method that can express the endpoint
+        genome = _endpoint_of(method, merge, experts, genes, expert)
+        if genome is not None:
+            return genome
+    return None
+
+
+def _endpoint_of(method: str, merge: MergeSpec, experts: list[str], genes: Genes, expert: str | None):
+    targets = get_method(method).endpoint(None if expert is None else experts.index(expert), len(experts))
     if targets is None:
         return None  # e.g. linear cannot give the base back; model_stock has no coefficients
     if any(param in merge.fixed and not _matches(merge.fixed[param], target) for param, target in targets.items()):
         return None
-    genome = uniform_genome(genes, {})
+    genome = uniform_genome(genes, {METHOD_GENE: method})
+    active = set(merge.params_of(method))
     for name, gene in genes.items():
+        if gene.choices is not None or gene.param not in active:
+            continue
         target = targets.get(gene.param)
         if isinstance(target, list):
             target = target[experts.index(gene.owner)]

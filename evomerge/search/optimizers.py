@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -51,14 +51,23 @@ def available_optimizers() -> list[str]:
     return [*OPTUNA_OPTIMIZERS, *NEVERGRAD_ALIASES]
 
 
-def validate_genome_space(genome_space: GenomeSpace) -> dict[str, tuple[float, float]]:
-    """Return the space as a plain ordered dict of float bounds, or explain what is wrong."""
+class Choices(tuple):
+    """The bounds of a categorical gene (the merge method): its choices, not (low, high)."""
+
+
+def validate_genome_space(genome_space: GenomeSpace) -> dict:
+    """Return the space as a plain ordered dict of float bounds (or `Choices`), or explain what is wrong."""
     if not isinstance(genome_space, Mapping) or not genome_space:
         raise EvomergeError("genome space must be a non-empty mapping name -> (low, high)")
-    space: dict[str, tuple[float, float]] = {}
+    space: dict = {}
     for name, bounds in genome_space.items():
         if not isinstance(name, str) or not name:
             raise EvomergeError(f"genome parameter names must be non-empty strings, got {name!r}")
+        if isinstance(bounds, Choices):
+            if len(bounds) < 2 or len(set(bounds)) != len(bounds):
+                raise EvomergeError(f"genome parameter {name!r}: choices must be at least two different values")
+            space[name] = bounds
+            continue
         try:
             low, high = (float(b) for b in bounds)
         except (TypeError, ValueError):
@@ -73,9 +82,10 @@ def validate_genome_space(genome_space: GenomeSpace) -> dict[str, tuple[float, f
     return space
 
 
-def genome_distributions(genome_space: GenomeSpace) -> dict[str, FloatDistribution]:
+def genome_distributions(genome_space: GenomeSpace) -> dict:
     """Optuna distributions for the genome: stored with every trial so it can be reloaded."""
-    return {name: FloatDistribution(low, high) for name, (low, high) in genome_space.items()}
+    return {name: CategoricalDistribution(list(bounds)) if isinstance(bounds, Choices) else FloatDistribution(*bounds)
+            for name, bounds in genome_space.items()}
 
 
 class SearchOptimizer(ABC):
@@ -153,6 +163,8 @@ class OptunaOptimizer(SearchOptimizer):
         study.sampler = self._make_sampler(seed)
 
     def _make_sampler(self, seed: int) -> BaseSampler:
+        if self.name == "cmaes" and any(isinstance(b, Choices) for b in self.genome_space.values()):
+            raise EvomergeError(CATEGORICAL_REFUSED)
         try:
             if self.name == "cmaes":
                 _require_cmaes()
@@ -223,8 +235,10 @@ class NevergradOptimizer(SearchOptimizer):
         self.options = dict(options or {})
         self.start = dict(start) if start is not None else None
         self._names = list(self.genome_space)
-        self._lows = np.array([lo for lo, _ in self.genome_space.values()])
-        self._spans = np.array([hi - lo for lo, hi in self.genome_space.values()])
+        # a categorical gene is a unit interval cut into equal parts, one per choice
+        self._choices = {n: b for n, b in self.genome_space.items() if isinstance(b, Choices)}
+        self._lows = np.array([0.0 if n in self._choices else b[0] for n, b in self.genome_space.items()])
+        self._spans = np.array([1.0 if n in self._choices else b[1] - b[0] for n, b in self.genome_space.items()])
         self._optimizer = self._new_nevergrad()  # checks the options now; rebuilt on bind
         self._asked: dict[int, Any] = {}  # trial number -> nevergrad candidate
         self._told: set[int] = set()  # trial numbers nevergrad already knows
@@ -247,12 +261,17 @@ class NevergradOptimizer(SearchOptimizer):
             raise EvomergeError(f"optimizer {self.name!r}: bad options {self.options}: {error}") from None
 
     # -- genome <-> unit cube ------------------------------------------------
-    def _to_params(self, unit: np.ndarray) -> dict[str, float]:
+    def _to_params(self, unit: np.ndarray) -> dict:
         values = self._lows + np.clip(unit, 0.0, 1.0) * self._spans
-        return {name: float(v) for name, v in zip(self._names, values)}
+        params = {}
+        for name, value in zip(self._names, values):
+            choices = self._choices.get(name)
+            params[name] = choices[min(int(value * len(choices)), len(choices) - 1)] if choices else float(value)
+        return params
 
-    def _to_unit(self, params: Mapping[str, float]) -> np.ndarray:
-        values = np.array([float(params[name]) for name in self._names])
+    def _to_unit(self, params: Mapping) -> np.ndarray:
+        values = np.array([(self._choices[n].index(params[n]) + 0.5) / len(self._choices[n]) if n in self._choices
+                           else float(params[n]) for n in self._names])
         return np.clip((values - self._lows) / self._spans, 0.0, 1.0)
 
     @staticmethod
@@ -385,7 +404,8 @@ def make_optimizer(
     key = str(name).lower()
     if start is not None:
         check_start(key)
-        start = {n: min(max(float(start[n]), lo), hi) for n, (lo, hi) in space.items()}
+        start = {n: start[n] if isinstance(b, Choices) else min(max(float(start[n]), b[0]), b[1])
+                 for n, b in space.items()}
     if registry_name is None:
         options = dict(options or {})
         if start is not None:
@@ -393,6 +413,16 @@ def make_optimizer(
         return OptunaOptimizer(key, space, dirs, seed, options)
     return NevergradOptimizer(key if key in NEVERGRAD_ALIASES else name, space, dirs, seed,
                               registry_name, budget=budget, options=options, start=start)
+
+
+CATEGORICAL_REFUSED = ("optimizer 'cmaes' has no categorical dimension, so it cannot search the merge method; use "
+                       "tpe, nsga2, random or a nevergrad optimizer (ng_ngopt, ng_cma, ...), or one method per space")
+
+
+def check_categorical(name: str) -> None:
+    """Optuna's CMA-ES cannot search a categorical gene (the merge method): refuse it clearly."""
+    if str(name).lower() == "cmaes":
+        raise EvomergeError(CATEGORICAL_REFUSED)
 
 
 STARTABLE = ("cmaes", "ng_cma")

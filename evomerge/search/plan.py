@@ -39,12 +39,12 @@ def plan_space(space: SearchSpace, *, host_bandwidth: float = DEFAULT_HOST_BANDW
         device = torch.device(space.device)
     budgets = Budgets.resolve(device, **space.memory)
     layout = Layout.from_files(base)
-    plan = plan_memory(layout, len(experts), budgets, methods=[get_method(space.merge.method)],
+    plan = plan_memory(layout, len(experts), budgets, methods=[get_method(m) for m in space.merge.methods],
                        pinned=device.type == "cuda", what=f"merging {space.name} on {device}", adapters=adapters)
-    header = (f"plan for {space.name}: {space.merge.method} on {device}, budgets: device {format_bytes(budgets.device)}, "
+    header = (f"plan for {space.name}: {' / '.join(space.merge.methods)} on {device}, budgets: device {format_bytes(budgets.device)}, "
               f"host {format_bytes(budgets.host)}")
     lines = [header, plan.describe(host_bandwidth, disk_bandwidth)]
-    for kind in get_method(space.merge.method).statistics:
+    for kind in dict.fromkeys(k for m in space.merge.methods for k in get_method(m).statistics):
         statistic = get_kind(kind)
         lines.append(f"data statistics ({kind}): {format_bytes(statistic.bytes(layout))} per expert on disk "
                      f"({format_bytes(statistic.bytes(layout) * len(experts))} in RUN/statistics/), read one tensor at "

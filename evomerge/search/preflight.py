@@ -27,7 +27,7 @@ def check_inputs(space: SearchSpace) -> dict:
     if space.merge is not None:
         _check_models(space)
     if needs_data(space):
-        check_data_sources(space, f"merge method {space.merge.method!r}")
+        check_data_sources(space, f"merge method {' / '.join(repr(m) for m in space.merge.methods)}")
     tokenizer = _load_tokenizer(space.base)
     for path in space.extra_models:
         if not (Path(path) / "config.json").is_file():
@@ -65,7 +65,9 @@ def _load_tokenizer(base: str):
 
 def needs_data(space: SearchSpace) -> list[str]:
     """The data statistics the space's merge method reads (empty: a black-box method)."""
-    return [] if space.merge is None else list(get_method(space.merge.method).statistics)
+    if space.merge is None:
+        return []
+    return list(dict.fromkeys(kind for m in space.merge.methods for kind in get_method(m).statistics))
 
 
 def check_data_sources(space: SearchSpace, what: str) -> None:

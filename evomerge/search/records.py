@@ -76,7 +76,8 @@ def jsonable(value: Any) -> Any:
 
 def genome_key(params: Mapping[str, float]) -> tuple:
     """A genome as a hashable key: the same genome (up to float noise) gives the same key."""
-    return tuple(sorted((name, round(float(value), 12)) for name, value in params.items()))
+    return tuple(sorted((name, value if isinstance(value, str) else round(float(value), 12))
+                        for name, value in params.items()))
 
 
 def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
@@ -144,6 +145,11 @@ class TrialRecord:
     @property
     def recipe(self) -> dict | None:
         return self.attrs.get(TrialKey.RECIPE)
+
+    @property
+    def method(self) -> str | None:
+        """The merge method of a parameter-space trial (from its recipe)."""
+        return (self.recipe or {}).get("method")
 
     @property
     def path_text(self) -> str | None:

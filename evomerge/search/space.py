@@ -22,7 +22,7 @@ from evomerge.estimate.extract import STRATEGY_NAMES
 from evomerge.merge.memory import parse_bytes
 from evomerge.merge.methods import METHODS
 from evomerge.search.dfs_space import DataFlowSpace, parse_dfs_section
-from evomerge.search.optimizers import check_optimizer, check_start
+from evomerge.search.optimizers import check_categorical, check_optimizer, check_start
 
 GRANULARITIES = ("global", "layer_group", "layer")
 SPLITTABLE_MODULES = ("attention", "mlp")
@@ -116,19 +116,37 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """The `merge` section: a parameter-space merge's method, how finely it is searched, and what."""
+    """The `merge` section: a parameter-space merge's method(s), how finely it is searched, and what.
 
-    method: str
+    With several ``methods`` the method is a gene too (`method: [ties, dare_ties, della]`): every
+    method's searched parameters are genes, and a trial's recipe uses those of its method only
+    (the others are inactive in it).
+    """
+
+    method: str                     # the method (the first of ``methods``)
     granularity: str = "layer_group"
     layer_groups: int = 2
     split_modules: bool = False
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)   # searched parameter -> bounds
     fixed: dict[str, Any] = field(default_factory=dict)                    # parameter -> value, not searched
+    methods: tuple[str, ...] = ()   # every method the search may pick (one: the method is no gene)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            object.__setattr__(self, "methods", (self.method,))
+
+    @property
+    def searches_method(self) -> bool:
+        return len(self.methods) > 1
 
     @property
     def per_expert(self) -> frozenset:
         """The parameters that take one value per expert (the others are shared by all)."""
-        return METHODS[self.method].per_expert
+        return frozenset().union(*(METHODS[m].per_expert for m in self.methods))
+
+    def params_of(self, method: str) -> list[str]:
+        """The searched parameters ``method`` uses (the others are inactive in its trials)."""
+        return [name for name in self.ranges if name in METHODS[method].param_names]
 
 
 @dataclass
@@ -326,9 +344,13 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         raise EvomergeError(
             f"{source}: optimizer.objectives {objectives!r} is unknown; choose one of {', '.join(OBJECTIVE_MODES)}"
         )
-    optimizer_name = str(optimizer.get("name", "nsga2" if objectives == "per_task" else "cmaes"))
+    searches_method = merge is not None and merge.searches_method
+    default_optimizer = "nsga2" if objectives == "per_task" else "tpe" if searches_method else "cmaes"
+    optimizer_name = str(optimizer.get("name", default_optimizer))
     try:
         check_optimizer(optimizer_name, len(benchmarks) if objectives == "per_task" else 1)
+        if searches_method:
+            check_categorical(optimizer_name)
     except EvomergeError as error:
         raise EvomergeError(f"{source}: optimizer.name: {error}") from None
     if optimizer_init is not None:
@@ -336,6 +358,8 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
             check_start(optimizer_name)
             if merge is None:
                 raise EvomergeError("a data-flow space has no coefficients to learn")
+            if merge.searches_method:
+                raise EvomergeError("coefficients are learned for one method; this space searches several")
             check_learnable(merge.method)
         except EvomergeError as error:
             raise EvomergeError(f"{source}: optimizer.init: {error}") from None
@@ -410,15 +434,13 @@ def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]) -> M
     reader.reject_unknown(
         merge, {"method", "granularity", "layer_groups", "split_modules", "params", "fixed"}, "merge"
     )
-    method = reader.string(merge, "method", "merge")
-    if method not in METHODS:
-        raise EvomergeError(
-            f"{source}: merge.method {method!r} is unknown; choose one of {', '.join(METHODS)}"
-        )
-    try:
-        METHODS[method].check_experts(len(experts))
-    except EvomergeError as error:
-        raise EvomergeError(f"{source}: {error}") from None
+    methods = _methods(merge.get("method"), source)
+    for method in methods:
+        try:
+            METHODS[method].check_experts(len(experts))
+        except EvomergeError as error:
+            raise EvomergeError(f"{source}: {error}") from None
+    method = methods[0]
     granularity = merge.get("granularity", "layer_group")
     if granularity not in GRANULARITIES:
         raise EvomergeError(
@@ -426,15 +448,19 @@ def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]) -> M
         )
     layer_groups = reader.integer(merge, "layer_groups", "merge", default=2, minimum=1)
     split_modules = bool(merge.get("split_modules", False))
-    ranges = dict(METHODS[method].search_ranges())  # the method's default searched parameters
+    ranges: dict[str, tuple[float, float]] = {}
+    for name in methods:  # each method's default searched parameters (the first method's range wins)
+        for param, bounds in METHODS[name].search_ranges().items():
+            ranges.setdefault(param, bounds)
+    searchable = list(dict.fromkeys(p for name in methods for p in searchable_params(name)))
     user_ranges = merge.get("params", {}) or {}
     if not isinstance(user_ranges, dict):
         raise EvomergeError(f"{source}: merge.params must map a parameter to [low, high]")
     for name, bounds in user_ranges.items():
-        if name not in searchable_params(method):
+        if name not in searchable:
             raise EvomergeError(
-                f"{source}: merge.params.{name} is not a searchable parameter of {method}; "
-                f"choose from {', '.join(searchable_params(method))}"
+                f"{source}: merge.params.{name} is not a searchable parameter of {' or '.join(methods)}; "
+                f"choose from {', '.join(searchable)}"
             )
         if (
             not isinstance(bounds, (list, tuple))
@@ -449,23 +475,44 @@ def _merge_section(reader: "_Reader", source: str, experts: dict[str, str]) -> M
     if not isinstance(fixed, dict):
         raise EvomergeError(f"{source}: merge.fixed must map a parameter to its value")
     fixed = dict(fixed)
-    spec = METHODS[method]  # the method's own parameter spec decides what is valid
-    for name, value in fixed.items():
-        try:
-            spec.check_param(str(name), value, "merge.fixed")
-        except EvomergeError as error:
-            raise EvomergeError(f"{source}: merge.fixed.{name}: {error}") from None
+    for name, value in fixed.items():  # each method that has the parameter decides what is valid
+        owners = [METHODS[m] for m in methods if str(name) in METHODS[m].param_names] or [METHODS[method]]
+        for spec in owners:
+            try:
+                spec.check_param(str(name), value, "merge.fixed")
+            except EvomergeError as error:
+                raise EvomergeError(f"{source}: merge.fixed.{name}: {error}") from None
     for name in set(fixed) & set(ranges):
         ranges.pop(name)  # a fixed value is not searched
     for name, (low, high) in ranges.items():
-        try:
-            spec.param(name)
-        except EvomergeError as error:  # a parameter this method does not have
-            raise EvomergeError(f"{source}: merge.params.{name}: {error}") from None
-        spec.check_range(name, low, high, f"{source}: merge.params.{name}")
-    if not ranges:
+        owners = [METHODS[m] for m in methods if name in METHODS[m].param_names]
+        if not owners:
+            try:
+                METHODS[method].param(name)
+            except EvomergeError as error:  # a parameter no method has
+                raise EvomergeError(f"{source}: merge.params.{name}: {error}") from None
+        for spec in owners:
+            spec.check_range(name, low, high, f"{source}: merge.params.{name}")
+        scopes = {spec.param(name).per_expert for spec in owners}
+        if len(scopes) > 1:
+            raise EvomergeError(f"{source}: merge.params.{name} is one value per expert in some of "
+                                f"{', '.join(methods)} and shared in others; search them in separate spaces")
+    if not ranges and len(methods) == 1:
         raise EvomergeError(f"{source}: merge method {method} leaves no parameter to search")
-    return MergeSpec(method, granularity, layer_groups, split_modules, ranges, fixed)
+    return MergeSpec(method, granularity, layer_groups, split_modules, ranges, fixed, methods)
+
+
+def _methods(value: Any, source: str) -> tuple[str, ...]:
+    """`merge.method`: one method, or a list of at least two (the method is then searched too)."""
+    names = value if isinstance(value, list) else [value]
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise EvomergeError(f"{source}: merge.method is required: a method name, or a list of them to search")
+    for name in names:
+        if name not in METHODS:
+            raise EvomergeError(f"{source}: merge.method {name!r} is unknown; choose one of {', '.join(METHODS)}")
+    if isinstance(value, list) and (len(names) < 2 or len(set(names)) != len(names)):
+        raise EvomergeError(f"{source}: merge.method as a list names at least two different methods, got {names}")
+    return tuple(names)
 
 
 def _data_source(value: Any, path: str, where: str) -> DataSource | None:
