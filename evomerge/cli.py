@@ -361,12 +361,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from evomerge.evaluation import benchmarks_for, evaluate_models, print_accuracy_table
+    from evomerge.evaluation import benchmarks_for, evaluate_models, print_accuracy_table, space_base
 
     benchmarks = benchmarks_for(args.bench, args.space)
     models = {Path(m).name: m for m in args.model}
     records = {name: Path(args.records) / name if args.records else Path(path) / "eval" for name, path in models.items()}
-    results = evaluate_models(models, benchmarks, batch_size=args.batch_size, records=records)
+    base = space_base(args.space) if args.space else None  # a LoRA adapter is merged into the space's base
+    results = evaluate_models(models, benchmarks, batch_size=args.batch_size, records=records, base=base)
     print_accuracy_table(results, list(benchmarks))
     print(f"per-item answers: {', '.join(str(folder) for folder in records.values())}", file=sys.stderr)
     return 0

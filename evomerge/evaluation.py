@@ -15,12 +15,19 @@ from evomerge.search.runs import SPACE_FILE
 from evomerge.search.space import load_search_space
 
 
+def _space(space: str):
+    return load_search_space(Path(space) / SPACE_FILE if Path(space).is_dir() else Path(space))
+
+
+def space_base(space: str) -> str:
+    """The base model of a search space / run folder."""
+    return _space(space).base
+
+
 def benchmarks_for(paths: list[str] | None, space: str | None) -> dict[str, Benchmark]:
     """Benchmarks named on the command line, or those of a search space / run folder."""
     if space:
-        space_path = Path(space) / SPACE_FILE if Path(space).is_dir() else Path(space)
-        parsed = load_search_space(space_path)
-        return {b.name: b.load() for b in parsed.benchmarks}
+        return {b.name: b.load() for b in _space(space).benchmarks}
     benchmarks = {}
     for path in paths or []:
         bench = load_benchmark(path)
@@ -30,19 +37,19 @@ def benchmarks_for(paths: list[str] | None, space: str | None) -> dict[str, Benc
     return benchmarks
 
 
-def load_model(path: str | Path, device: str | None = None):
+def load_model(path: str | Path, device: str | None = None, base: str | Path | None = None):
     """(model, tokenizer) from a Hugging Face folder, through from_pretrained; a LoRA adapter folder is
-    merged into the local base its adapter_config.json records."""
+    merged into ``base`` (None: the local base its adapter_config.json records)."""
     path = Path(path)
     if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         raise EvomergeError(f"{path} is not a Hugging Face model folder (no config.json) nor a LoRA adapter "
                             "(no adapter_config.json)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_checkpoint(path, None, device)
+    return load_checkpoint(path, None, device, base)
 
 
 def evaluate_models(models: dict, benchmarks: dict[str, Benchmark], batch_size: int = 128,
-                    records: dict[str, Path] | None = None) -> dict[str, dict[str, float]]:
+                    records: dict[str, Path] | None = None, base: str | Path | None = None) -> dict[str, dict[str, float]]:
     """name -> {benchmark: accuracy}; a model is a folder path or a (model, tokenizer) pair.
 
     ``records``: model name -> folder that receives ``<benchmark>.jsonl``, one line per item
@@ -50,7 +57,7 @@ def evaluate_models(models: dict, benchmarks: dict[str, Benchmark], batch_size: 
     """
     results = {}
     for name, source in models.items():
-        model, tokenizer = load_model(source) if isinstance(source, (str, Path)) else source
+        model, tokenizer = load_model(source, base=base) if isinstance(source, (str, Path)) else source
         folder = (records or {}).get(name)
         results[name] = {}
         for bench_name, bench in benchmarks.items():

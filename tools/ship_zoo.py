@@ -71,6 +71,9 @@ def main(argv=None) -> int:
         shutil.copytree(source, staging)
         cast_weights(staging, DTYPES[args.dtype])
         manifest = load_zoo_manifest(staging)
+        if args.source:
+            command = (f"python tools/ship_zoo.py --from {args.source} --dtype {args.dtype} "
+                       f"({args.source}: built by evomerge's build_zoo, seed 0, full profile, as `evomerge make-zoo` does)")
         manifest["shipped"] = {
             "commit": commit(), "command": command, "dtype": args.dtype,
             "sha256": {p.relative_to(staging).as_posix(): file_digest(p) for p in zoo_files(staging)},

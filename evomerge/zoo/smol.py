@@ -380,8 +380,8 @@ def save_adapter(peft_model, folder: Path, base_name: str = SMOL_HUB_ID) -> None
 class SmolRecipe:
     """The experts' fine-tune: LoRA adapters on the upper decoder layers, from the fp32 base; saved in bf16."""
 
-    steps: int = 24
-    lr: float = 1e-3
+    steps: int = 32
+    lr: float = 2e-3
     batch_size: int = 8
     first_layer: int = 20        # layers 20-29 of 30 get adapters
     lora_rank: int = 16
