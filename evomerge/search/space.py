@@ -22,6 +22,7 @@ from evomerge.estimate.extract import STRATEGY_NAMES
 from evomerge.merge.memory import parse_bytes
 from evomerge.merge.methods import METHODS
 from evomerge.search.dfs_space import DataFlowSpace, parse_dfs_section
+from evomerge.search.evolve_config import is_mergekit_evolve, to_search_space
 from evomerge.search.optimizers import check_categorical, check_optimizer, check_start
 
 GRANULARITIES = ("global", "layer_group", "layer")
@@ -223,6 +224,8 @@ def load_search_space(path: str | Path, overrides: dict | None = None) -> Search
         raise EvomergeError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise EvomergeError(f"{path}: expected a mapping at the top level")
+    if is_mergekit_evolve(raw):  # a mergekit-evolve config: run as the search space it stands for
+        raw = to_search_space(raw, name=path.stem, source=str(path))
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         raw.setdefault(section, {})[name] = value

@@ -1,0 +1,128 @@
+"""mergekit-evolve configs as evomerge search spaces: `evomerge search mergekit-evolve.yml` runs them.
+
+mergekit-evolve (deprecated by its maintainers in 2026-06) reads a YAML with a ``genome``
+(models, base_model, merge_method, layer_granularity, normalize, allow_negative_weights,
+filters, smooth, tokenizer_source) and lm-eval ``tasks`` (name, weight, metric) with
+``limit``, ``num_fewshot``, ``shuffle``, ``random_init``, ``apply_chat_template`` and
+``fewshot_as_multiturn``. `to_search_space` maps it key by key onto a search-space mapping
+(its lm-eval tasks become `lm_eval:` benchmarks, scored in memory and estimated from item
+subsets); a key evomerge cannot honour is refused naming it and why, never silently
+dropped. The table of every key is in docs/search.md ("Coming from mergekit-evolve").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.loading import open_model
+
+GENOME_KEYS = ("models", "merge_method", "base_model", "tokenizer_source", "layer_granularity", "normalize",
+               "allow_negative_weights", "filters", "smooth")
+CONFIG_KEYS = ("genome", "tasks", "limit", "num_fewshot", "shuffle", "random_init", "apply_chat_template",
+               "fewshot_as_multiturn")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")   # mergekit-evolve's METHOD_PARAM_MAPS
+MODULE_FILTERS = {"self_attn", "mlp"}
+MAX_FEVALS = 100  # mergekit-evolve's --max-fevals default: the trial budget
+
+
+def is_mergekit_evolve(raw: Any) -> bool:
+    """A mergekit-evolve config: a ``genome`` with ``models``, and ``tasks``."""
+    return isinstance(raw, dict) and isinstance(raw.get("genome"), dict) and "tasks" in raw and "models" not in raw
+
+
+def _model_path(reference: Any, where: str) -> str:
+    """A model reference as mergekit writes it: a path or ``{model: path}`` (no hub, no LoRA suffix here)."""
+    if isinstance(reference, dict):
+        reference = reference.get("model", reference.get("path"))
+    if not isinstance(reference, str) or not reference:
+        raise EvomergeError(f"{where}: a model must be a path, got {reference!r}")
+    return reference
+
+
+def to_search_space(raw: dict, name: str, source: str) -> dict:
+    """The search-space mapping a mergekit-evolve config stands for (paths as given, resolved by the caller)."""
+    unknown = sorted(set(raw) - set(CONFIG_KEYS))
+    if unknown:
+        raise EvomergeError(f"{source}: unknown mergekit-evolve key {unknown[0]!r}; it has {', '.join(CONFIG_KEYS)}")
+    genome = raw["genome"]
+    unknown = sorted(set(genome) - set(GENOME_KEYS))
+    if unknown:
+        raise EvomergeError(f"{source}: unknown key genome.{unknown[0]}; mergekit-evolve's genome has "
+                            f"{', '.join(GENOME_KEYS)}")
+    method = genome.get("merge_method")
+    if method not in METHODS:
+        raise EvomergeError(f"{source}: genome.merge_method {method!r}: mergekit-evolve searches {', '.join(METHODS)}")
+    if genome.get("smooth"):
+        raise EvomergeError(f"{source}: genome.smooth is not supported: it interpolates each parameter across "
+                            "layers, evomerge searches one value per layer group (layer_granularity)")
+    if genome.get("tokenizer_source"):
+        raise EvomergeError(f"{source}: genome.tokenizer_source is not supported: evomerge merges models that share "
+                            "the base's tokenizer and vocabulary")
+    models = [_model_path(m, f"{source}: genome.models[{i}]") for i, m in enumerate(genome.get("models") or [])]
+    base = genome.get("base_model")
+    base = _model_path(base, f"{source}: genome.base_model") if base is not None else None
+    if base is None:
+        if method != "linear" and method != "slerp":
+            raise EvomergeError(f"{source}: genome.base_model is required for {method} (as in mergekit-evolve)")
+        base, models = models[0], models[1:] if method == "slerp" else models
+    if not models:
+        raise EvomergeError(f"{source}: genome.models names no model to merge")
+    names = [Path(m).name for m in models]
+    if len(set(names)) != len(names):
+        names = [f"{Path(m).name}-{i}" for i, m in enumerate(models)]
+
+    merge: dict[str, Any] = {"method": method}
+    granularity = genome.get("layer_granularity", 0) or 0
+    if not isinstance(granularity, int) or granularity < 0:
+        raise EvomergeError(f"{source}: genome.layer_granularity must be a whole number >= 0, got {granularity!r}")
+    if granularity == 0:
+        merge["granularity"] = "global"
+    else:
+        layers = open_model(base).num_layers
+        if layers % granularity:
+            raise EvomergeError(f"{source}: genome.layer_granularity {granularity} does not divide the "
+                                f"{layers} layers of {base} (mergekit-evolve refuses it too)")
+        merge.update(granularity="layer" if granularity == 1 else "layer_group", layer_groups=layers // granularity)
+    filters = genome.get("filters") or []
+    if filters:
+        if set(filters) != MODULE_FILTERS:
+            raise EvomergeError(f"{source}: genome.filters {filters} are not supported: evomerge splits a layer's "
+                                "coefficients between attention and MLP only (filters: [self_attn, mlp])")
+        merge["split_modules"] = True
+    low = -1.0 if genome.get("allow_negative_weights") else 0.0
+    params = {"t": [0.0, 1.0]} if method == "slerp" else {"weight": [low, 1.0]}
+    if method in ("ties", "dare_ties"):
+        params["density"] = [0.01, 1.0]  # mergekit-evolve clamps |density| to [0, 1]; 0 keeps nothing
+    merge["params"] = params
+    if genome.get("normalize") is not None:
+        merge["fixed"] = {"normalize": bool(genome["normalize"])}
+
+    if raw.get("shuffle") and raw.get("limit") is not None:
+        raise EvomergeError(f"{source}: shuffle with limit is not supported: evomerge takes the first `limit` "
+                            "documents, as lm-eval without shuffling; its item subsets are chosen by the estimator")
+    common = {key: raw[key] for key in ("limit", "num_fewshot") if raw.get(key) is not None}
+    common["apply_chat_template"] = bool(raw.get("apply_chat_template", True))   # mergekit-evolve's defaults
+    common["fewshot_as_multiturn"] = bool(raw.get("fewshot_as_multiturn", True))
+    benchmarks = []
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise EvomergeError(f"{source}: tasks must list at least one lm-eval task")
+    for index, task in enumerate(tasks):
+        task = {"name": task} if isinstance(task, str) else task
+        if not isinstance(task, dict) or not isinstance(task.get("name"), str):
+            raise EvomergeError(f"{source}: tasks[{index}] must be a task name or {{name, weight, metric}}")
+        metric, _, selected = str(task.get("metric", "acc,none")).partition(",")
+        entry = {"name": Path(task["name"]).stem, "lm_eval": task["name"], "weight": float(task.get("weight", 1.0)),
+                 "metric": metric, **common}
+        if selected and selected != "none":
+            entry["filter"] = selected
+        benchmarks.append(entry)
+    return {
+        "name": name,
+        "models": {"base": base, "experts": dict(zip(names, models))},
+        "merge": merge,
+        "benchmarks": benchmarks,
+        "optimizer": {"name": "cmaes", "trials": MAX_FEVALS},
+    }
