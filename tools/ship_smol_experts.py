@@ -32,11 +32,13 @@ def main(argv=None) -> int:
     if not smol_is_complete(source):
         raise SystemExit(f"{source} is not a finished smol family of this version: evomerge make-zoo --profile smol")
     family = json.loads((source / "zoo.json").read_text())
+    built_at = commit()  # before the copy, which is an uncommitted change to evomerge/zoo
     shutil.rmtree(SHIPPED_SMOL_EXPERTS, ignore_errors=True)
     for task in SMOL_TASKS:
         shutil.copytree(source / "experts" / task, SHIPPED_SMOL_EXPERTS / task)
     manifest = {key: family[key] for key in ("version", "seed", "recipe", "first_last_loss", "seconds")}
-    manifest["shipped"] = {"commit": commit(), "command": f"evomerge make-zoo --profile smol --out {source}",
+    manifest["shipped"] = {"commit": built_at,
+                           "command": f"evomerge make-zoo --profile smol --train-experts --out {source}",
                            "sha256": {p.relative_to(SHIPPED_SMOL_EXPERTS).as_posix(): file_digest(p)
                                       for p in zoo_files(SHIPPED_SMOL_EXPERTS)}}
     (SHIPPED_SMOL_EXPERTS / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -47,7 +47,9 @@ def cast_weights(folder: Path, dtype: torch.dtype) -> None:
 
 def commit() -> str:
     result = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "evomerge/zoo"], capture_output=True,
+    # the recipe's code, not the shipped files a previous run left
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "evomerge/zoo",
+                            ":!evomerge/zoo/shipped", ":!evomerge/zoo/smol_experts"], capture_output=True,
                            text=True).stdout.strip()
     return result.stdout.strip() + (" (with uncommitted changes to evomerge/zoo)" if dirty else "")
 
