@@ -216,3 +216,20 @@ def test_the_shipped_zoo_is_this_versions_and_whole(tmp_path):
     assert shipped_matches(ZOO_VERSION, "full", 0, manifest["bench_items"])
     zoo = ensure_zoo(tmp_path / "zoo", seed=0, profile="full", progress=False)  # copied, not trained
     assert zoo_is_complete(zoo, profile="full", seed=0) and (zoo / "data" / "arith.jsonl").is_file()
+
+
+def test_the_shipped_smol_adapters_are_this_recipes_and_whole():
+    """The SmolLM2 family's experts ship as LoRA adapters (tools/ship_smol_experts.py): a change to the smol
+    recipe or version that forgets to train and ship them again fails here, as does a damaged file."""
+    from evomerge.zoo.shipped import MANIFEST, SHIPPED_SMOL_EXPERTS, shipped_smol_experts, verify_shipped
+    from evomerge.zoo.smol import RECIPE, SMOL_TASKS, SMOL_VERSION
+
+    manifest = json.loads((SHIPPED_SMOL_EXPERTS / MANIFEST).read_text())
+    assert manifest["version"] == SMOL_VERSION and manifest["recipe"] == dataclasses.asdict(RECIPE), \
+        "the smol recipe changed: evomerge make-zoo --profile smol --train-experts, then tools/ship_smol_experts.py"
+    assert {"commit", "command", "sha256"} <= set(manifest["shipped"])
+    assert verify_shipped(SHIPPED_SMOL_EXPERTS) == []
+    assert shipped_smol_experts(SMOL_VERSION, manifest["seed"], dataclasses.asdict(RECIPE)) == SHIPPED_SMOL_EXPERTS
+    for task in SMOL_TASKS:
+        config = json.loads((SHIPPED_SMOL_EXPERTS / task / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and (SHIPPED_SMOL_EXPERTS / task / "adapter_model.safetensors").is_file()
