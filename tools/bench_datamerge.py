@@ -67,8 +67,9 @@ def quiet_libraries() -> None:
 def load_raw(space: Path, zoo: Path | None, zoo_seed: int, trials: int | None) -> dict:
     """The space with its `runs/zoo` paths moved onto ``zoo`` (built for ``zoo_seed`` when missing)."""
     raw = yaml.safe_load(space.read_text())
-    if zoo is not None and not zoo_is_complete(zoo):  # a finished zoo of any profile is used as it is
-        ensure_zoo(zoo, seed=zoo_seed, progress=False)
+    if zoo is not None:
+        if not zoo_is_complete(zoo):  # a finished zoo of any profile is used as it is
+            ensure_zoo(zoo, seed=zoo_seed, progress=False)
 
         def moved(value):
             if isinstance(value, str) and value.startswith("runs/zoo"):
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
                                                params={"weight": [0.0, 1.5]})), out / "ta", progress=False)
     benchmarks, tokenizer = ta.benchmarks, ta.tokenizer
     results.update(evaluate_models({"base": raw["models"]["base"],
-                                    **{f"expert {e}": p for e, p in raw["models"]["experts"].items()}}, benchmarks))
+                                    **{f"expert {e}": p for e, p in raw["models"]["experts"].items()}}, benchmarks,
+                                   base=raw["models"]["base"]))  # LoRA experts merge into the space's base
     for label, recipe in HAND_SET.items():
         ta.builder.core.merge_into(ta.builder.model, Recipe.from_dict(recipe), seed=0)
         results.update(evaluate_models({label: (ta.builder.model, tokenizer)}, benchmarks))
