@@ -24,8 +24,9 @@ import numpy as np
 from evomerge.benchmarks import load_benchmark
 from evomerge.console import full_width_console
 from evomerge.errors import EvomergeError
-from evomerge.estimate.estimators import DEFAULT_LEVEL, METHODS, fit_subset_estimator
-from evomerge.estimate.extract import STRATEGIES
+from evomerge.estimate.estimators import DEFAULT_LEVEL, METHODS, fit_subset_estimator, subsets_from_responses
+from evomerge.estimate.extract import STRATEGIES, sample_items, stage_sizes
+from evomerge.estimate.item_params import ItemParams
 from evomerge.estimate.responses import ResponseMatrix, benchmark_item_ids, responses_path, score_model
 from evomerge.merge import MergeCore, Recipe
 from evomerge.zoo import load_zoo_manifest
@@ -46,6 +47,55 @@ def _model_specs(tasks, n_extra, n_heldout, seed):
     rng = np.random.default_rng(seed + 1_000_003)
     specs += [(f"heldout{i:02d}", "heldout", _random_weights(rng, n)) for i in range(n_heldout)]
     return specs
+
+
+def _fit_design(matrix: ResponseMatrix, fit_names, endpoint_names, sizes, strategy, seed, dims,
+                calibration_items: int | None, params: ItemParams | None):
+    """One estimator fitted as a search would calibrate: every fit model on every item (the default);
+    with ``calibration_items``, the extra merges on the stages' items (chosen from the endpoints) and
+    that many random other items each; with ``params``, the item parameters fixed and the endpoints
+    scored on the stages' items only. Returns the estimator and the item evaluations it needed."""
+    fit = matrix.subset(fit_names)
+    if calibration_items is None and params is None:
+        return (fit_subset_estimator(fit, None, endpoint_names, sizes, strategy, seed, dims),
+                len(fit_names) * fit.n_items)
+    item_params = None if params is None else (params.a, params.b)
+    first = None if params is None else params.first_stage(stage_sizes(sizes, fit.n_items)[0])
+    subsets = subsets_from_responses(fit.subset(endpoint_names), sizes, strategy, seed, dims,
+                                     item_params=item_params, first=first)
+    staged = np.zeros(fit.n_items, dtype=bool)
+    for subset in subsets:
+        if len(subset.indices) < subset.n_total:
+            staged[subset.indices] = True
+    extras = [n for n in fit_names if n not in endpoint_names]
+    samples = sample_items(fit.n_items, np.flatnonzero(staged), len(extras),
+                           fit.n_items if calibration_items is None else calibration_items, seed)
+    observed = []
+    for name in fit_names:
+        seen = np.ones(fit.n_items, dtype=bool)
+        if name in endpoint_names and params is not None:
+            seen = staged.copy()
+        elif name in extras and calibration_items is not None:
+            seen = staged.copy()
+            seen[samples[extras.index(name)]] = True
+        observed.append(seen)
+    observed = np.stack(observed)
+    estimator = fit_subset_estimator(fit, None, endpoint_names, sizes, strategy, seed, dims, observed=observed,
+                                     subsets=subsets, item_params=item_params)
+    return estimator, int(observed.sum())
+
+
+def _item_params_for(source: Path | None, task: str, item_ids) -> ItemParams | None:
+    """A task's item parameters from a file, or a folder of ``<task>.json`` / ``<task>.npz``."""
+    if source is None:
+        return None
+    path = source
+    if source.is_dir():
+        found = [source / f"{task}{suffix}" for suffix in (".json", ".npz") if (source / f"{task}{suffix}").exists()]
+        if not found:
+            raise EvomergeError(f"{source} has no item parameters for {task!r} ({task}.json or {task}.npz)")
+        path = found[0]
+    return ItemParams.load(path).for_items(item_ids, task)
 
 
 def _error_cell(row: dict, method: str) -> str:
@@ -132,6 +182,8 @@ def run_estimate_check(
     n_timing: int = 3,
     nested: bool = False,
     level: float = DEFAULT_LEVEL,
+    calibration_items: int | None = None,
+    item_params: str | Path | None = None,
 ) -> EstimateCheckTable:
     """Score endpoints + merges of the zoo, fit estimators, report held-out MAE per size.
 
@@ -141,6 +193,13 @@ def run_estimate_check(
     (full and subset) to time both; 0 skips the timing. ``nested``: one estimator per
     benchmark whose stages are the sizes (nested subsets, as racing uses) instead of
     one estimator per size. ``level``: the intervals whose coverage is reported.
+    ``calibration_items``: the extra merges are fitted from their answers on the subset's
+    items (chosen from the endpoints alone) and this many random other items each, as a
+    search calibrating on less scores them (default: on every item). ``item_params``: a
+    file or a folder of ``<task>.json``: fixed item parameters (another fit's, or a
+    file's), the endpoints then answering the subset's items only. Each fit's item
+    parameters are written to ``out_dir/item_params/<task>.json``; the item evaluations
+    each fit needed are in the facts.
     """
     if n_heldout < 1:
         raise EvomergeError(f"n_heldout must be >= 1, got {n_heldout}")
@@ -187,14 +246,18 @@ def run_estimate_check(
 
     # 2. estimators per benchmark and size, their errors and interval coverage on the held-out merges
     rows, coverage_rows, estimators_by_size = [], [], {size: {} for size in sizes}
+    calibration_cost: dict[str, dict[str, int]] = {}
     for t in tasks:
         n_total = len(benches[t].items)
         if max(sizes) > n_total:
             raise EvomergeError(f"subset size {max(sizes)} is larger than benchmark {t!r} ({n_total} items)")
-        fits = ([fit_subset_estimator(matrices[t].rows(fit_names), fit_names, endpoint_names, list(sizes), strategy,
-                                      seed, dims, benchmark=t, item_ids=matrices[t].item_ids)] if nested else
-                [fit_subset_estimator(matrices[t].rows(fit_names), fit_names, endpoint_names, size, strategy,
-                                      seed, dims, benchmark=t, item_ids=matrices[t].item_ids) for size in sizes])
+        params = _item_params_for(None if item_params is None else Path(item_params), t, matrices[t].item_ids)
+        designs = [_fit_design(matrices[t], fit_names, endpoint_names, list(sizes) if nested else [size], strategy,
+                               seed, dims, calibration_items, params) for size in (sizes[:1] if nested else sizes)]
+        fits = [est for est, _ in designs]
+        calibration_cost[t] = {str(est.stages[0].size): items for est, items in designs}
+        ItemParams(fits[-1].a, fits[-1].b, matrices[t].item_ids, source=f"estimate-check {out_dir}",
+                   models=len(fit_names)).save(out_dir / "item_params" / f"{t}.json")
         for est in fits:
             est.save(out_dir / "estimators" / (f"{t}-n{'-'.join(str(s.size) for s in est.stages)}.json"))
             for stage_number, stage in enumerate(est.stages):
@@ -258,6 +321,8 @@ def run_estimate_check(
         "zoo": str(zoo_dir), "profile": manifest.get("profile"), "tasks": tasks,
         "fit_models": len(fit_names), "endpoints": len(endpoint_names), "heldout_models": len(heldout),
         "strategy": strategy, "dims": dims, "seed": seed, "nested": nested, "level": level,
+        "calibration_items": calibration_items, "item_params": None if item_params is None else str(item_params),
+        "calibration_item_evaluations": calibration_cost,
         "full_eval_seconds": round(full_seconds, 3) if full_runs else None,
         "subset_eval_seconds": {str(k): round(v, 3) for k, v in subset_seconds.items()},
         "subset_vs_full_answer_mismatches": mismatches,
@@ -289,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nested", action="store_true",
                         help="fit the sizes as nested stages of one estimator (as racing does)")
     parser.add_argument("--level", type=float, default=DEFAULT_LEVEL, help="interval level whose coverage is reported")
+    parser.add_argument("--calibration-items", type=int, default=None,
+                        help="fit the extra merges from the subset's items (chosen from the endpoints) and this many "
+                             "random other items each, as a search calibrating on less (default: every item)")
+    parser.add_argument("--item-params", default=None,
+                        help="item parameters fixed from a file or a folder of <task>.json (another check's "
+                             "OUT/item_params): the endpoints answer only the subset's items")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-timing", type=int, default=3, help="held-out merges timed full vs subset (0: no timing)")
@@ -310,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_estimate_check(args.zoo, args.out, n_heldout=args.n_heldout, sizes=sizes, seed=args.seed,
                            n_extra=args.n_extra, strategy=args.strategy, dims=args.dims,
                            batch_size=args.batch_size, device=args.device, nested=args.nested, level=args.level,
-                           n_timing=args.n_timing)
+                           n_timing=args.n_timing, calibration_items=args.calibration_items,
+                           item_params=args.item_params)
     except EvomergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -224,6 +224,19 @@ class SubsetEstimator:
         out = {m: out[m] for m in methods}
         return out
 
+    def item_probabilities(self, subset_correct: np.ndarray, method: str = "gmpirt", stage: int | None = None) -> np.ndarray:
+        """P(correct) of every item for the model whose answers on a stage's items are given: at the
+        merged ability mp-IRT infers (``mpirt`` / ``gmpirt``, with endpoints), else at its own p-IRT ability.
+        Validation predicts the items it has not scored yet with these."""
+        y = self._check_answers(subset_correct, stage).astype(np.float64)
+        st = self.stages[self.stage_for(len(y)) if stage is None else stage]
+        idx = st.subset.indices
+        if _checked_method(method) in ("mpirt", "gmpirt") and self.endpoint_theta.shape[0]:
+            theta = _fit_lambda(y, self.a[idx], self.b[idx], self.endpoint_theta, st.lambda_sd) @ self.endpoint_theta
+        else:
+            theta = estimate_theta(y, self.a[idx], self.b[idx], theta_sd=self.theta_sd)
+        return item_probabilities(theta[None, :], self.a, self.b)[0]
+
     def merged_ability(self, subset_correct: np.ndarray, stage: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(lambda over endpoints, merged theta) as mp-IRT infers them; useful for diagnostics."""
         y = self._check_answers(subset_correct, stage).astype(np.float64)
@@ -389,36 +402,81 @@ def _mix(w, anchor, irt):
 
 @dataclasses.dataclass
 class _HeldOut:
-    """One stage's held-out predictions: per key (method, or ("mpirt", lambda_sd)) the residuals and sds."""
+    """One stage's held-out predictions: per key (method, or ("mpirt", lambda_sd)) the residuals, the
+    predictions' sds and the variance of the truth they were measured against (0 for a model scored on
+    every item; see `_held_out_truth`), and which models were held out."""
 
     residuals: dict = dataclasses.field(default_factory=dict)
     sds: dict = dataclasses.field(default_factory=dict)
+    noise: dict = dataclasses.field(default_factory=dict)
+    models: set = dataclasses.field(default_factory=set)
 
-    def add(self, key, value_sd, truth):
+    def add(self, key, value_sd, truth, noise=0.0, model=None):
         self.residuals.setdefault(key, []).append(value_sd[0] - truth)
         self.sds.setdefault(key, []).append(value_sd[1])
+        self.noise.setdefault(key, []).append(noise)
+        self.models.add(model)
 
     def arrays(self, key):
-        return np.asarray(self.residuals.get(key, [])), np.asarray(self.sds.get(key, []))
+        return (np.asarray(self.residuals.get(key, [])), np.asarray(self.sds.get(key, [])),
+                np.asarray(self.noise.get(key, [])))
 
 
-def _extract_for(fit: IRTFit, y: np.ndarray, sizes: Sequence[int], strategy: str, seed: int) -> list[Subset]:
+def _extract_for(fit: IRTFit, y: np.ndarray, sizes: Sequence[int], strategy: str, seed: int,
+                 mask: np.ndarray | None = None, first: Subset | None = None) -> list[Subset]:
+    """The stages' subsets from a fit; unobserved answers count as the fit's probabilities
+    (anchor-correctness clusters the items' answer vectors). ``first``: the first stage, given."""
+    correctness = y if mask is None or mask.all() else np.where(mask, y, fit.probabilities())
     return extract_stages(sizes, y.shape[1], strategy, seed, difficulty=fit.b,
-                          item_embedding=np.hstack([fit.a, fit.b[:, None]]), correctness=y)
+                          item_embedding=np.hstack([fit.a, fit.b[:, None]]), correctness=correctness, first=first)
 
 
-def _cross_validate(y, sizes, strategy, endpoint_rows, dims, priors, lambda_sds, seed, full_fit, n_folds, final):
+def _held_out_truth(y_row, seen, subset: Subset, fit: IRTFit, theta_sd: float) -> tuple[float, float] | None:
+    """A held-out model's full-benchmark accuracy and the variance of that figure, or None.
+
+    Scored on every item: its accuracy, exactly. Scored on the subset and a random sample
+    ``R`` of the other items only (a calibration merge on less): the subset's answers,
+    the IRT prediction of every other item at the ability its subset answers give,
+    and the mean residual ``y - p`` on ``R`` scaled to all other items (a difference
+    estimator: unbiased whatever the prediction's error, and precise where the
+    prediction is good). None when the model lacks an answer on the subset, or has
+    fewer than two answers beyond it.
+    """
+    idx = subset.indices
+    if seen.all():
+        return float(y_row.mean()), 0.0
+    if not seen[idx].all():
+        return None
+    rest = np.ones(subset.n_total, dtype=bool)
+    rest[idx] = False
+    sample = seen & rest
+    n_sample, n_rest = int(sample.sum()), int(rest.sum())
+    if n_sample < 2:
+        return None
+    theta = estimate_theta(y_row[idx], fit.a[idx], fit.b[idx], theta_sd=theta_sd)
+    p = item_probabilities(theta[None, :], fit.a, fit.b)[0]
+    residual = y_row[sample] - p[sample]
+    truth = (y_row[idx].sum() + p[rest].sum() + n_rest * residual.mean()) / subset.n_total
+    variance = (n_rest / subset.n_total) ** 2 * residual.var(ddof=1) / n_sample * (1.0 - n_sample / n_rest)
+    return float(truth), float(max(variance, 0.0))
+
+
+def _cross_validate(y, mask, sizes, strategy, endpoint_rows, dims, priors, lambda_sds, seed, full_fit, n_folds,
+                    final, fixed_items=False, reextract=True):
     """Held-out residuals of mean / anchor / p-IRT / mp-IRT (every prior width) per stage.
 
-    Per fold, IRT is refit without the held-out models, which are then predicted
-    from their answers on two subsets per stage: one re-extracted from the fold's
-    fit (the anchor estimate is not flattered by anchors chosen on the very models
-    it is scored on) and the ``final`` one the search will use (a few items can
-    fail an IRT estimate in their own way -- mp-IRT 25 points off at 10 items on
-    one zoo build -- and only these items show it). With enough other models
-    (extra models, calibration merges) only those are held out: they stand for
-    the candidates, while predicting an endpoint without it in the fit asks
-    mp-IRT for a direction no merge of the remaining endpoints has.
+    Per fold, IRT is refit without the held-out models (``fixed_items``: the item
+    parameters stay, only abilities are fitted), which are then predicted from
+    their answers on two subsets per stage: one re-extracted from the fold's fit
+    (the anchor estimate is not flattered by anchors chosen on the very models it
+    is scored on; only with ``reextract``, for models scored on every item) and the
+    ``final`` one the search will use (a few items can fail an IRT estimate in their
+    own way -- mp-IRT 25 points off at 10 items on one zoo build -- and only these
+    items show it). With enough other models (extra models, calibration merges) only
+    those are held out: they stand for the candidates, while predicting an endpoint
+    without it in the fit asks mp-IRT for a direction no merge of the remaining
+    endpoints has. A model scored on a sample of the items is measured against the
+    estimate `_held_out_truth` makes, whose variance is kept with its residual.
     """
     n_models = y.shape[0]
     rng = np.random.default_rng(seed + 7919)
@@ -430,24 +488,36 @@ def _cross_validate(y, sizes, strategy, endpoint_rows, dims, priors, lambda_sds,
         train = np.setdiff1d(np.arange(n_models), held)
         if len(train) == 0:
             continue
-        fold_fit = fit_irt(y[train], dims, priors=priors, seed=seed, init=full_fit, max_sweeps=100, tol=1e-5)
-        variants = [_extract_for(fold_fit, y[train], sizes, strategy, seed), final]
+        if fixed_items:  # abilities are per model: the held-out rows never moved the others'
+            fold_fit = IRTFit(full_fit.a, full_fit.b, full_fit.theta[train], priors, float("nan"), 0)
+        else:
+            fold_fit = fit_irt(y[train], dims, priors=priors, mask=mask[train], seed=seed, init=full_fit,
+                               max_sweeps=100, tol=1e-5)
+        variants = [(_extract_for(fold_fit, y[train], sizes, strategy, seed, mask[train]), True)] if reextract else []
+        variants.append((final, False))
         train_pos = {int(m): p for p, m in enumerate(train)}
         ends = [train_pos[e] for e in endpoint_rows if e in train_pos]
-        ends_theta = fold_fit.theta[ends] if ends else np.zeros((0, dims))
-        for record, subset in [(r, s) for subsets in variants for r, s in zip(held_out, subsets)]:
-            if len(subset.indices) == subset.n_total:
-                continue  # an exact stage has no error to learn
-            for h in held:
-                ys, truth = y[h, subset.indices], float(y[h].mean())
-                pred = _predict(ys, subset, fold_fit.a, fold_fit.b, ends_theta, priors.theta_sd, 1.0,
-                                0.0, 0.0, ("mean", "anchor", "pirt"))
-                for m, value_sd in pred.items():
-                    record.add(m, value_sd, truth)
-                for sd in lambda_sds if ends else ():
-                    pred = _predict(ys, subset, fold_fit.a, fold_fit.b, ends_theta, priors.theta_sd, sd,
-                                    0.0, 0.0, ("mpirt",))
-                    record.add(("mpirt", sd), pred["mpirt"], truth)
+        ends_theta = fold_fit.theta[ends] if ends else np.zeros((0, fold_fit.dims))
+        for subsets, needs_every_item in variants:
+            for record, subset in zip(held_out, subsets):
+                if len(subset.indices) == subset.n_total:
+                    continue  # an exact stage has no error to learn
+                for h in held:
+                    if needs_every_item and not mask[h].all():
+                        continue
+                    measured = _held_out_truth(y[h], mask[h], subset, fold_fit, priors.theta_sd)
+                    if measured is None:
+                        continue
+                    truth, noise = measured
+                    ys = y[h, subset.indices]
+                    pred = _predict(ys, subset, fold_fit.a, fold_fit.b, ends_theta, priors.theta_sd, 1.0,
+                                    0.0, 0.0, ("mean", "anchor", "pirt"))
+                    for m, value_sd in pred.items():
+                        record.add(m, value_sd, truth, noise, int(h))
+                    for sd in lambda_sds if ends else ():
+                        pred = _predict(ys, subset, fold_fit.a, fold_fit.b, ends_theta, priors.theta_sd, sd,
+                                        0.0, 0.0, ("mpirt",))
+                        record.add(("mpirt", sd), pred["mpirt"], truth, noise, int(h))
     return held_out
 
 
@@ -467,23 +537,32 @@ def _mix_weight(r_irt: np.ndarray, r_anchor: np.ndarray) -> float:
     return float(np.clip(-np.dot(r_irt, diff) / denom, 0.0, 1.0))
 
 
-def _sd_scale(residuals: np.ndarray, sds: np.ndarray) -> float:
+def _sd_scale(residuals: np.ndarray, sds: np.ndarray, noise: np.ndarray | None = None) -> float:
     """Factor (>= 1) on the posterior sd that makes held-out errors standard: sqrt(mean((r / sd)^2)).
 
     A candidate's own sd already grows where its accuracy is uncertain (mid-range, few
     items) and shrinks near 0 or 1; the held-out models say by how much it falls short.
+    ``noise``: the variance of each residual's truth (a model scored on a sample of the
+    items), taken out of its square.
     """
     if len(residuals) == 0:
         return 1.0
-    return float(np.sqrt(max(1.0, float(np.mean((residuals / np.maximum(sds, 1e-4)) ** 2)))))
+    noise = np.zeros_like(residuals) if noise is None else noise
+    return float(np.sqrt(max(1.0, float(np.mean((residuals**2 - noise) / np.maximum(sds, 1e-4) ** 2)))))
 
 
-def _calibrate_stage(subset: Subset, record: _HeldOut | None, grid: Sequence[float]) -> Stage:
+def _rmse(residuals: np.ndarray, noise: np.ndarray) -> float:
+    """Root mean squared error, less the part the truths' own variance explains."""
+    return float(np.sqrt(max(0.0, float(np.mean(residuals**2 - noise)))))
+
+
+def _calibrate_stage(subset: Subset, record: _HeldOut | None, grid: Sequence[float],
+                     fallback: float = _FALLBACK_ANCHOR_WEIGHT) -> Stage:
     """Mix weights, lambda prior width and model errors of one stage from its held-out residuals."""
     if record is None or not record.residuals:
         exact = len(subset.indices) == subset.n_total
-        return Stage(subset, 0.0 if exact else _FALLBACK_ANCHOR_WEIGHT,
-                     0.0 if exact else _FALLBACK_ANCHOR_WEIGHT,
+        return Stage(subset, 0.0 if exact else fallback,
+                     0.0 if exact else fallback,
                      grid[0] if len(grid) == 1 else _DEFAULT_LAMBDA_SD)
     mse = {key: float(np.mean(r**2)) for key in record.residuals for r in [record.arrays(key)[0]]}
     mp_scores = {sd: mse[("mpirt", sd)] for sd in grid if ("mpirt", sd) in mse}
@@ -498,17 +577,86 @@ def _calibrate_stage(subset: Subset, record: _HeldOut | None, grid: Sequence[flo
     for mixed, irt in (("gpirt", "pirt"), ("gmpirt", "mpirt")):
         if irt in arrays:
             w = weights[mixed]
-            (r_a, s_a), (r_i, s_i) = arrays["anchor"], arrays[irt]
-            arrays[mixed] = (w * r_a + (1 - w) * r_i, w * s_a + (1 - w) * s_i)
+            (r_a, s_a, v_a), (r_i, s_i, _) = arrays["anchor"], arrays[irt]
+            arrays[mixed] = (w * r_a + (1 - w) * r_i, w * s_a + (1 - w) * s_i, v_a)
     return Stage(
         subset=subset,
         anchor_weight_gpirt=weights["gpirt"],
         anchor_weight_gmpirt=weights.get("gmpirt", _FALLBACK_ANCHOR_WEIGHT),
         lambda_sd=lambda_sd,
-        cv_rmse={m: float(np.sqrt(np.mean(r**2))) for m, (r, _) in arrays.items()},
-        sd_scale={m: _sd_scale(r, s) for m, (r, s) in arrays.items() if m not in ("gpirt", "gmpirt")},
-        cv_models=len(arrays["anchor"][0]) // 2,  # two residuals per held-out model (see _cross_validate)
+        cv_rmse={m: _rmse(r, v) for m, (r, _, v) in arrays.items()},
+        sd_scale={m: _sd_scale(r, s, v) for m, (r, s, v) in arrays.items() if m not in ("gpirt", "gmpirt")},
+        cv_models=len(record.models),
     )
+
+
+def fit_abilities(correct: np.ndarray, observed: np.ndarray, a: np.ndarray, b: np.ndarray,
+                  theta_sd: float = 1.0) -> np.ndarray:
+    """Each model's MAP ability from the answers it has, the item parameters held fixed."""
+    theta = np.zeros((correct.shape[0], a.shape[1]))
+    for i, (row, seen) in enumerate(zip(correct, observed)):
+        if seen.any():
+            theta[i] = estimate_theta(row[seen], a[seen], b[seen], theta_sd=theta_sd)
+    return theta
+
+
+def _checked_item_params(item_params, n_total: int) -> tuple[np.ndarray, np.ndarray]:
+    a, b = (np.asarray(v, dtype=np.float64) for v in item_params)
+    a = a.reshape(len(a), -1) if a.ndim == 1 else a
+    if a.ndim != 2 or a.shape[0] != n_total or b.shape != (n_total,):
+        raise EvomergeError(f"item parameters cover {a.shape[0]} items (a {a.shape}, b {b.shape}); "
+                            f"the responses have {n_total}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise EvomergeError("item parameters must be finite numbers")
+    return a, b
+
+
+def subsets_from_responses(responses_matrix: Any, n_items: int | Sequence[int | str], strategy: str = "anchor-irt",
+                           seed: int = 0, dims: int = 2, *, priors: IRTPriors = IRTPriors(),
+                           item_params: tuple[np.ndarray, np.ndarray] | None = None,
+                           first: Subset | None = None) -> list[Subset]:
+    """The stages' subsets an estimator fitted on these responses would choose, without cross-validation.
+
+    Calibration on less picks the items from the models scored on every item (base,
+    experts), then scores its random merges on those items and a sample of the others.
+    ``item_params``: (a, b) known already (only ``anchor-correctness`` then reads the answers).
+    ``first``: the first stage's items, chosen already (anchors that came with the item parameters).
+    """
+    y, mask = _response_arrays(responses_matrix, None)
+    sizes = stage_sizes([n_items] if np.isscalar(n_items) else list(n_items), y.shape[1], "stages")
+    if item_params is None:
+        fit = fit_irt(y, dims, priors=priors, seed=seed, mask=mask)
+    else:
+        a, b = _checked_item_params(item_params, y.shape[1])
+        fit = IRTFit(a, b, fit_abilities(y, mask, a, b, priors.theta_sd), priors, float("nan"), 0)
+    return _extract_for(fit, y, sizes, strategy, seed, mask, first)
+
+
+def subsets_from_item_params(a: np.ndarray, b: np.ndarray, n_items: int | Sequence[int | str],
+                             strategy: str = "anchor-irt", seed: int = 0, first: Subset | None = None) -> list[Subset]:
+    """The stages' subsets chosen from known item parameters alone (no answers needed, so the
+    models can then be scored on just these items). ``anchor-correctness`` clusters answers: it needs a fit."""
+    if strategy == "anchor-correctness":
+        raise EvomergeError("the anchor-correctness strategy clusters the items' answers, which known item "
+                            "parameters do not have; use the anchor (anchor-irt) or stratified strategy")
+    a, b = _checked_item_params((a, b), len(np.asarray(b)))
+    sizes = stage_sizes([n_items] if np.isscalar(n_items) else list(n_items), len(b), "stages")
+    return extract_stages(sizes, len(b), strategy, seed, difficulty=b, item_embedding=np.hstack([a, b[:, None]]),
+                          first=first)
+
+
+def _response_arrays(responses_matrix: Any, observed) -> tuple[np.ndarray, np.ndarray]:
+    """(answers as floats, observed mask) of a ``ResponseMatrix`` or a bool matrix (+ optional mask)."""
+    if hasattr(responses_matrix, "correct"):
+        observed = responses_matrix.observed if observed is None else observed
+        responses_matrix = responses_matrix.correct
+    y = as_correctness(responses_matrix, "response matrix")
+    if y.ndim != 2 or y.shape[0] == 0:
+        raise EvomergeError(f"need a models x items response matrix with at least one model, got {y.shape}")
+    mask = np.ones(y.shape, dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
+    if mask.shape != y.shape:
+        raise EvomergeError(f"observed mask {mask.shape} differs from the responses {y.shape}")
+    return np.where(mask, y, False).astype(np.float64), mask
 
 
 def fit_subset_estimator(
@@ -525,52 +673,69 @@ def fit_subset_estimator(
     n_folds: int = 5,
     benchmark: str = "",
     item_ids: Sequence[str] | None = None,
+    observed: np.ndarray | None = None,
+    subsets: Sequence[Subset] | None = None,
+    item_params: tuple[np.ndarray, np.ndarray] | None = None,
+    fallback_anchor_weight: float = _FALLBACK_ANCHOR_WEIGHT,
 ) -> SubsetEstimator:
     """Fit IRT on all given models, pick the subset(s), and calibrate each stage by cross-validation.
 
     ``responses_matrix``: models x items bools (or a ``ResponseMatrix``, whose
-    names / ids are then used). ``endpoint_names``: the merge endpoints (base
+    names / ids / observed mask are then used). ``endpoint_names``: the merge endpoints (base
     and experts) whose abilities span the merged abilities for mp-IRT; all
     other rows are extra models that only sharpen the item parameters.
     ``n_items``: the subset size, or increasing stage sizes of nested subsets
     (the last may be ``"all"``). ``lambda_sd``: width of mp-IRT's prior on lambda
     (around the uniform mix); a sequence is a grid from which cross-validation picks.
+    ``observed``: which answers exist (models scored on a sample of the items; the
+    fit skips the rest). ``subsets``: the stages' items, chosen beforehand (the items
+    the sampled models were scored on; `subsets_from_responses`) instead of from this
+    fit. ``item_params``: (a (items x dims), b) known already (another study's fit, a
+    file): only the models' abilities are fitted. ``fallback_anchor_weight``: the mixes'
+    weight on the anchor estimate where no held-out model can fit one (a file's gp-IRT lambda).
     """
     if hasattr(responses_matrix, "correct"):
         model_names = model_names or responses_matrix.model_names
         item_ids = item_ids or responses_matrix.item_ids
         benchmark = benchmark or responses_matrix.benchmark
-        responses_matrix = responses_matrix.correct
-    y = as_correctness(responses_matrix, "response matrix")
-    if y.ndim != 2 or y.shape[0] == 0:
-        raise EvomergeError(f"need a models x items response matrix with at least one model, got {y.shape}")
-    model_names = list(model_names) if model_names is not None else [f"model{i}" for i in range(y.shape[0])]
-    if len(model_names) != y.shape[0]:
-        raise EvomergeError(f"{len(model_names)} model names for a response matrix of {y.shape[0]} models")
+    yf, mask = _response_arrays(responses_matrix, observed)
+    model_names = list(model_names) if model_names is not None else [f"model{i}" for i in range(yf.shape[0])]
+    if len(model_names) != yf.shape[0]:
+        raise EvomergeError(f"{len(model_names)} model names for a response matrix of {yf.shape[0]} models")
     missing = [e for e in endpoint_names if e not in model_names]
     if missing or not endpoint_names:
         raise EvomergeError(f"endpoint models {missing or '(none given)'} have no responses; known: {model_names}")
     if strategy not in STRATEGIES:
         raise EvomergeError(f"unknown subset strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    n_total = y.shape[1]
+    n_total = yf.shape[1]
     sizes = stage_sizes([n_items] if np.isscalar(n_items) else list(n_items), n_total,
                         f"{benchmark or 'benchmark'} stages")
 
-    yf = y.astype(np.float64)
-    fit: IRTFit = fit_irt(yf, dims, priors=priors, seed=seed)
-    subsets = _extract_for(fit, yf, sizes, strategy, seed)
+    if item_params is None:
+        fit: IRTFit = fit_irt(yf, dims, priors=priors, seed=seed, mask=mask)
+    else:
+        a, b = _checked_item_params(item_params, n_total)
+        fit = IRTFit(a, b, fit_abilities(yf, mask, a, b, priors.theta_sd), priors, float("nan"), 0)
+    chosen_here = subsets is None and item_params is None  # on the held-out models too: re-extract per fold
+    if subsets is None:
+        subsets = _extract_for(fit, yf, sizes, strategy, seed, mask)
+    elif [len(s.indices) for s in subsets] != sizes or any(s.n_total != n_total for s in subsets):
+        raise EvomergeError(f"the given subsets have {[len(s.indices) for s in subsets]} items, the stages ask "
+                            f"for {sizes} of {n_total}")
+    subsets = list(subsets)
     endpoint_rows = [model_names.index(e) for e in endpoint_names]
     grid = [float(lambda_sd)] if np.isscalar(lambda_sd) else [float(v) for v in lambda_sd]
     if not grid or min(grid) <= 0:
         raise EvomergeError(f"lambda_sd must be positive, got {lambda_sd}")
-    records = (_cross_validate(yf, sizes, strategy, endpoint_rows, dims, priors, grid, seed, fit, n_folds, subsets)
-               if y.shape[0] >= 2 else [None] * len(sizes))
+    records = (_cross_validate(yf, mask, sizes, strategy, endpoint_rows, fit.dims, priors, grid, seed, fit, n_folds,
+                               subsets, fixed_items=item_params is not None, reextract=chosen_here)
+               if yf.shape[0] >= 2 else [None] * len(sizes))
     return SubsetEstimator(
         a=fit.a,
         b=fit.b,
         endpoint_names=list(endpoint_names),
         endpoint_theta=fit.theta[endpoint_rows].copy(),
-        stages=[_calibrate_stage(subset, record, grid) for subset, record in zip(subsets, records)],
+        stages=[_calibrate_stage(subset, record, grid, fallback_anchor_weight) for subset, record in zip(subsets, records)],
         theta_sd=priors.theta_sd,
         benchmark=benchmark,
         item_ids=list(item_ids) if item_ids is not None else None,

@@ -291,10 +291,16 @@ def extract_stages(
     difficulty: np.ndarray | None = None,
     item_embedding: np.ndarray | None = None,
     correctness: np.ndarray | None = None,
+    first: Subset | None = None,
 ) -> list[Subset]:
-    """Nested subsets of the given sizes (ints, the last may be ``"all"``); see the module doc."""
+    """Nested subsets of the given sizes (ints, the last may be ``"all"``); see the module doc.
+    ``first``: the first stage's subset, chosen already (anchors that came with item parameters)."""
     sizes = stage_sizes(stages, n_total)
-    subsets = [extract_subset(sizes[0], n_total, strategy, seed, difficulty=difficulty,
+    if first is not None and (len(first.indices) != sizes[0] or first.n_total != n_total):
+        raise EvomergeError(f"the given first stage has {len(first.indices)} of {first.n_total} items, "
+                            f"the stages ask for {sizes[0]} of {n_total}")
+    subsets = [first if first is not None else
+               extract_subset(sizes[0], n_total, strategy, seed, difficulty=difficulty,
                               item_embedding=item_embedding, correctness=correctness)]
     points = None
     rng = np.random.default_rng(seed + 104_729)
@@ -352,3 +358,15 @@ def _nearest_item_shares(points, indices):
     """Weight of each chosen item: the share of all items nearer to it than to any other chosen one."""
     labels = _nearest_centre(points, points[indices])
     return np.bincount(labels, minlength=len(indices)).astype(np.float64) / len(points)
+
+
+def sample_items(n_total: int, taken: np.ndarray, n_models: int, per_model: int, seed: int) -> list[np.ndarray]:
+    """Items beyond ``taken`` for each of ``n_models`` models scored on a sample: ``per_model`` each, drawn
+    as consecutive slices of one random order of the other items (wrapping round), so the samples
+    together cover as many distinct items as they can while each one is a uniform random draw."""
+    rest = np.setdiff1d(np.arange(n_total), np.asarray(taken, dtype=np.int64))
+    count = min(int(per_model), len(rest))
+    if count <= 0 or n_models <= 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(max(n_models, 0))]
+    order = np.random.default_rng(seed + 31_337).permutation(rest)
+    return [np.sort(np.take(order, np.arange(m * count, (m + 1) * count), mode="wrap")) for m in range(n_models)]

@@ -23,12 +23,18 @@ from evomerge.files import write_bytes_atomic
 
 @dataclasses.dataclass
 class ResponseMatrix:
-    """``correct[i, j]`` is True iff model ``model_names[i]`` got item ``item_ids[j]`` right."""
+    """``correct[i, j]`` is True iff model ``model_names[i]`` got item ``item_ids[j]`` right.
+
+    ``observed[i, j]`` says whether model i was scored on item j at all (None: every
+    model on every item). Calibration scores its random merges on a sample of the
+    items only; an unobserved answer is stored as False and never read as one.
+    """
 
     correct: np.ndarray
     model_names: list[str]
     item_ids: list[str]
     benchmark: str = ""
+    observed: np.ndarray | None = None
 
     def __post_init__(self):
         self.correct = np.asarray(self.correct)
@@ -45,6 +51,12 @@ class ResponseMatrix:
                 f"and {len(self.item_ids)} item ids")
         if len(set(self.model_names)) != rows:
             raise EvomergeError(f"response matrix has duplicate model names: {self.model_names}")
+        if self.observed is not None:
+            self.observed = np.asarray(self.observed, dtype=bool).reshape(rows, cols)
+            if self.observed.all():
+                self.observed = None
+            else:
+                self.correct = self.correct & self.observed
 
     @classmethod
     def empty(cls, item_ids: list[str], benchmark: str = "") -> "ResponseMatrix":
@@ -54,32 +66,73 @@ class ResponseMatrix:
     def n_items(self) -> int:
         return self.correct.shape[1]
 
+    @property
+    def mask(self) -> np.ndarray:
+        """``observed`` as a full bool matrix (all True when every answer is known)."""
+        return np.ones(self.correct.shape, dtype=bool) if self.observed is None else self.observed
+
     def row(self, name: str) -> np.ndarray:
         try:
             return self.correct[self.model_names.index(name)]
         except ValueError:
             raise EvomergeError(f"model {name!r} has no stored responses; known: {self.model_names}") from None
 
+    def observed_row(self, name: str) -> np.ndarray:
+        """Which items ``name`` was scored on."""
+        self.row(name)
+        return self.mask[self.model_names.index(name)]
+
+    def complete(self, name: str) -> bool:
+        """Whether ``name`` was scored on every item."""
+        return bool(self.observed_row(name).all())
+
     def rows(self, names: Iterable[str]) -> np.ndarray:
         return np.stack([self.row(n) for n in names]) if names else np.zeros((0, self.n_items), bool)
 
-    def accuracy(self) -> dict[str, float]:
-        return {m: float(r.mean()) for m, r in zip(self.model_names, self.correct)}
+    def subset(self, names: Iterable[str]) -> "ResponseMatrix":
+        """The rows of ``names``, in that order, observed masks kept."""
+        names = list(names)
+        observed = np.stack([self.observed_row(n) for n in names]) if names else None
+        return ResponseMatrix(self.rows(names), names, self.item_ids, self.benchmark, observed)
 
-    def with_model(self, name: str, correct: np.ndarray) -> "ResponseMatrix":
-        """A copy with ``name``'s row added (or replaced)."""
+    def accuracy(self) -> dict[str, float]:
+        """Each model's accuracy on the items it was scored on."""
+        return {m: float(r[o].mean()) if o.any() else float("nan")
+                for m, r, o in zip(self.model_names, self.correct, self.mask)}
+
+    def with_model(self, name: str, correct: np.ndarray, observed: np.ndarray | None = None) -> "ResponseMatrix":
+        """A copy with ``name``'s row added (or replaced); ``observed``: the items it was scored on (all if None)."""
         row = as_correctness(correct, f"responses of {name!r}").ravel()
         if row.shape[0] != self.n_items:
             raise EvomergeError(f"responses of {name!r} cover {row.shape[0]} items, benchmark has {self.n_items}")
+        seen = np.ones(self.n_items, dtype=bool) if observed is None else np.asarray(observed, dtype=bool).ravel()
+        if seen.shape[0] != self.n_items:
+            raise EvomergeError(f"observed items of {name!r} cover {seen.shape[0]} items, benchmark has {self.n_items}")
         names = [m for m in self.model_names if m != name]
         kept = self.rows(names) if names else np.zeros((0, self.n_items), bool)
-        return ResponseMatrix(np.vstack([kept, row[None]]), names + [name], self.item_ids, self.benchmark)
+        masks = np.stack([self.observed_row(n) for n in names]) if names else np.zeros((0, self.n_items), bool)
+        return ResponseMatrix(np.vstack([kept, row[None]]), names + [name], self.item_ids, self.benchmark,
+                              np.vstack([masks, seen[None]]))
+
+    def with_answers(self, name: str, indices: Iterable[int], correct: Iterable[bool]) -> "ResponseMatrix":
+        """A copy where ``name`` (added if new) also answered the items at ``indices``."""
+        indices = np.asarray(list(indices), dtype=np.int64)
+        if name in self.model_names:
+            row, seen = self.row(name).copy(), self.observed_row(name).copy()
+        else:
+            row, seen = np.zeros(self.n_items, dtype=bool), np.zeros(self.n_items, dtype=bool)
+        row[indices] = as_correctness(np.asarray(list(correct)), f"answers of {name!r}")
+        seen[indices] = True
+        return self.with_model(name, row, seen)
 
     def to_bytes(self) -> bytes:
         """The matrix as a compressed ``.npz`` (the run folder's file, the study's stored blob)."""
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, correct=self.correct, model_names=np.array(self.model_names, dtype=str),
-                            item_ids=np.array(self.item_ids, dtype=str), benchmark=np.array(self.benchmark))
+        arrays = dict(correct=self.correct, model_names=np.array(self.model_names, dtype=str),
+                      item_ids=np.array(self.item_ids, dtype=str), benchmark=np.array(self.benchmark))
+        if self.observed is not None:
+            arrays["observed"] = self.observed
+        np.savez_compressed(buffer, **arrays)
         return buffer.getvalue()
 
     @classmethod
@@ -87,8 +140,9 @@ class ResponseMatrix:
         """The matrix of a ``.npz`` made by `to_bytes`; ``where`` names its origin in the error."""
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                observed = arrays["observed"].astype(bool) if "observed" in arrays.files else None
                 return cls(arrays["correct"].astype(bool), list(arrays["model_names"]),
-                           list(arrays["item_ids"]), str(arrays["benchmark"]))
+                           list(arrays["item_ids"]), str(arrays["benchmark"]), observed)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise EvomergeError(f"cannot read responses {where}: {exc}") from exc
 
