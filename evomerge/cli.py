@@ -260,6 +260,7 @@ def _print_status(study, space, top: int) -> None:
     """
     from rich.table import Table
 
+    from evomerge.search.costs import print_costs
     from evomerge.search.records import Ranking
 
     ranking = Ranking.of(space)
@@ -273,6 +274,7 @@ def _print_status(study, space, top: int) -> None:
     console = full_width_console()
     console.print(f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
     if not ranked:
+        print_costs(study)  # a calibration's cost is known before the first trial
         return
     tasks = ranking.tasks
     table = Table(title="best trials (estimated full-benchmark accuracy)")
@@ -313,6 +315,7 @@ def _print_status(study, space, top: int) -> None:
     console.print(table)
     winner = ranking.winner(study)
     console.print(f"winner: trial {winner.trial.number} ({winner.reason}); `evomerge export` exports it")
+    print_costs(study)
 
 
 def cmd_export(args) -> int:

@@ -18,6 +18,8 @@ from evomerge.errors import EvomergeError
 from evomerge.estimate import ResponseMatrix, responses_path
 from evomerge.evaluation import evaluate_models, print_accuracy_table
 from evomerge.merge import Recipe
+from evomerge.search.costs import CostLedger, print_costs
+from evomerge.search.records import Ranking
 from evomerge.search.run import MergeSearch
 from evomerge.search.runs import start_run
 from evomerge.search.space import load_search_space
@@ -64,12 +66,14 @@ def print_normalized_table(results: dict[str, dict[str, float]], tasks: list[str
 
 
 def _calibrated_accuracy(run_dir: Path, benchmarks: dict, name: str) -> dict[str, float] | None:
-    """``name``'s accuracy per benchmark from the calibration's full responses, or None if any is missing."""
+    """``name``'s accuracy per benchmark from the calibration's responses, or None unless it answered every item
+    (a study that reused known item parameters scored its endpoints on the subsets only)."""
     scores = {}
     for bench_name, bench in benchmarks.items():
         path = responses_path(run_dir, bench_name)
         matrix = ResponseMatrix.load(path) if path.exists() else None
-        if matrix is None or name not in matrix.model_names or list(matrix.item_ids) != [i.id for i in bench.items]:
+        if (matrix is None or name not in matrix.model_names or list(matrix.item_ids) != [i.id for i in bench.items]
+                or not matrix.complete(name)):
             return None
         scores[bench_name] = float(matrix.row(name).mean())
     return scores
@@ -123,19 +127,33 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
                             builder=search.builder)
     say(f"best merge exported to {exported}")
 
-    say("scoring every model on the full benchmarks ...")
+    # The final table is the demo's own cost (a search needs none of it): every model on every item,
+    # except answers the run already has (calibration's endpoints, the validated winner).
+    say("scoring every model on the full benchmarks (the demo's comparison; a search does not need it) ...")
     benchmarks = search.benchmarks
+    n_items = sum(len(b.items) for b in benchmarks.values())
+    ledger = CostLedger(study, "final_table")
     models: dict = {"base": space.base, **{f"expert {n}": p for n, p in space.experts.items()}}
-    # calibration already scored the base and each expert on every item: reuse those answers
     results = {}
-    for label, name in [("base", "base"), *((f"expert {n}", n) for n in space.experts)]:
-        scores = _calibrated_accuracy(run_dir, benchmarks, name)
-        results[label] = scores if scores is not None else evaluate_models({label: models[label]}, benchmarks)[label]
-    core, model, tokenizer = search.builder.core, search.builder.model, search.tokenizer  # already loaded
-    for name, recipe in BASELINE_RECIPES.items():
-        core.merge_into(model, Recipe.from_dict(recipe), seed=space.seed)
-        results.update(evaluate_models({name: (model, tokenizer)}, benchmarks))
-    results.update(evaluate_models({"evolved (exported)": exported}, benchmarks))
+    with ledger.timed():
+        for label, name in [("base", "base"), *((f"expert {n}", n) for n in space.experts)]:
+            scores = _calibrated_accuracy(run_dir, benchmarks, name)
+            if scores is None:
+                scores = evaluate_models({label: models[label]}, benchmarks)[label]
+                ledger.add(items=n_items, models=1)
+            results[label] = scores
+        core, model, tokenizer = search.builder.core, search.builder.model, search.tokenizer  # already loaded
+        for name, recipe in BASELINE_RECIPES.items():
+            core.merge_into(model, Recipe.from_dict(recipe), seed=space.seed)
+            results.update(evaluate_models({name: (model, tokenizer)}, benchmarks))
+            ledger.add(items=n_items, models=1)
+        ranking = Ranking.of(space)
+        measured = ranking.measured(study).get(ranking.winner(study).trial.number)  # the trial export wrote
+        if measured is not None and set(measured) == set(benchmarks):
+            results["evolved (exported)"] = measured  # validation scored this very model on every item
+        else:
+            results.update(evaluate_models({"evolved (exported)": exported}, benchmarks))
+            ledger.add(items=n_items, models=1)
     tasks = list(benchmarks)
     print_accuracy_table(results, tasks, title=f"full-benchmark accuracy ({sum(len(b.items) for b in benchmarks.values())} items)")
     print_normalized_table(results, tasks, list(space.experts))
@@ -148,4 +166,6 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
     best_rival = max(rivals, key=rivals.get)
     verdict = "beats" if evolved > rivals[best_rival] else "does NOT beat"
     say(f"evolved merge mean accuracy {evolved:.3f} {verdict} the best other model ({best_rival}: {rivals[best_rival]:.3f})")
+    print_costs(study, f"what run {space.name!r} spent")
     return 0
+

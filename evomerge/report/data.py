@@ -23,6 +23,7 @@ from evomerge.merge.loading import open_model
 from evomerge.search.calibration import estimator_path
 from evomerge.search.calibration_store import CalibrationStore
 from evomerge.search.candidates import genes_of
+from evomerge.search.costs import PhaseCost, study_costs
 from evomerge.search.genome import Gene
 from evomerge.search.records import Ranking, StudyKey, TrialRecord
 from evomerge.search.runs import load_run_space, open_existing_study
@@ -54,6 +55,7 @@ class StudyData:
     winner: tuple[int, str] | None     # the run's winner (`Ranking.winner`): trial number and why
     calibration: list[CalibrationPoint]
     genes: dict[str, Gene]
+    costs: dict[str, PhaseCost] = field(default_factory=dict)  # phase -> item evaluations and seconds
     made_at: str = field(default_factory=lambda: datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
 
     @property
@@ -105,7 +107,7 @@ def load_study_data(run_dir: str | Path, storage: str | None = None, study: Stud
         run_dir=run_dir, study_name=study.study_name, storage=storage_description(study), ranking=ranking,
         experts=space.expert_names, n_objectives=len(study.directions), estimator=space.estimator, trials=trials,
         measured=measured, winner=None if winner is None else (winner.trial.number, winner.reason),
-        calibration=calibration, genes=_genes(study, space),
+        calibration=calibration, genes=_genes(study, space), costs=study_costs(study),
     )
 
 
@@ -162,7 +164,9 @@ def _calibration_model_points(run_dir: Path, tasks: list[str], method: str, stud
             continue
         if matrix.n_items != estimator.n_total:
             continue  # responses of another benchmark version: nothing comparable
-        for name, row in zip(matrix.model_names, matrix.correct):
+        for name, row, seen in zip(matrix.model_names, matrix.correct, matrix.mask):
+            if not seen.all():
+                continue  # scored on a sample of the items (calibration on less): its accuracy is not measured
             estimated = estimator.predict(row[estimator.indices], method=method)
             points.append(CalibrationPoint(name, "calibration model", task, float(estimated), float(np.mean(row))))
     return points

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from evomerge.files import write_text_atomic
 from evomerge.report.data import StudyData
+from evomerge.search.costs import COST_COLUMNS, cost_rows
 from evomerge.report.spec import Bars, Figure, Heatmap, Panel, Scatter
 
 LEGEND_SPACE_PX = 100
@@ -148,8 +149,9 @@ def write_page(path: Path, data: StudyData, figures: list[Figure], png_names: di
         f"<title>evomerge report: {html.escape(data.study_name)}</title><style>{STYLE}</style>"
         f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
         f"<h1>evomerge study <code>{html.escape(data.study_name)}</code></h1>{_summary(data)}"
-        f'<nav>{nav} <a href="#trials">Best trials</a> <a href="#dashboard">optuna-dashboard</a></nav>'
-        + "".join(sections) + _best_table(data) + _dashboard(data) + "</body></html>\n"
+        f'<nav>{nav} <a href="#trials">Best trials</a> <a href="#cost">Cost</a> '
+        '<a href="#dashboard">optuna-dashboard</a></nav>'
+        + "".join(sections) + _best_table(data) + _cost_table(data) + _dashboard(data) + "</body></html>\n"
     )
     return write_text_atomic(path, page)
 
@@ -185,6 +187,20 @@ def _best_table(data: StudyData, top: int = 10) -> str:
             "columns are estimates; measured: all items, from `evomerge validate`).</p>"
             f"<table><tr>{head}</tr>{''.join(rows)}</table></section>").replace(
         "`evomerge validate`", "<code>evomerge validate</code>")
+
+
+def _cost_table(data: StudyData) -> str:
+    """Item evaluations and seconds per phase, as `evomerge status` prints them."""
+    if not data.costs:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COST_COLUMNS)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in cost_rows(data.costs))
+    return ('<section id="cost"><h2>What the run spent</h2><p class="caption">Item evaluations (one model '
+            "answering one benchmark item) and seconds per phase, summed over every process that worked on the "
+            "study: calibration (fitting the item parameters), the trials (the search loop), validation (the top "
+            "trials re-scored) and the demo's final table (every model on every item: a demo-only cost).</p>"
+            f"<table><tr>{head}</tr>{rows}</table></section>")
 
 
 def _dashboard(data: StudyData) -> str:

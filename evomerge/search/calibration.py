@@ -1,20 +1,34 @@
-"""Calibration: score the calibration models on every item, fit each benchmark's subset estimator, once per study.
+"""Calibration: score the calibration models, fit each benchmark's subset estimator, once per study.
 
-The calibration models are the base, the experts, any extra models and a few
-random merges in the space; their full responses fit the IRT item parameters
-from which each benchmark's subset and estimator are made. With a study, the
-calibration lives in the study's database (`calibration_store`): loaded when
-stored, else made by exactly one worker under the study's lock while the others
-wait, then stored. The run folder's ``responses/`` and ``estimators/`` are a
-cache either way, so a run killed while calibrating continues from the models
-it had scored.
+The calibration models are the base, the experts, any extra models (the
+endpoints) and a few random merges in the space; their answers fit the IRT item
+parameters from which each benchmark's subset and estimator are made. What each
+one answers (docs/search.md, "What a search costs"):
+
+* **fitting the items here** (no known parameters): the endpoints answer every
+  item; the subsets are chosen from their fit; each calibration merge answers
+  the subsets' items and ``calibration_items`` random others (all items with
+  ``calibration_items: all``, the subsets then chosen from the whole fit); the
+  fitted estimator goes to the item bank (`item_bank`) for later studies;
+* **known item parameters** (the item bank holds this benchmark's, or a file names
+  them): the endpoints answer the subsets' items only, for their abilities;
+  the bank's subsets and cross-validated mixes are kept when the space asks for
+  the same stages, else the subsets come from the parameters and the mixes from
+  the calibration merges (on the subsets and a sample), if any.
+
+With a study, the calibration lives in the study's database (`calibration_store`):
+loaded when stored, else made by exactly one worker under the study's lock while the
+others wait, then stored. The run folder's ``responses/`` and ``estimators/`` are a
+cache either way, so a run killed while calibrating continues from the answers it had.
+Items scored and seconds spent go to the study's cost record (`costs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from optuna.study import Study
@@ -22,11 +36,14 @@ from optuna.study import Study
 from evomerge.benchmarks import Benchmark, score_items
 from evomerge.console import say
 from evomerge.errors import EvomergeError
-from evomerge.estimate import ResponseMatrix, SubsetEstimator, fit_subset_estimator, responses_path
-from evomerge.estimate.extract import stage_sizes, strategy_name
+from evomerge.estimate import (ItemParams, ResponseMatrix, SubsetEstimator, fit_abilities, fit_subset_estimator,
+                               responses_path, sample_items, subsets_from_item_params, subsets_from_responses)
+from evomerge.estimate.extract import Subset, stage_sizes, strategy_name
 from evomerge.files import read_json, write_json
 from evomerge.search.calibration_store import CalibrationStore, canonical
 from evomerge.search.candidates import CandidateBuilder, load_checkpoint
+from evomerge.search.costs import CostLedger
+from evomerge.search.item_bank import BankEntry, ItemBank
 from evomerge.search.optimizers import Choices
 from evomerge.search.space import SearchSpace
 from evomerge.search.workers import study_lock
@@ -34,22 +51,33 @@ from evomerge.search.workers import study_lock
 CALIBRATION_FILE = "calibration.json"
 ESTIMATORS_DIR = "estimators"
 
+ModelMaker = Callable[[], tuple[object, object]]
+
 
 def estimator_path(run_dir: str | Path, benchmark: str) -> Path:
     return Path(run_dir) / ESTIMATORS_DIR / f"{benchmark}.json"
 
 
+def staged_items(subsets: list[Subset]) -> np.ndarray:
+    """Every item of the stages a candidate may be scored on (an exact stage, all items, excluded)."""
+    items = [s.indices for s in subsets if len(s.indices) < s.n_total]
+    return np.unique(np.concatenate(items)) if items else np.zeros(0, dtype=np.int64)
+
+
 class Calibration:
-    """The calibration of one run: which models it scores, what it depends on, and the estimators it fits."""
+    """The calibration of one run: which models it scores on which items, what it depends on, and the
+    estimators it fits. ``bank``: where item parameters are kept between studies (default: beside the run)."""
 
     def __init__(self, space: SearchSpace, run_dir: str | Path, builder: CandidateBuilder,
-                 benchmarks: dict[str, Benchmark], *, progress: bool = True, batch_size: int = 128):
+                 benchmarks: dict[str, Benchmark], *, progress: bool = True, batch_size: int = 128,
+                 bank: ItemBank | None = None):
         self.space, self.run_dir, self.builder = space, Path(run_dir), builder
         self.benchmarks = benchmarks
         self.progress, self.batch_size = progress, batch_size
+        self.bank = bank if bank is not None else ItemBank.beside(self.run_dir)
 
     def genomes(self) -> dict[str, dict[str, float]]:
-        """Random in-space merges whose full responses sharpen the IRT item parameters."""
+        """Random in-space merges whose answers sharpen the IRT item parameters and fit the mixes."""
         rng = np.random.default_rng(self.space.seed + 7919)
         def draw(bounds):
             return str(rng.choice(list(bounds))) if isinstance(bounds, Choices) else float(rng.uniform(*bounds))
@@ -60,34 +88,37 @@ class Calibration:
     def endpoint_names(self) -> list[str]:
         return ["base", *self.space.expert_names, *self.builder.extra_endpoints()]
 
-    def _models(self, known: set[str]) -> Iterator[tuple[str, object, object]]:
-        """(name, model, tokenizer) for the endpoints, extra models and calibration merges not in ``known``."""
+    def _endpoints(self) -> Iterator[tuple[str, ModelMaker]]:
+        """(name, maker of (model, tokenizer)) of the base, experts, extra models and extra endpoints."""
         tokenizer = self.builder.tokenizer
         for name, path in [("base", self.space.base), *self.space.experts.items()]:
-            if name not in known:  # scored in the builder's own model where it can: no second copy on the GPU
-                yield name, self.builder.checkpoint_model(path), tokenizer
-        for path in self.space.extra_models:
-            name = f"extra:{Path(path).name}"
-            if name not in known:  # another model family may come with its own tokenizer
-                yield name, *load_checkpoint(path, self.builder.dtype, self.builder.device)
+            # scored in the builder's own model where it can: no second copy on the GPU
+            yield name, lambda path=path: (self.builder.checkpoint_model(path), tokenizer)
+        for path in self.space.extra_models:  # another model family may come with its own tokenizer
+            yield f"extra:{Path(path).name}", lambda path=path: load_checkpoint(path, self.builder.dtype,
+                                                                                 self.builder.device)
         for name, model in self.builder.extra_endpoints().items():
-            if name not in known:
-                yield name, model, tokenizer
+            yield name, lambda model=model: (model, tokenizer)
+
+    def _merges(self) -> Iterator[tuple[str, ModelMaker]]:
+        tokenizer = self.builder.tokenizer
         for name, genome in self.genomes().items():
-            if name not in known:
-                yield name, self.builder.candidate(genome).model, tokenizer
+            yield name, lambda genome=genome: (self.builder.candidate(genome).model, tokenizer)
 
     def n_models(self) -> int:
         return (1 + len(self.space.experts) + len(self.space.extra_models)
                 + len(self.builder.extra_endpoints()) + self.space.calibration_merges)
 
     def inputs(self) -> dict:
-        """What the calibration depends on: the responses on the models, merge space and benchmarks;
-        the estimators also on the estimator settings."""
+        """What the calibration depends on: the responses on the models, merge space and benchmarks
+        (and how many items the calibration merges answer); the estimators also on the estimator settings."""
         raw = self.space.raw
         estimator = dict(raw.get("estimator") or {})
         responses = {key: raw.get(key) for key in ("models", "merge", "dfs", "benchmarks", "device")}
         responses["calibration"] = [estimator.get("extra_models"), estimator.get("calibration_merges"), self.space.seed]
+        design = {key: estimator[key] for key in ("calibration_items", "item_params") if key in estimator}
+        if design:  # only where the space names them: studies from before keep their inputs
+            responses["calibration"].append(design)
         return canonical({"responses": responses, "estimators": estimator})
 
     def _drop_stale_cache(self) -> None:
@@ -108,9 +139,11 @@ class Calibration:
         else made by one worker under the study's lock while the others wait.
         """
         self._drop_stale_cache()
+        ledger = CostLedger(study, "calibration")
         store = CalibrationStore.of(study) if study is not None else None
         if store is None:
-            return self._calibrate(None)
+            with ledger.timed():
+                return self._calibrate(None, ledger)
         inputs = self.inputs()
         stored, mine = store.estimators(inputs), False
         if stored is None:
@@ -121,12 +154,13 @@ class Calibration:
 
             with study_lock(study, "calibration", wait=say if self.progress else None, done=done) as mine:
                 if mine and not done():
-                    if store.get_json("inputs") != inputs:
-                        store.clear()  # made for another space of this study name (no trial was kept)
-                        store.put_json("inputs", inputs)
-                    for name, estimator in self._calibrate(store).items():
-                        store.put_json(f"estimators/{name}", estimator.to_dict())
-                    store.put_json("complete", list(self.benchmarks))
+                    with ledger.timed():
+                        if store.get_json("inputs") != inputs:
+                            store.clear()  # made for another space of this study name (no trial was kept)
+                            store.put_json("inputs", inputs)
+                        for name, estimator in self._calibrate(store, ledger).items():
+                            store.put_json(f"estimators/{name}", estimator.to_dict())
+                        store.put_json("complete", list(self.benchmarks))
                     stored = store.estimators(inputs)  # what every worker loads, this one included
         where = f"the stored calibration of study {self.space.name!r}"
         missing = set(self.benchmarks) - set(stored)
@@ -143,7 +177,7 @@ class Calibration:
             say(f"loaded the calibration of study {self.space.name!r} from its storage")
         return estimators
 
-    def _calibrate(self, store: CalibrationStore | None) -> dict[str, SubsetEstimator]:
+    def _calibrate(self, store: CalibrationStore | None, ledger: CostLedger) -> dict[str, SubsetEstimator]:
         """Fit (or load from the folder's cache) each benchmark's estimator; with ``store``,
         responses are stored after every model, so a worker taking over continues from them."""
         estimators = {}
@@ -152,49 +186,127 @@ class Calibration:
             if path.exists():
                 estimators[bench_name] = checked_stages(SubsetEstimator.load(path), self.space, path)
                 continue
-            matrix = self._responses(bench_name, bench, store)
-            estimator = fit_subset_estimator(
-                matrix, None, self.endpoint_names(), n_items=self.space.stages,
-                strategy=strategy_name(self.space.strategy), seed=self.space.seed, dims=self.space.irt_dims,
-                benchmark=bench_name,
-            )
+            estimator = self._fit(bench_name, bench, store, ledger)
             estimator.save(path)
             estimators[bench_name] = estimator
         return estimators
 
-    def _responses(self, bench_name: str, bench: Benchmark, store: CalibrationStore | None) -> ResponseMatrix:
-        """Every calibration model's answers to every item of ``bench`` (cached ones reused)."""
-        path = responses_path(self.run_dir, bench_name)
-        matrix = ResponseMatrix.load(path) if path.exists() else None
+    # ------------------------------------------------------------ one benchmark
+    def _known(self, bench_name: str, bench: Benchmark) -> ItemParams | BankEntry | None:
+        """The benchmark's item parameters when they are known: a file the space names, or the bank's entry."""
+        params = self.space.item_params
+        if isinstance(params, dict) and bench_name in params:
+            return ItemParams.load(params[bench_name]).for_items([item.id for item in bench.items], bench_name)
+        if params == "reuse" or isinstance(params, dict):
+            return self.bank.load(bench_name, bench)
+        return None
+
+    def _fit(self, bench_name: str, bench: Benchmark, store: CalibrationStore | None,
+             ledger: CostLedger) -> SubsetEstimator:
+        sizes = stage_sizes(self.space.stages, len(bench.items), "evaluation.stages")
+        strategy = strategy_name(self.space.strategy)
+        seed, dims = self.space.seed, self.space.irt_dims
+        endpoints = self.endpoint_names()
+        scorer = _Scorer(self, bench_name, bench, store, ledger)
+        known = self._known(bench_name, bench)
+        if known is None:
+            full = self.space.calibration_items is None  # every model on every item: subsets from the whole fit
+            scorer.say(f"fitting its item parameters: the endpoints on all {len(bench.items)} items, "
+                       + (f"{self.space.calibration_merges} calibration merges too" if full else
+                          f"{self.space.calibration_merges} calibration merges on the subsets' items and "
+                          f"{self.space.calibration_items} others each"))
+            matrix = scorer.score(self._endpoints(), None)
+            subsets = None if full else subsets_from_responses(matrix.subset(
+                [n for n in endpoints if n in matrix.model_names]), sizes, strategy, seed, dims)
+            matrix = scorer.score(self._merges(), None if full else self._samples(subsets, len(bench.items)))
+            estimator = fit_subset_estimator(matrix, None, endpoints, sizes, strategy, seed, dims, subsets=subsets,
+                                             benchmark=bench_name)
+            self.bank.store(bench_name, bench, estimator, strategy, self.space.name, len(matrix.model_names))
+            return estimator
+        if isinstance(known, BankEntry) and known.stages_match(sizes, strategy):
+            stored = known.estimator
+            staged = staged_items([stage.subset for stage in stored.stages])
+            scorer.say(f"reusing the item parameters and subsets of study {known.study!r} ({known.path}); "
+                       f"the endpoints on the subsets' {len(staged)} items")
+            matrix = scorer.score(self._endpoints(), lambda name: staged)
+            rows = matrix.subset(endpoints)
+            theta = fit_abilities(rows.correct, rows.mask, stored.a, stored.b, stored.theta_sd)
+            return dataclasses.replace(stored, endpoint_names=list(endpoints), endpoint_theta=theta,
+                                       benchmark=bench_name)
+        params = known if isinstance(known, ItemParams) else ItemParams(
+            known.estimator.a, known.estimator.b, known.estimator.item_ids, source=str(known.path))
+        subsets = subsets_from_item_params(params.a, params.b, sizes, strategy, seed, first=params.first_stage(sizes[0]))
+        staged = staged_items(subsets)
+        scorer.say(f"item parameters from {params.source}; the endpoints on the subsets' {len(staged)} items"
+                   + (f", {self.space.calibration_merges} calibration merges on those and "
+                      f"{self.space.calibration_items or 'all'} others each" if self.space.calibration_merges else ""))
+        matrix = scorer.score(self._endpoints(), lambda name: staged)
+        matrix = scorer.score(self._merges(), self._samples(subsets, len(bench.items)))
+        fallback = {} if params.anchor_weight is None else {"fallback_anchor_weight": params.anchor_weight}
+        return fit_subset_estimator(matrix, None, endpoints, sizes, strategy, seed, params.dims, subsets=subsets,
+                                    item_params=(params.a, params.b), benchmark=bench_name, **fallback)
+
+    def _samples(self, subsets: list[Subset], n_total: int) -> Callable[[str], np.ndarray]:
+        """Which items each calibration merge answers: the stages' items and its own random sample of the others."""
+        staged = staged_items(subsets)
+        names = list(self.genomes())
+        if self.space.calibration_items is None:
+            return lambda name: np.arange(n_total)
+        samples = sample_items(n_total, staged, len(names), self.space.calibration_items, self.space.seed)
+        return lambda name: np.union1d(staged, samples[names.index(name)])
+
+
+class _Scorer:
+    """Scores calibration models on a benchmark, skipping answers the cache or the study already holds."""
+
+    def __init__(self, calibration: Calibration, bench_name: str, bench: Benchmark,
+                 store: CalibrationStore | None, ledger: CostLedger):
+        self.calibration, self.bench_name, self.bench = calibration, bench_name, bench
+        self.store, self.ledger = store, ledger
+        self.path = responses_path(calibration.run_dir, bench_name)
+        matrix = ResponseMatrix.load(self.path) if self.path.exists() else None
         if store is not None:
             matrix = merged(matrix, store.get_responses(bench_name))
-        known = set(matrix.model_names) if matrix is not None else set()
-        if self.progress:
-            say(f"calibrating the {bench_name} estimator: scoring {self.n_models() - len(known)} of "
-                f"{self.n_models()} models on all {len(bench.items)} items (cached in {self.run_dir}"
-                + (" and the study's storage)" if store is not None else ")"))
-        for name, model, tokenizer in self._models(known):
-            correct = score_items(model, tokenizer, bench, batch_size=self.batch_size, progress=self.progress)
-            if matrix is None:
-                matrix = ResponseMatrix.empty([item.id for item in bench.items], bench_name)
-            matrix = matrix.with_model(name, np.asarray(correct, dtype=bool))
-            matrix.save(path)
-            if store is not None:
-                store.put_responses(bench_name, matrix)
-        if store is not None:
-            store.put_responses(bench_name, matrix)  # also responses that came from the folder's cache
-        return matrix
+        ids = [item.id for item in bench.items]
+        self.matrix = matrix if matrix is not None and matrix.item_ids == ids else ResponseMatrix.empty(ids, bench_name)
+
+    def say(self, what: str) -> None:
+        if self.calibration.progress:
+            where = f"cached in {self.calibration.run_dir}" + (" and the study's storage" if self.store else "")
+            say(f"calibrating the {self.bench_name} estimator ({where}): {what}")
+
+    def score(self, models: Iterator[tuple[str, ModelMaker]], items: Callable[[str], np.ndarray] | None) -> ResponseMatrix:
+        """Each model's answers on ``items(name)`` (every item when None) that are not known yet."""
+        for name, make in models:
+            wanted = np.arange(self.matrix.n_items) if items is None else np.asarray(items(name), dtype=np.int64)
+            seen = self.matrix.observed_row(name) if name in self.matrix.model_names else None
+            todo = wanted if seen is None else wanted[~seen[wanted]]
+            if len(todo) == 0:
+                continue
+            model, tokenizer = make()
+            correct = score_items(model, tokenizer, self.bench, indices=None if len(todo) == self.matrix.n_items else todo,
+                                  batch_size=self.calibration.batch_size, progress=self.calibration.progress)
+            self.matrix = self.matrix.with_answers(name, todo, np.asarray(correct, dtype=bool))
+            self.ledger.add(items=len(todo), models=1)
+            self.matrix.save(self.path)
+            if self.store is not None:
+                self.store.put_responses(self.bench_name, self.matrix)
+        if self.store is not None:
+            self.store.put_responses(self.bench_name, self.matrix)  # also responses that came from the folder's cache
+        return self.matrix
 
 
 def merged(local: ResponseMatrix | None, stored: ResponseMatrix | None) -> ResponseMatrix | None:
-    """The folder's cached responses with the models only the study's storage holds added."""
+    """The folder's cached responses with what only the study's storage holds added (models, or
+    answers to more items)."""
     if local is None or stored is None:
         return local if stored is None else stored
     if local.item_ids != stored.item_ids:
         return stored
     for name in stored.model_names:
-        if name not in local.model_names:
-            local = local.with_model(name, stored.row(name))
+        seen = stored.observed_row(name)
+        if name not in local.model_names or seen.sum() > local.observed_row(name).sum():
+            local = local.with_model(name, stored.row(name), seen)
     return local
 
 

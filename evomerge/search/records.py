@@ -54,9 +54,11 @@ class StudyKey:
 
     CONFIG = "evomerge_config"              # the space and resolved inputs a resume must find unchanged
     FULL_ACCURACY = "full_accuracy:"        # + trial number: benchmark -> accuracy on every item (validation)
+    VALIDATED = "validated:"                # + trial number: {accuracy, sd, items} per benchmark, validated on a sample
     NEVERGRAD_BUDGET = "evomerge_nevergrad_budget"  # the budget nevergrad was first built with (exact replay)
     GENES = "evomerge_genes"                # gene name -> [parameter, owner, group]: the genome's structure
     LEARNED = "evomerge_learned"            # label -> {genome, losses, seconds}: coefficients learned from data
+    COST = "evomerge_cost:"                 # + phase + ":" + worker: {items, models, seconds} that process spent
 
 
 def jsonable(value: Any) -> Any:

@@ -20,6 +20,7 @@ from evomerge.console import say
 from evomerge.estimate import SubsetEstimator
 from evomerge.search.calibration import Calibration
 from evomerge.search.candidates import CandidateBuilder, make_builder
+from evomerge.search.costs import CostLedger, TrialCosts
 from evomerge.search.data_statistics import UnlabelledSet, collect_statistics, unlabelled_sets
 from evomerge.search.driver import SearchDriver, SearchSummary
 from evomerge.search.optimizers import make_optimizer
@@ -188,4 +189,11 @@ class MergeSearch:
                                    budget=budget, start=start)
         driver = SearchDriver(study, optimizer, progress=self.progress)
         self.scorer.bind(study)
-        return study, driver.run(self.objective, budget)
+        costs = TrialCosts(CostLedger(study, "trials"))  # items and seconds of the trials, in the study
+        try:
+            summary = driver.run(self.objective, budget, callbacks=[costs])
+        except BaseException:
+            costs.close(best_effort=True)  # never hides what stopped the run
+            raise
+        costs.close()
+        return study, summary

@@ -41,6 +41,11 @@ def check_learnable(method: str) -> None:
                             f"this space merges with {method!r}")
 
 
+DEFAULT_CALIBRATION_ITEMS = 60
+"""Items beyond the subsets' each calibration merge is scored on, per benchmark (docs/search.md, 'What a search costs')."""
+ITEM_PARAM_MODES = ("reuse", "fit")
+
+
 # What a space may search, and how, comes from each method's parameter spec (`evomerge.merge.methods`),
 # looked up when a space is read, so a method registered later is known too.
 def searchable_params(method: str) -> list[str]:
@@ -180,6 +185,8 @@ class SearchSpace:
     learn: LearnSettings = field(default_factory=LearnSettings)
     optimizer_init: str | None = None          # "learned": CMA-ES starts at the learned coefficients
     raw: dict = field(default_factory=dict)
+    calibration_items: int | None = DEFAULT_CALIBRATION_ITEMS  # items beyond the subsets per calibration merge (None: all)
+    item_params: str | dict = "reuse"          # reuse | fit | {benchmark: file}: where item parameters come from
 
     def __post_init__(self) -> None:
         if (self.merge is None) == (self.dfs is None):
@@ -262,6 +269,8 @@ def _absolute_paths(raw: dict) -> dict:
     estimator = raw.get("estimator")
     if isinstance(estimator, dict) and isinstance(estimator.get("extra_models"), list):
         estimator["extra_models"] = [resolve(v) for v in estimator["extra_models"]]
+    if isinstance(estimator, dict) and isinstance(estimator.get("item_params"), dict):
+        estimator["item_params"] = {k: resolve(v) for k, v in estimator["item_params"].items()}
     if raw.get("zoo"):
         raw["zoo"] = resolve(raw["zoo"])
     dfs = raw.get("dfs")
@@ -320,7 +329,8 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         raise EvomergeError(f"{source}: benchmark names must be unique, got {names}")
 
     estimator = raw.get("estimator", {}) or {}
-    reader.reject_unknown(estimator, {"method", "subset_size", "strategy", "dims", "extra_models", "calibration_merges"}, "estimator")
+    reader.reject_unknown(estimator, {"method", "subset_size", "strategy", "dims", "extra_models", "calibration_merges",
+                                      "calibration_items", "item_params"}, "estimator")
     estimator_name = estimator.get("method", "gmpirt")
     if estimator_name not in ESTIMATORS:
         raise EvomergeError(
@@ -400,6 +410,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         learn=_learn_settings(reader, raw.get("learn")),
         optimizer_init=optimizer_init,
         raw=copy.deepcopy(raw),
+        **_calibration_keys(estimator, names, source),
     )
 
 
@@ -620,3 +631,25 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise EvomergeError(f"{self.source}: {where}.{key} must be an integer >= {minimum}, got {value!r}")
         return value
+
+
+
+def _calibration_keys(estimator: dict, benchmarks: list[str], source: str) -> dict:
+    """``estimator.calibration_items`` (an item count or ``all``) and ``estimator.item_params``
+    (``reuse``, ``fit``, or a mapping of benchmark names to item-parameter files)."""
+    items = estimator.get("calibration_items", DEFAULT_CALIBRATION_ITEMS)
+    if items != "all" and (isinstance(items, bool) or not isinstance(items, int) or items < 0):
+        raise EvomergeError(f"{source}: estimator.calibration_items must be an item count >= 0 or 'all', got {items!r}")
+    params = estimator.get("item_params", "reuse")
+    if isinstance(params, dict):
+        unknown = sorted(set(params) - set(benchmarks))
+        if unknown:
+            raise EvomergeError(f"{source}: estimator.item_params names {unknown}, which are not benchmarks "
+                                f"of the space ({', '.join(benchmarks)})")
+        for name, path in params.items():
+            if not isinstance(path, str) or not Path(path).is_file():
+                raise EvomergeError(f"{source}: estimator.item_params.{name}: no such file: {path!r}")
+    elif params not in ITEM_PARAM_MODES:
+        raise EvomergeError(f"{source}: estimator.item_params must be reuse, fit or a mapping of benchmark names "
+                            f"to files, got {params!r}")
+    return {"calibration_items": None if items == "all" else items, "item_params": params}
