@@ -109,9 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="disk read rate for the projected time (default: 3, one NVMe SSD)")
     _add_memory(plan)
 
-    validate = commands.add_parser("validate", help="score a run's top trials on the full benchmarks (estimate vs measured)")
+    validate = commands.add_parser("validate", help="race a run's top trials on more items, or score them on every "
+                                                    "item (estimate vs validated)")
     validate.add_argument("run_dir")
     validate.add_argument("--top", type=at_least(1), default=5, help="how many of the best-estimated trials (default: 5)")
+    items = validate.add_mutually_exclusive_group()
+    items.add_argument("--items", type=at_least(1), default=None, metavar="N",
+                       help="the race's budget of item evaluations per benchmark (default: 2 subsets' worth per trial)")
+    items.add_argument("--all-items", action="store_true",
+                       help="score each of the top trials on every item instead of racing them")
     _add_storage(validate)
 
     report = commands.add_parser(
@@ -350,7 +356,8 @@ def cmd_plan(args) -> int:
 def cmd_validate(args) -> int:
     from evomerge.search.validate import print_validation_table, validate_top_trials
 
-    print_validation_table(validate_top_trials(args.run_dir, args.top, args.storage))
+    items = None if args.all_items else (args.items or "race")
+    print_validation_table(validate_top_trials(args.run_dir, args.top, args.storage, items=items))
     return 0
 
 

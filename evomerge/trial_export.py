@@ -19,7 +19,7 @@ from evomerge.errors import EvomergeError
 from evomerge.export import add_card_figures, check_export_target
 from evomerge.report import EXTRA_HINT, write_card_figures
 from evomerge.search.candidates import CandidateBuilder, make_builder
-from evomerge.search.records import Ranking, TrialKey, complete_trials
+from evomerge.search.records import Ranking, TrialKey, complete_trials, sampled_validations
 from evomerge.search.runs import load_run_space, open_existing_study
 from evomerge.search.space import SearchSpace
 from evomerge.search.validate import validate_top_trials
@@ -77,8 +77,13 @@ def export_trial(
         "scored on": scored_on(trial, space),
     }
     measured = ranking.measured(study).get(trial.number)
+    sampled = sampled_validations(study).get(trial.number)
     if measured:
         details["measured accuracy (all items)"] = ", ".join(f"{k} {v:.3f}" for k, v in measured.items())
+    elif sampled:
+        details["validated accuracy (a race on a sample of the items)"] = ", ".join(
+            f"{k} {v:.3f} +- {sampled.get('sd', {}).get(k, 0.0):.3f} ({sampled.get('items', {}).get(k, '?')} items)"
+            for k, v in sampled.get("accuracy", {}).items())
 
     def figures(folder: Path) -> None:  # written inside the export, so it is complete or absent with them
         shown = write_card_figures(run_dir, study, trial.number, folder)

@@ -106,6 +106,13 @@ def validated_accuracies(study: Study) -> dict[int, dict[str, float]]:
             if key.startswith(StudyKey.FULL_ACCURACY)}
 
 
+def sampled_validations(study: Study) -> dict[int, dict]:
+    """Trial number -> ``{"accuracy": {benchmark: ...}, "sd": {...}, "items": {...}}`` for the trials
+    validation estimated from a sample of the items (a race stopped before every item)."""
+    return {int(key[len(StudyKey.VALIDATED):]): dict(value) for key, value in study.user_attrs.items()
+            if key.startswith(StudyKey.VALIDATED) and isinstance(value, Mapping)}
+
+
 def trial_items(trial: FrozenTrial) -> int:
     """Items a trial was scored on (trials from before racing: the length of their stored answers)."""
     items = trial.user_attrs.get(TrialKey.ITEMS)
@@ -215,18 +222,30 @@ class Ranking:
         measured.update(validated_accuracies(study))
         return measured
 
+    def validated(self, study: Study) -> dict[int, dict[str, float]]:
+        """Trial number -> accuracy per benchmark as validation found it: measured on every item
+        (`measured`), or estimated by a validation race from its subset and a sample of the other
+        items, the same sample for every trial it compared."""
+        validated = {n: dict(v.get("accuracy", {})) for n, v in sampled_validations(study).items()}
+        validated.update(self.measured(study))
+        return validated
+
     def winner(self, study: Study) -> Winner | None:
-        """The run's result: the best measured trial once any is measured on every item; else the
-        best estimate, where estimates tied within the best one's interval go to the trial scored
-        on the most items. None before the first complete trial."""
+        """The run's result: the best validated trial once any is validated (measured on every item,
+        or raced on a sample of them); else the best estimate, where estimates tied within the best
+        one's interval go to the trial scored on the most items. None before the first complete trial."""
         ranked = self.ranked(study)
         if not ranked:
             return None
         complete = {t.number: t for t in ranked}
         measured = {n: scores for n, scores in self.measured(study).items() if n in complete}
-        if measured:
-            number = max(measured, key=lambda n: (self.mean(measured[n]), self.fitness(complete[n].values), -n))
-            return Winner(complete[number], f"best measured of {len(measured)} measured on every item")
+        validated = {n: scores for n, scores in self.validated(study).items() if n in complete}
+        if validated:
+            number = max(validated, key=lambda n: (self.mean(validated[n]), self.fitness(complete[n].values), -n))
+            if len(validated) == len(measured):
+                return Winner(complete[number], f"best measured of {len(measured)} measured on every item")
+            how = "measured on every item" if number in measured else "validated on a sample of the items"
+            return Winner(complete[number], f"best of {len(validated)} validated ({how})")
         return self.preferred(ranked)
 
     def preferred(self, ranked: Sequence[FrozenTrial]) -> Winner:
