@@ -54,6 +54,13 @@ def at_least(minimum: int):
     return parse
 
 
+def race_items(text: str):
+    """An argparse type for a validation's items per benchmark: a race budget (an integer >= 1) or ``all``."""
+    if text == "all":
+        return None
+    return at_least(1)(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace --out even if it is not an earlier export of this run (its contents are deleted)")
     export.add_argument("--max-shard-size", default="1GB", help="safetensors shard size (default: 1GB)")
     export.add_argument("--validate-top", type=at_least(0), default=0, metavar="K",
-                        help="score the K best-estimated trials on all items and export the best measured one")
+                        help="validate the K best-estimated trials (a race on more items) and export the best one")
+    export.add_argument("--validate-items", type=race_items, default="race", metavar="N|all",
+                        help="the race's item evaluations per benchmark (default: 2 subsets' worth per trial), "
+                             "or all: every trial on every item")
     _add_storage(export)
     _add_memory(export)
 
@@ -157,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--space", default="search_spaces/demo.yaml")
     demo.add_argument("--trials", type=at_least(1))
     demo.add_argument("--validate-top", type=at_least(1), default=5,
-                      help="re-score this many best-estimated trials on every item before exporting (default: 5)")
+                      help="validate this many best-estimated trials before exporting (default: 5)")
+    demo.add_argument("--validate-items", type=race_items, default="race", metavar="N|all",
+                      help="the validation race's item evaluations per benchmark (default: 2 subsets' worth per "
+                           "trial), or all: every validated trial on every item")
     demo.add_argument("--zoo-seed", type=at_least(0), default=0,
                       help="build the zoo with this seed (into runs/zoo-seedN, run demo-seedN): training differs "
                            "across machines, another seed stands in for another machine")
@@ -331,7 +344,8 @@ def cmd_export(args) -> int:
     memory = {"device_memory": parse_bytes(args.device_memory, "--device-memory"),
               "host_memory": parse_bytes(args.host_memory, "--host-memory")}
     out = export_trial(args.run_dir, trial_number=args.trial, out_dir=args.out, storage=args.storage,
-                       max_shard_size=args.max_shard_size, validate_top=args.validate_top, memory=memory,
+                       max_shard_size=args.max_shard_size, validate_top=args.validate_top,
+                       validate_items=args.validate_items, memory=memory,
                        force=args.force)
     print(f"exported to {out}")
     return 0
@@ -411,7 +425,7 @@ def cmd_demo(args) -> int:
     from evomerge.demo import run_demo
 
     return run_demo(args.space, trials=args.trials, progress=not args.no_progress, validate_top=args.validate_top,
-                    zoo_seed=args.zoo_seed)
+                    zoo_seed=args.zoo_seed, validate_items=args.validate_items)
 
 
 COMMANDS = {

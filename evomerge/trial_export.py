@@ -32,6 +32,7 @@ def export_trial(
     storage: str | None = None,
     max_shard_size: str = "1GB",
     validate_top: int = 0,
+    validate_items: int | None | str = "race",
     progress: bool = True,
     builder: CandidateBuilder | None = None,
     memory: dict | None = None,
@@ -39,8 +40,9 @@ def export_trial(
 ) -> Path:
     """Export the run's winner (or trial ``trial_number``) as an HF checkpoint, all or nothing.
 
-    ``validate_top=K`` scores the K best-estimated trials on the full benchmarks
-    first (see `evomerge.search.validate`), so the winner is the best measured of them.
+    ``validate_top=K`` validates the K best-estimated trials first (`evomerge.search.validate`:
+    a race on more items, or every item with ``validate_items=None``), so the winner is the
+    best validated of them.
     ``builder``: a candidate builder already holding the run's models (else they are loaded).
     ``memory``: merge-core budgets (``device_memory`` / ``host_memory`` bytes) replacing the space's.
     A non-empty ``out_dir`` is replaced only when it is an earlier export of this run, or with ``force``.
@@ -61,7 +63,7 @@ def export_trial(
     if builder is None:
         builder = make_builder(space, run_dir)
     if trial_number is None and validate_top:
-        validate_top_trials(run_dir, validate_top, storage, progress=progress, builder=builder)
+        validate_top_trials(run_dir, validate_top, storage, progress=progress, builder=builder, items=validate_items)
     if trial_number is None:
         winner = ranking.winner(study)
         trial, why = winner.trial, winner.reason

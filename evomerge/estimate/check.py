@@ -13,6 +13,7 @@ covers the true accuracy, and what the subset saves: items scored and wall time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,7 +25,8 @@ import numpy as np
 from evomerge.benchmarks import load_benchmark
 from evomerge.console import full_width_console
 from evomerge.errors import EvomergeError
-from evomerge.estimate.estimators import DEFAULT_LEVEL, METHODS, fit_subset_estimator, subsets_from_responses
+from evomerge.estimate.estimators import (DEFAULT_LEVEL, METHODS, SubsetEstimator, fit_abilities,
+                                          fit_subset_estimator, subsets_from_responses)
 from evomerge.estimate.extract import STRATEGIES, sample_items, stage_sizes
 from evomerge.estimate.item_params import ItemParams
 from evomerge.estimate.responses import ResponseMatrix, benchmark_item_ids, responses_path, score_model
@@ -83,6 +85,21 @@ def _fit_design(matrix: ResponseMatrix, fit_names, endpoint_names, sizes, strate
     estimator = fit_subset_estimator(fit, None, endpoint_names, sizes, strategy, seed, dims, observed=observed,
                                      subsets=subsets, item_params=item_params)
     return estimator, int(observed.sum())
+
+
+def _reused(source: Path, task: str, sizes, matrix: ResponseMatrix, endpoint_names) -> tuple[SubsetEstimator, int]:
+    """Another check's estimator for these sizes (its item parameters, subsets and cross-validated mixes, as
+    the item bank hands them to a later study), with the endpoints' abilities fitted from their answers on
+    its subsets' items only; and those item evaluations."""
+    path = source / "estimators" / f"{task}-n{'-'.join(str(s) for s in sizes)}.json"
+    if not path.exists():
+        raise EvomergeError(f"{source} has no estimator {path.name} to reuse (run the check there with these sizes)")
+    stored = SubsetEstimator.load(path)
+    staged = np.unique(np.concatenate([st.subset.indices for st in stored.stages if not st.exact]))
+    rows = matrix.rows(endpoint_names)[:, staged]
+    theta = fit_abilities(rows, np.ones(rows.shape, dtype=bool), stored.a[staged], stored.b[staged], stored.theta_sd)
+    return (dataclasses.replace(stored, endpoint_names=list(endpoint_names), endpoint_theta=theta),
+            len(endpoint_names) * len(staged))
 
 
 def _item_params_for(source: Path | None, task: str, item_ids) -> ItemParams | None:
@@ -184,6 +201,7 @@ def run_estimate_check(
     level: float = DEFAULT_LEVEL,
     calibration_items: int | None = None,
     item_params: str | Path | None = None,
+    reuse: str | Path | None = None,
 ) -> EstimateCheckTable:
     """Score endpoints + merges of the zoo, fit estimators, report held-out MAE per size.
 
@@ -199,7 +217,9 @@ def run_estimate_check(
     file or a folder of ``<task>.json``: fixed item parameters (another fit's, or a
     file's), the endpoints then answering the subset's items only. Each fit's item
     parameters are written to ``out_dir/item_params/<task>.json``; the item evaluations
-    each fit needed are in the facts.
+    each fit needed are in the facts. ``reuse``: another check's folder, whose estimators
+    are reused as a later study reuses the item bank's (item parameters, subsets and mixes
+    kept; only the endpoints' abilities fitted, from their answers on the subsets' items).
     """
     if n_heldout < 1:
         raise EvomergeError(f"n_heldout must be >= 1, got {n_heldout}")
@@ -252,8 +272,12 @@ def run_estimate_check(
         if max(sizes) > n_total:
             raise EvomergeError(f"subset size {max(sizes)} is larger than benchmark {t!r} ({n_total} items)")
         params = _item_params_for(None if item_params is None else Path(item_params), t, matrices[t].item_ids)
-        designs = [_fit_design(matrices[t], fit_names, endpoint_names, list(sizes) if nested else [size], strategy,
-                               seed, dims, calibration_items, params) for size in (sizes[:1] if nested else sizes)]
+        stage_lists = [list(sizes)] if nested else [[size] for size in sizes]
+        if reuse is not None:
+            designs = [_reused(Path(reuse), t, stages, matrices[t], endpoint_names) for stages in stage_lists]
+        else:
+            designs = [_fit_design(matrices[t], fit_names, endpoint_names, stages, strategy, seed, dims,
+                                   calibration_items, params) for stages in stage_lists]
         fits = [est for est, _ in designs]
         calibration_cost[t] = {str(est.stages[0].size): items for est, items in designs}
         ItemParams(fits[-1].a, fits[-1].b, matrices[t].item_ids, source=f"estimate-check {out_dir}",
@@ -322,6 +346,7 @@ def run_estimate_check(
         "fit_models": len(fit_names), "endpoints": len(endpoint_names), "heldout_models": len(heldout),
         "strategy": strategy, "dims": dims, "seed": seed, "nested": nested, "level": level,
         "calibration_items": calibration_items, "item_params": None if item_params is None else str(item_params),
+        "reuse": None if reuse is None else str(reuse),
         "calibration_item_evaluations": calibration_cost,
         "full_eval_seconds": round(full_seconds, 3) if full_runs else None,
         "subset_eval_seconds": {str(k): round(v, 3) for k, v in subset_seconds.items()},
@@ -357,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-items", type=int, default=None,
                         help="fit the extra merges from the subset's items (chosen from the endpoints) and this many "
                              "random other items each, as a search calibrating on less (default: every item)")
+    parser.add_argument("--reuse", default=None,
+                        help="another check's folder: reuse its estimators as a later study reuses the item bank's "
+                             "(only the endpoints' abilities fitted, from the subsets' items)")
     parser.add_argument("--item-params", default=None,
                         help="item parameters fixed from a file or a folder of <task>.json (another check's "
                              "OUT/item_params): the endpoints answer only the subset's items")
@@ -382,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            n_extra=args.n_extra, strategy=args.strategy, dims=args.dims,
                            batch_size=args.batch_size, device=args.device, nested=args.nested, level=args.level,
                            n_timing=args.n_timing, calibration_items=args.calibration_items,
-                           item_params=args.item_params)
+                           item_params=args.item_params, reuse=args.reuse)
     except EvomergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

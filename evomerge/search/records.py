@@ -59,6 +59,7 @@ class StudyKey:
     GENES = "evomerge_genes"                # gene name -> [parameter, owner, group]: the genome's structure
     LEARNED = "evomerge_learned"            # label -> {genome, losses, seconds}: coefficients learned from data
     COST = "evomerge_cost:"                 # + phase + ":" + worker: {items, models, seconds} that process spent
+    FINAL_TABLE = "evomerge_final_table"    # the demo's comparison: model -> benchmark -> accuracy on every item
 
 
 def jsonable(value: Any) -> Any:

@@ -1,0 +1,125 @@
+"""What a demo search costs, phase by phase, before and after calibrating and validating on less (issue 26).
+
+Runs `evomerge demo` (a subprocess, so its wall time is a user's) on a space
+variant per design and reads what the run recorded in its study: item
+evaluations, models and seconds per phase (`evomerge.search.costs`), the time
+from the command's start to the first scored trial, and the demo's final table
+(the exported merge measured on every item):
+
+* ``before``: every calibration model on every item (``calibration_items: all``),
+  item parameters fitted by the study (``item_params: fit``), the top 5 validated
+  on every item (``--validate-items all``): the search as it was;
+* ``after``: the defaults (calibration merges on the subsets' items and a sample,
+  the validation race), ``item_params: fit`` so the study fits its own;
+* ``reuse``: the defaults, run after ``after`` on the same zoo: the item bank's
+  parameters and subsets, the endpoints scored on the subsets only.
+
+    python tools/bench_cost.py --zoo-seed 0 --designs before,after,reuse --out runs/bench-cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evomerge.search.costs import PHASES, study_costs  # noqa: E402
+from evomerge.search.records import StudyKey, complete_trials  # noqa: E402
+from evomerge.search.runs import open_existing_study  # noqa: E402
+
+DESIGNS = {
+    "before": ({"calibration_items": "all", "item_params": "fit"}, "all"),
+    "after": ({"item_params": "fit"}, None),
+    "reuse": ({}, None),
+}
+
+
+def space_variant(space: Path, design: str, out: Path) -> Path:
+    raw = yaml.safe_load(space.read_text())
+    estimator, _ = DESIGNS[design]
+    raw["name"] = f"{raw.get('name', space.stem)}-{design}"
+    raw["estimator"] = {**(raw.get("estimator") or {}), **estimator}
+    path = out / f"{raw['name']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path) -> dict:
+    variant = space_variant(space, design, out)
+    name = yaml.safe_load(variant.read_text())["name"] + (f"-seed{zoo_seed}" if zoo_seed else "")
+    command = [sys.executable, "-m", "evomerge.cli", "demo", "--space", str(variant), "--no-progress",
+               "--zoo-seed", str(zoo_seed)]
+    if DESIGNS[design][1]:
+        command += ["--validate-items", DESIGNS[design][1]]
+    if trials:
+        command += ["--trials", str(trials)]
+    started_at = datetime.datetime.now()
+    started = time.perf_counter()
+    with open(out / f"{name}.log", "w") as log:
+        subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - started
+    study = open_existing_study(ROOT / "runs" / name)
+    first = min(t.datetime_complete for t in complete_trials(study))
+    costs = {phase: cost.to_dict() for phase, cost in study_costs(study).items()}
+    table = study.user_attrs.get(StudyKey.FINAL_TABLE, {})
+    evolved = table.get("evolved (exported)", {})
+    load = os.getloadavg()
+    return {"design": design, "run": name, "zoo_seed": zoo_seed, "wall_s": round(wall, 1),
+            "first_trial_s": round((first - started_at).total_seconds(), 1), "costs": costs,
+            "evolved": evolved, "evolved_mean": sum(evolved.values()) / len(evolved) if evolved else None,
+            "load_after": [round(v, 2) for v in load]}
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["design", "zoo seed", *(f"{p} items / s" for p in PHASES), "cal.+val. / trials (items)",
+            "first trial (s)", "wall (s)", "exported merge (mean acc.)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        costs = row["costs"]
+        cells = [row["design"], str(row["zoo_seed"])]
+        for phase in PHASES:
+            cost = costs.get(phase)
+            cells.append(f"{cost['items']:,} / {cost['seconds']:.0f}" if cost else "-")
+        trials = costs.get("trials", {}).get("items") or 0
+        overhead = sum(costs.get(p, {}).get("items", 0) for p in ("calibration", "validation"))
+        cells += [f"{overhead / trials:.2f}x" if trials else "-", str(row["first_trial_s"]), str(row["wall_s"]),
+                  f"{row['evolved_mean']:.3f}" if row["evolved_mean"] is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--space", default="search_spaces/demo.yaml")
+    parser.add_argument("--zoo-seed", type=int, default=0)
+    parser.add_argument("--designs", default="before,after,reuse")
+    parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--out", default="runs/bench-cost")
+    args = parser.parse_args()
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for design in args.designs.split(","):
+        row = run(ROOT / args.space, design, args.zoo_seed, args.trials, out)
+        rows.append(row)
+        with open(out / "results.jsonl", "a") as results:
+            results.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
