@@ -58,6 +58,8 @@ def race_items(text: str):
     """An argparse type for a validation's items per benchmark: a race budget (an integer >= 1) or ``all``."""
     if text == "all":
         return None
+    if text == "race":  # the default: the race's own budget
+        return text
     return at_least(1)(text)
 
 

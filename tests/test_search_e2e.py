@@ -254,7 +254,7 @@ def test_generate_benchmark_through_search_validate_and_eval(zoo_dir, zoo_answer
     assert main(["search", str(space_file), "--runs-root", str(tmp_path / "runs"), "--no-progress"]) == 0
     study = open_existing_study(run_dir)
     assert len(complete(study)) == 3 and all(len(t.user_attrs["answers"]["arith"]) == 20 for t in complete(study))
-    assert main(["validate", str(run_dir), "--top", "1"]) == 0
+    assert main(["validate", str(run_dir), "--top", "1", "--all-items"]) == 0
     (validated,) = (run_dir / "validation").iterdir()
     records = [json.loads(line) for line in (validated / "arith.jsonl").read_text().splitlines()]
     assert len(records) == 500 and {r["finish"] for r in records} <= {"eos", "stop", "length"}

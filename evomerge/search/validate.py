@@ -265,11 +265,11 @@ def _race(run_dir, space, study, ranking, candidates, builder, batch_size, progr
     alive, step, z = list(racing), max(2, space.subset_size // 2), NormalDist().inv_cdf(CONFIDENCE)
     while True:
         left = min(budget - spent[name] for name in benchmarks)
-        if len(alive) > 1 and left < len(alive) * step:  # the budget ends the race: the best few go on
-            step = left // 2
+        if left < len(alive) * step:  # the budget ends the race: the best two (or one) go on
+            alive = alive[:2]
+            step = left // len(alive)
             if step < 2:
                 break
-            alive = alive[:2]
         targets = {name: min(samples[name] + step, n_rest[name]) for name in benchmarks}
         if progress:
             say(f"validation race: {len(alive)} trial(s) on a sample of "
@@ -295,8 +295,8 @@ def _race(run_dir, space, study, ranking, candidates, builder, batch_size, progr
         lead = race.fitness(leader, samples)
         alive = [leader] + [n for n in alive[1:]
                             if race.fitness(n, samples) + z * race.difference_sd(n, leader, samples) >= lead]
-        if len(alive) == 1 or all(samples[n] >= n_rest[n] for n in benchmarks):
-            break
+        if (len(alive) == 1 and len(racing) > 1) or all(samples[n] >= n_rest[n] for n in benchmarks):
+            break  # the winner is clear (a single trial, with nothing to choose, is measured as far as the budget goes)
         step *= 2
     for number, sample in reached.items():
         _store(study, race, number, sample, n_rest)
