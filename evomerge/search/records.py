@@ -54,7 +54,7 @@ class StudyKey:
 
     CONFIG = "evomerge_config"              # the space and resolved inputs a resume must find unchanged
     FULL_ACCURACY = "full_accuracy:"        # + trial number: benchmark -> accuracy on every item (validation)
-    VALIDATED = "validated:"                # + trial number: {accuracy, sd, items} per benchmark, validated on a sample
+    VALIDATED = "validated:"                # + trial number: {accuracy, sd, items} per benchmark, raced_out: validated on a sample
     NEVERGRAD_BUDGET = "evomerge_nevergrad_budget"  # the budget nevergrad was first built with (exact replay)
     GENES = "evomerge_genes"                # gene name -> [parameter, owner, group]: the genome's structure
     LEARNED = "evomerge_learned"            # label -> {genome, losses, seconds}: coefficients learned from data
@@ -233,14 +233,16 @@ class Ranking:
 
     def winner(self, study: Study) -> Winner | None:
         """The run's result: the best validated trial once any is validated (measured on every item,
-        or raced on a sample of them); else the best estimate, where estimates tied within the best
-        one's interval go to the trial scored on the most items. None before the first complete trial."""
+        or the last ones standing in a validation race: a trial the race stopped behind another never
+        wins, its figure rests on fewer items); else the best estimate, where estimates tied within the
+        best one's interval go to the trial scored on the most items. None before the first complete trial."""
         ranked = self.ranked(study)
         if not ranked:
             return None
         complete = {t.number: t for t in ranked}
         measured = {n: scores for n, scores in self.measured(study).items() if n in complete}
-        validated = {n: scores for n, scores in self.validated(study).items() if n in complete}
+        raced_out = {n for n, record in sampled_validations(study).items() if record.get("raced_out")}
+        validated = {n: scores for n, scores in self.validated(study).items() if n in complete and n not in raced_out}
         if validated:
             number = max(validated, key=lambda n: (self.mean(validated[n]), self.fitness(complete[n].values), -n))
             if len(validated) == len(measured):

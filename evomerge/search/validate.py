@@ -211,8 +211,12 @@ class _Race:
 
     @staticmethod
     def _sd(residual: np.ndarray, n_rest: int, n_total: int, sample: int) -> float:
+        """sd of the mean residual scaled to the items beyond the subset. The per-item variance is at
+        least ``1 / (n + 2)`` (one disagreement in a sample that saw none), so a small sample where two
+        trials happened to agree everywhere never passes for certainty."""
         variance = residual.var(ddof=1) if len(residual) > 1 else 0.25
-        return math.sqrt(max(variance, 0.0) / sample * (1.0 - sample / n_rest)) * n_rest / n_total
+        variance = max(float(variance), 1.0 / (len(residual) + 2))
+        return math.sqrt(variance / sample * (1.0 - sample / n_rest)) * n_rest / n_total
 
     def fitness(self, number: int, samples: dict[str, int]) -> float:
         """The trial's weighted fitness from its first stage and the first ``samples`` items of each order."""
@@ -262,10 +266,12 @@ def _race(run_dir, space, study, ranking, candidates, builder, batch_size, progr
     samples = {name: 0 for name in benchmarks}
     spent = {name: 0 for name in benchmarks}
     reached: dict[int, dict[str, int]] = {}
+    raced_out: set[int] = set()
     alive, step, z = list(racing), max(2, space.subset_size // 2), NormalDist().inv_cdf(CONFIDENCE)
     while True:
         left = min(budget - spent[name] for name in benchmarks)
         if left < len(alive) * step:  # the budget ends the race: the best two (or one) go on
+            raced_out.update(alive[2:])
             alive = alive[:2]
             step = left // len(alive)
             if step < 2:
@@ -293,17 +299,20 @@ def _race(run_dir, space, study, ranking, candidates, builder, batch_size, progr
         alive.sort(key=lambda n: -race.fitness(n, samples))
         leader = alive[0]
         lead = race.fitness(leader, samples)
-        alive = [leader] + [n for n in alive[1:]
-                            if race.fitness(n, samples) + z * race.difference_sd(n, leader, samples) >= lead]
+        behind = {n for n in alive[1:] if race.fitness(n, samples) + z * race.difference_sd(n, leader, samples) < lead}
+        raced_out |= behind
+        alive = [n for n in alive if n not in behind]
         if (len(alive) == 1 and len(racing) > 1) or all(samples[n] >= n_rest[n] for n in benchmarks):
             break  # the winner is clear (a single trial, with nothing to choose, is measured as far as the budget goes)
         step *= 2
     for number, sample in reached.items():
-        _store(study, race, number, sample, n_rest)
+        _store(study, race, number, sample, n_rest, number in raced_out)
 
 
-def _store(study: Study, race: _Race, number: int, sample: dict[str, int], n_rest: dict[str, int]) -> None:
-    """A raced trial's result: measured when it answered every item, else the estimate, its sd and items."""
+def _store(study: Study, race: _Race, number: int, sample: dict[str, int], n_rest: dict[str, int],
+           raced_out: bool) -> None:
+    """A raced trial's result: measured when it answered every item, else the estimate, its sd, items, and
+    whether it stopped behind another (its figure, from fewer items, is then not set against the survivors')."""
     figures = {name: race.accuracy(number, name, sample[name]) for name in race.benchmarks}
     accuracy = {name: value for name, (value, _) in figures.items()}
     if all(sample[name] >= n_rest[name] for name in race.benchmarks):
@@ -311,7 +320,8 @@ def _store(study: Study, race: _Race, number: int, sample: dict[str, int], n_res
         return
     study.set_user_attr(f"{StudyKey.VALIDATED}{number}", {
         "accuracy": accuracy, "sd": {name: sd for name, (_, sd) in figures.items()},
-        "items": {name: len(race.first[name]) + sample[name] for name in race.benchmarks}})
+        "items": {name: len(race.first[name]) + sample[name] for name in race.benchmarks},
+        "raced_out": bool(raced_out)})
 
 
 def _append_records(path: Path, records: list[dict]) -> None:
