@@ -108,3 +108,26 @@ def test_responses_keep_which_items_each_model_answered(tmp_path):
     assert ResponseMatrix.load(tmp_path / "f.npz").observed is None  # files from before: every answer known
     probabilities = item_probabilities(np.zeros((1, 2)), np.zeros((4, 2)), np.zeros(4))
     assert probabilities.shape == (1, 4)
+
+
+def test_the_validation_race_estimates_from_a_sample_and_is_exact_on_every_item(world):
+    from types import SimpleNamespace
+
+    from evomerge.search.records import Ranking
+    from evomerge.search.validate import _Race
+
+    fit_rows, names, endpoints, heldout = world
+    est = fit_subset_estimator(fit_rows, names, endpoints, 30, "anchor-irt", seed=0, dims=2)
+    race = _Race({"toy": est}, {"toy": None}, Ranking({"toy": 1.0}), "gmpirt", seed=0)
+    for number, row in enumerate(heldout[:2]):
+        race.enter(SimpleNamespace(number=number, user_attrs={
+            "answers": {"toy": "".join("1" if row[i] else "0" for i in est.indices)}, "stage": 0}))
+        for i in race.order["toy"]:
+            race.lanes[number]["toy"].answers[int(i)] = bool(row[i])
+    rest = len(race.order["toy"])
+    assert race.accuracy(0, "toy", rest) == (pytest.approx(heldout[0].mean()), 0.0)  # every item: measured
+    value, sd = race.accuracy(0, "toy", 100)
+    assert abs(value - heldout[0].mean()) < 3 * sd + 0.01 and 0 < sd < 0.06
+    # two trials that agree on a small sample are not thereby certain to agree everywhere
+    race.lanes[1]["toy"] = race.lanes[0]["toy"]
+    assert race.difference_sd(1, 0, {"toy": 20}) > 0.02

@@ -6,7 +6,7 @@ evaluations, models and seconds per phase (`evomerge.search.costs`), the time
 from the command's start to the first scored trial, and the demo's final table
 (the exported merge measured on every item):
 
-* ``before``: every calibration model on every item (``calibration_items: all``),
+* ``before``: every calibration model on every item (``calibration_items: all``), a 2-dim IRT model,
   item parameters fitted by the study (``item_params: fit``), the top 5 validated
   on every item (``--validate-items all``): the search as it was;
 * ``after``: the defaults (calibration merges on the subsets' items and a sample,
@@ -15,6 +15,7 @@ from the command's start to the first scored trial, and the demo's final table
   parameters and subsets, the endpoints scored on the subsets only.
 
     python tools/bench_cost.py --zoo-seed 0 --designs before,after,reuse --out runs/bench-cost
+    python tools/bench_cost.py --space SPACE --designs before,after --optimizer-seeds 1,2 --out runs/bench-cost
 """
 
 from __future__ import annotations
@@ -38,16 +39,19 @@ from evomerge.search.records import StudyKey, complete_trials  # noqa: E402
 from evomerge.search.runs import open_existing_study  # noqa: E402
 
 DESIGNS = {
-    "before": ({"calibration_items": "all", "item_params": "fit"}, "all"),
+    "before": ({"calibration_items": "all", "item_params": "fit", "dims": 2}, "all"),
     "after": ({"item_params": "fit"}, None),
     "reuse": ({}, None),
 }
 
 
-def space_variant(space: Path, design: str, out: Path) -> Path:
+def space_variant(space: Path, design: str, out: Path, optimizer_seed: int | None = None) -> Path:
     raw = yaml.safe_load(space.read_text())
     estimator, _ = DESIGNS[design]
     raw["name"] = f"{raw.get('name', space.stem)}-{design}"
+    if optimizer_seed is not None:  # another search of the same zoo: the optimizer's and calibration merges' seed
+        raw["optimizer"] = {**(raw.get("optimizer") or {}), "seed": optimizer_seed}
+        raw["name"] += f"-opt{optimizer_seed}"
     raw["estimator"] = {**(raw.get("estimator") or {}), **estimator}
     path = out / f"{raw['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +59,9 @@ def space_variant(space: Path, design: str, out: Path) -> Path:
     return path
 
 
-def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path) -> dict:
-    variant = space_variant(space, design, out)
+def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path,
+        optimizer_seed: int | None = None) -> dict:
+    variant = space_variant(space, design, out, optimizer_seed)
     name = yaml.safe_load(variant.read_text())["name"] + (f"-seed{zoo_seed}" if zoo_seed else "")
     command = [sys.executable, "-m", "evomerge.cli", "demo", "--space", str(variant), "--no-progress",
                "--zoo-seed", str(zoo_seed)]
@@ -76,19 +81,19 @@ def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path) 
     table = study.user_attrs.get(StudyKey.FINAL_TABLE, {})
     evolved = table.get("evolved (exported)", {})
     load = os.getloadavg()
-    return {"design": design, "run": name, "zoo_seed": zoo_seed, "wall_s": round(wall, 1),
+    return {"design": design, "run": name, "zoo_seed": zoo_seed, "optimizer_seed": optimizer_seed, "wall_s": round(wall, 1),
             "first_trial_s": round((first - started_at).total_seconds(), 1), "costs": costs,
             "evolved": evolved, "evolved_mean": sum(evolved.values()) / len(evolved) if evolved else None,
             "load_after": [round(v, 2) for v in load]}
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["design", "zoo seed", *(f"{p} items / s" for p in PHASES), "cal.+val. / trials (items)",
+    head = ["design", "zoo seed", "optimizer seed", *(f"{p} items / s" for p in PHASES), "cal.+val. / trials (items)",
             "first trial (s)", "wall (s)", "exported merge (mean acc.)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         costs = row["costs"]
-        cells = [row["design"], str(row["zoo_seed"])]
+        cells = [row["design"], str(row["zoo_seed"]), str(row.get("optimizer_seed") or 0)]
         for phase in PHASES:
             cost = costs.get(phase)
             cells.append(f"{cost['items']:,} / {cost['seconds']:.0f}" if cost else "-")
@@ -106,17 +111,21 @@ def main() -> int:
     parser.add_argument("--zoo-seed", type=int, default=0)
     parser.add_argument("--designs", default="before,after,reuse")
     parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--optimizer-seeds", default=None,
+                        help="comma-separated optimizer seeds: one search per seed and design (default: the space's)")
     parser.add_argument("--out", default="runs/bench-cost")
     args = parser.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for design in args.designs.split(","):
-        row = run(ROOT / args.space, design, args.zoo_seed, args.trials, out)
-        rows.append(row)
-        with open(out / "results.jsonl", "a") as results:
-            results.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+    seeds = [None] if args.optimizer_seeds is None else [int(s) for s in args.optimizer_seeds.split(",")]
+    for seed in seeds:
+        for design in args.designs.split(","):
+            row = run(ROOT / args.space, design, args.zoo_seed, args.trials, out, seed)
+            rows.append(row)
+            with open(out / "results.jsonl", "a") as results:
+                results.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
     print(markdown(rows))
     return 0
 
