@@ -105,10 +105,6 @@ class Calibration:
         for name, genome in self.genomes().items():
             yield name, lambda genome=genome: (self.builder.candidate(genome).model, tokenizer)
 
-    def n_models(self) -> int:
-        return (1 + len(self.space.experts) + len(self.space.extra_models)
-                + len(self.builder.extra_endpoints()) + self.space.calibration_merges)
-
     def inputs(self) -> dict:
         """What the calibration depends on: the responses on the models, merge space and benchmarks
         (and how many items the calibration merges answer); the estimators also on the estimator settings."""
@@ -203,48 +199,66 @@ class Calibration:
 
     def _fit(self, bench_name: str, bench: Benchmark, store: CalibrationStore | None,
              ledger: CostLedger) -> SubsetEstimator:
+        """One benchmark's estimator: its item parameters fitted here, or known (the bank's, a file's)."""
         sizes = stage_sizes(self.space.stages, len(bench.items), "evaluation.stages")
         strategy = strategy_name(self.space.strategy)
-        seed, dims = self.space.seed, self.space.irt_dims
-        endpoints = self.endpoint_names()
         scorer = _Scorer(self, bench_name, bench, store, ledger)
         known = self._known(bench_name, bench)
         if known is None:
-            full = self.space.calibration_items is None  # every model on every item: subsets from the whole fit
-            scorer.say(f"fitting its item parameters: the endpoints on all {len(bench.items)} items, "
-                       + (f"{self.space.calibration_merges} calibration merges too" if full else
-                          f"{self.space.calibration_merges} calibration merges on the subsets' items and "
-                          f"{self.space.calibration_items} others each"))
-            matrix = scorer.score(self._endpoints(), None)
-            subsets = None if full else subsets_from_responses(matrix.subset(
-                [n for n in endpoints if n in matrix.model_names]), sizes, strategy, seed, dims)
-            matrix = scorer.score(self._merges(), None if full else self._samples(subsets, len(bench.items)))
-            estimator = fit_subset_estimator(matrix, None, endpoints, sizes, strategy, seed, dims, subsets=subsets,
-                                             benchmark=bench_name)
-            self.bank.store(bench_name, bench, estimator, strategy, self.space.name, len(matrix.model_names))
+            estimator = self._fit_items(scorer, sizes, strategy)
+            self.bank.store(bench_name, bench, estimator, strategy, self.space.name,
+                            len(scorer.matrix.model_names))
             return estimator
         if isinstance(known, BankEntry) and known.stages_match(sizes, strategy):
-            stored = known.estimator
-            staged = staged_items([stage.subset for stage in stored.stages])
-            scorer.say(f"reusing the item parameters and subsets of study {known.study!r} ({known.path}); "
-                       f"the endpoints on the subsets' {len(staged)} items")
-            matrix = scorer.score(self._endpoints(), lambda name: staged)
-            rows = matrix.subset(endpoints)
-            theta = fit_abilities(rows.correct, rows.mask, stored.a, stored.b, stored.theta_sd)
-            return dataclasses.replace(stored, endpoint_names=list(endpoints), endpoint_theta=theta,
-                                       benchmark=bench_name)
+            return self._reuse(scorer, known)
         params = known if isinstance(known, ItemParams) else ItemParams(
             known.estimator.a, known.estimator.b, known.estimator.item_ids, source=str(known.path))
-        subsets = subsets_from_item_params(params.a, params.b, sizes, strategy, seed, first=params.first_stage(sizes[0]))
+        return self._with_params(scorer, params, sizes, strategy)
+
+    def _fit_items(self, scorer: "_Scorer", sizes: list[int], strategy: str) -> SubsetEstimator:
+        """The endpoints on every item, the subsets from them, the calibration merges on the subsets and
+        a sample (every item with ``calibration_items: all``, the subsets then from the whole fit)."""
+        seed, dims, endpoints = self.space.seed, self.space.irt_dims, self.endpoint_names()
+        full = self.space.calibration_items is None
+        scorer.say(f"fitting its item parameters: the endpoints on all {scorer.matrix.n_items} items, "
+                   + (f"{self.space.calibration_merges} calibration merges too" if full else
+                      f"{self.space.calibration_merges} calibration merges on the subsets' items and "
+                      f"{self.space.calibration_items} others each"))
+        matrix = scorer.score(self._endpoints(), None)
+        subsets = None if full else subsets_from_responses(
+            matrix.subset([n for n in endpoints if n in matrix.model_names]), sizes, strategy, seed, dims)
+        matrix = scorer.score(self._merges(), None if full else self._samples(subsets, matrix.n_items))
+        return fit_subset_estimator(matrix, None, endpoints, sizes, strategy, seed, dims, subsets=subsets,
+                                    benchmark=scorer.bench_name)
+
+    def _reuse(self, scorer: "_Scorer", known: BankEntry) -> SubsetEstimator:
+        """The bank's estimator (item parameters, subsets, mixes) with this study's endpoints, whose
+        abilities come from their answers on the subsets' items."""
+        stored, endpoints = known.estimator, self.endpoint_names()
+        staged = staged_items([stage.subset for stage in stored.stages])
+        scorer.say(f"reusing the item parameters and subsets of study {known.study!r} ({known.path}); "
+                   f"the endpoints on the subsets' {len(staged)} items")
+        rows = scorer.score(self._endpoints(), lambda name: staged).subset(endpoints)
+        theta = fit_abilities(rows.correct, rows.mask, stored.a, stored.b, stored.theta_sd)
+        return dataclasses.replace(stored, endpoint_names=list(endpoints), endpoint_theta=theta,
+                                   benchmark=scorer.bench_name)
+
+    def _with_params(self, scorer: "_Scorer", params: ItemParams, sizes: list[int], strategy: str) -> SubsetEstimator:
+        """Known item parameters without a study's subsets (a file; the bank's for other stages): the
+        subsets from the parameters, the endpoints on their items, the mixes from the calibration merges."""
+        subsets = subsets_from_item_params(params.a, params.b, sizes, strategy, self.space.seed,
+                                           first=params.first_stage(sizes[0]))
         staged = staged_items(subsets)
+        merges = self.space.calibration_merges
         scorer.say(f"item parameters from {params.source}; the endpoints on the subsets' {len(staged)} items"
-                   + (f", {self.space.calibration_merges} calibration merges on those and "
-                      f"{self.space.calibration_items or 'all'} others each" if self.space.calibration_merges else ""))
-        matrix = scorer.score(self._endpoints(), lambda name: staged)
-        matrix = scorer.score(self._merges(), self._samples(subsets, len(bench.items)))
+                   + (f", {merges} calibration merges on those and {self.space.calibration_items or 'all'} "
+                      "others each" if merges else ""))
+        scorer.score(self._endpoints(), lambda name: staged)
+        matrix = scorer.score(self._merges(), self._samples(subsets, scorer.matrix.n_items))
         fallback = {} if params.anchor_weight is None else {"fallback_anchor_weight": params.anchor_weight}
-        return fit_subset_estimator(matrix, None, endpoints, sizes, strategy, seed, params.dims, subsets=subsets,
-                                    item_params=(params.a, params.b), benchmark=bench_name, **fallback)
+        return fit_subset_estimator(matrix, None, self.endpoint_names(), sizes, strategy, self.space.seed,
+                                    params.dims, subsets=subsets, item_params=(params.a, params.b),
+                                    benchmark=scorer.bench_name, **fallback)
 
     def _samples(self, subsets: list[Subset], n_total: int) -> Callable[[str], np.ndarray]:
         """Which items each calibration merge answers: the stages' items and its own random sample of the others."""
