@@ -75,6 +75,11 @@ def test_item_parameters_are_reused_by_the_next_study_on_the_same_benchmarks(zoo
         assert mine.stages[0].anchor_weight_gmpirt == theirs.stages[0].anchor_weight_gmpirt
         matrix = ResponseMatrix.load(responses_path(runs / "second", task))
         assert not matrix.complete("base") and matrix.observed_row("base").sum() == 10
+    # a space asking for other latent dimensions fits its own parameters
+    other_dims = small_space(zoo_dir, tmp_path / "dims.yaml", name="dims",
+                             estimator={"calibration_merges": 2, "calibration_items": 15, "dims": 1})
+    _search(other_dims, runs)
+    assert study_costs(open_existing_study(runs / "dims"))["calibration"].items == 3 * 60 * 2 + 2 * 25 * 2
     # `item_params: fit` fits its own, as before
     third = small_space(zoo_dir, tmp_path / "third.yaml", name="third",
                         estimator={"calibration_merges": 2, "calibration_items": 15, "item_params": "fit"})

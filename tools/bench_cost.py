@@ -11,6 +11,7 @@ from the command's start to the first scored trial, and the demo's final table
   on every item (``--validate-items all``): the search as it was;
 * ``after``: the defaults (calibration merges on the subsets' items and a sample,
   the validation race), ``item_params: fit`` so the study fits its own;
+* ``full-calibration``: every calibration model on every item, the space's IRT dims, the race;
 * ``reuse``: the defaults, run after ``after`` on the same zoo: the item bank's
   parameters and subsets, the endpoints scored on the subsets only.
 
@@ -41,6 +42,7 @@ from evomerge.search.runs import open_existing_study  # noqa: E402
 DESIGNS = {
     "before": ({"calibration_items": "all", "item_params": "fit", "dims": 2}, "all"),
     "after": ({"item_params": "fit"}, None),
+    "full-calibration": ({"calibration_items": "all", "item_params": "fit"}, None),
     "reuse": ({}, None),
 }
 

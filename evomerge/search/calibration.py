@@ -194,7 +194,7 @@ class Calibration:
         if isinstance(params, dict) and bench_name in params:
             return ItemParams.load(params[bench_name]).for_items([item.id for item in bench.items], bench_name)
         if params == "reuse" or isinstance(params, dict):
-            return self.bank.load(bench_name, bench)
+            return self.bank.load(bench_name, bench, self.space.irt_dims)
         return None
 
     def _fit(self, bench_name: str, bench: Benchmark, store: CalibrationStore | None,

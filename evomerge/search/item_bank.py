@@ -3,9 +3,11 @@
 A study that calibrates fits 2PL parameters for every item of each benchmark,
 and cross-validates its subsets' estimators on its calibration merges. None of
 that depends on the study's merge space: it describes the items. So it is kept
-beside the runs (``<runs root>/.item-params/<benchmark>-<key>.json``, the key a
-hash of the benchmark's items and scoring, `evomerge.estimate.benchmark_key`),
-and a later study whose benchmark has the same key starts from it: its subsets
+beside the runs (``<runs root>/.item-params/<benchmark>-<key>-<dims>d.json``, the key a
+hash of the benchmark's items and scoring, `evomerge.estimate.benchmark_key`, and the
+IRT model's latent dimensions),
+and a later study whose benchmark has the same key (and whose space asks for the
+same IRT dimensions) starts from it: its subsets
 (and their cross-validated mix weights and interval scales, when it asks for
 the same stage sizes and strategy) and item parameters are the stored ones, and
 its calibration only scores its own endpoints on the subsets' items, for their
@@ -53,12 +55,12 @@ class ItemBank:
         """The bank of the runs root holding ``run_dir``."""
         return cls(Path(run_dir).resolve().parent / BANK_DIR)
 
-    def path(self, name: str, bench) -> Path:
-        return self.folder / f"{name}-{benchmark_key(bench)}.json"
+    def path(self, name: str, bench, dims: int) -> Path:
+        return self.folder / f"{name}-{benchmark_key(bench)}-{int(dims)}d.json"
 
-    def load(self, name: str, bench) -> BankEntry | None:
-        """The stored entry for this benchmark's content, or None."""
-        path = self.path(name, bench)
+    def load(self, name: str, bench, dims: int) -> BankEntry | None:
+        """The stored entry for this benchmark's content and an IRT model of ``dims`` dimensions, or None."""
+        path = self.path(name, bench, dims)
         if not path.exists():
             return None
         data = read_json(path, "item bank entry")
@@ -78,4 +80,4 @@ class ItemBank:
         data = {"benchmark": name, "key": benchmark_key(bench), "strategy": strategy, "study": study,
                 "models": int(models), "made": datetime.datetime.now().isoformat(timespec="seconds"),
                 "estimator": estimator.to_dict()}
-        return write_bytes_atomic(self.path(name, bench), json.dumps(data).encode())
+        return write_bytes_atomic(self.path(name, bench, estimator.a.shape[1]), json.dumps(data).encode())
