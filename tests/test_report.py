@@ -88,6 +88,8 @@ def test_report_page_pngs_and_browser(zoo_dir, tmp_path, capsys):
     network = re.search(r"""<(script|link|img)\b[^>]*\b(src|href)=["']?(https?:)?//""", page)
     assert network is None, f"the page loads {network.group(0)} from the network"
     assert "optuna-dashboard sqlite:///" in page
+    costs = page[page.index('id="cost"'):]  # what each phase spent, as `evomerge status` prints it
+    assert all(phase in costs for phase in ("calibration", "trials", "validation", "calibration + validation / trials"))
 
     screenshot = tmp_path / "report-screenshot.png"
     errors, requests, text = load_in_browser(out / "index.html", screenshot, n_plots=len(FIGURES))
