@@ -21,6 +21,7 @@ from evomerge.search.space import load_search_space
 from evomerge.trial_export import export_trial
 
 from small_space import small_space
+from test_data_merging import data_space
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,6 +53,29 @@ def test_a_search_records_and_prints_what_each_phase_costs(zoo_dir, tmp_path, ca
     assert f"{spent['trials'].items + 40:,}" in capsys.readouterr().out
     with pytest.raises(Exception, match="unknown cost phase"):
         CostLedger(study, "lunch")
+
+
+def test_data_statistics_and_learning_are_phases_of_their_own(zoo_dir, tmp_path, capsys):
+    """A data-informed search counts the prompts its statistics and its learning read (16 per benchmark)."""
+    sampled = {"calibration_merges": 2, "calibration_items": 15}
+    regmean = data_space(zoo_dir, tmp_path / "regmean.yaml", "rm", "regmean", estimator=sampled, optimizer={"trials": 3})
+    _search(regmean, tmp_path / "runs")
+    spent = study_costs(open_existing_study(tmp_path / "runs" / "rm"))
+    assert (spent["statistics"].items, spent["statistics"].models) == (2 * 16, 2)  # each expert, its task's prompts
+    assert spent["calibration"].items == 3 * 60 * 2 + 2 * 25 * 2 and "learning" not in spent
+    assert "statistics (prompts)" in capsys.readouterr().out
+    assert main(["resume", str(tmp_path / "runs" / "rm"), "--trials", "4", "--no-progress"]) == 0
+    assert study_costs(open_existing_study(tmp_path / "runs" / "rm"))["statistics"] == spent["statistics"]  # kept
+
+    learned = data_space(zoo_dir, tmp_path / "learned.yaml", "learned", "task_arithmetic", estimator=sampled,
+                         optimizer={"name": "cmaes", "trials": 3, "init": "learned", "baselines": False},
+                         learn={"steps": 5, "batch": 4})
+    _search(learned, tmp_path / "runs")
+    study = open_existing_study(tmp_path / "runs" / "learned")
+    spent = study_costs(study)
+    assert (spent["learning"].items, spent["learning"].models) == (5 * 2 * 4, 1) and spent["learning"].seconds > 0
+    assert "statistics" not in spent and spent["calibration"].items == 3 * 10 * 2  # the item bank's, from "rm"
+    assert any(t.user_attrs.get("baseline", "").startswith("adamerging") for t in complete_trials(study))
 
 
 def test_item_parameters_are_reused_by_the_next_study_on_the_same_benchmarks(zoo_dir, tmp_path):

@@ -35,7 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evomerge.search.costs import PHASES, study_costs  # noqa: E402
+from evomerge.search.costs import PHASES, SEARCH_OVERHEAD, study_costs  # noqa: E402
 from evomerge.search.records import StudyKey, complete_trials  # noqa: E402
 from evomerge.search.runs import open_existing_study  # noqa: E402
 
@@ -90,17 +90,18 @@ def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path,
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["design", "zoo seed", "optimizer seed", *(f"{p} items / s" for p in PHASES), "cal.+val. / trials (items)",
+    phases = [p for p in PHASES if any(p in row["costs"] for row in rows)]  # a demo space collects no statistics
+    head = ["design", "zoo seed", "optimizer seed", *(f"{p} items / s" for p in phases), "cal.+val. / trials (items)",
             "first trial (s)", "wall (s)", "exported merge (mean acc.)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         costs = row["costs"]
         cells = [row["design"], str(row["zoo_seed"]), str(row.get("optimizer_seed") or 0)]
-        for phase in PHASES:
+        for phase in phases:
             cost = costs.get(phase)
             cells.append(f"{cost['items']:,} / {cost['seconds']:.0f}" if cost else "-")
         trials = costs.get("trials", {}).get("items") or 0
-        overhead = sum(costs.get(p, {}).get("items", 0) for p in ("calibration", "validation"))
+        overhead = sum(costs.get(p, {}).get("items", 0) for p in SEARCH_OVERHEAD)
         cells += [f"{overhead / trials:.2f}x" if trials else "-", str(row["first_trial_s"]), str(row["wall_s"]),
                   f"{row['evolved_mean']:.3f}" if row["evolved_mean"] is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")

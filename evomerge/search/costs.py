@@ -2,11 +2,16 @@
 
 A search's trials are cheap (a few dozen items per benchmark); the work around
 them (calibration, validation, the demo's final table) can cost more, so every
-run counts it. Phases (`PHASES`): ``calibration`` (models scored to fit the item
-parameters, and the fits), ``trials`` (the search loop: every trial's scored
-items, and its wall time including the optimizer's bookkeeping), ``validation``
-(the top trials re-scored) and ``final_table`` (the demo's comparison of every
-model on every item: a demo-only cost).
+run counts it. Phases (`PHASES`), in the order a run meets them: ``statistics``
+(the data statistics a data-informed method reads: each expert reading its
+unlabelled prompts), ``calibration`` (models scored to fit the item parameters,
+and the fits), ``learning`` (coefficients learned from unlabelled prompts: every
+prompt of every step), ``trials`` (the search loop: every trial's scored items,
+and its wall time including the optimizer's bookkeeping), ``validation`` (the
+top trials re-scored) and ``final_table`` (the demo's comparison of every model
+on every item: a demo-only cost). ``statistics`` and ``learning`` count
+unlabelled prompts read (one model reading one prompt; a learning step reads
+its batch forward and backward), the others benchmark items answered.
 
 Each process keeps its own figures in memory and writes them under its own study
 user attr (``StudyKey.COST`` + phase + the worker's host, pid and start), so
@@ -30,9 +35,12 @@ from evomerge.errors import EvomergeError
 from evomerge.search.records import StudyKey, TrialKey, trial_items
 from evomerge.search.workers import worker_identity
 
-PHASES = ("calibration", "trials", "validation", "final_table")
+PHASES = ("statistics", "calibration", "learning", "trials", "validation", "final_table")
 SEARCH_OVERHEAD = ("calibration", "validation")
-"""The phases the search itself adds to its trials (the final table is the demo's)."""
+"""The phases every search adds to its trials (the final table is the demo's; statistics and learning
+are a data-informed search's own, counted in prompts, and shown apart)."""
+LABELS = {"statistics": "statistics (prompts)", "learning": "learning (prompts)",
+          "final_table": "final table (demo only)"}
 FLUSH_S = 10.0
 """A ledger writes its figures at most this often while it counts (and always when asked to)."""
 
@@ -140,7 +148,7 @@ def cost_rows(costs: Mapping[str, PhaseCost]) -> list[tuple[str, str, str, str]]
     then the search's own overhead (calibration + validation) against the trials."""
     rows = []
     for phase, cost in costs.items():
-        label = "final table (demo only)" if phase == "final_table" else phase
+        label = LABELS.get(phase, phase)
         rows.append((label, f"{cost.models}", f"{cost.items:,}", f"{cost.seconds:.1f}"))
     trials = costs.get("trials")
     overhead = [costs[p] for p in SEARCH_OVERHEAD if p in costs]

@@ -11,7 +11,8 @@ other expert the prompts of every benchmark. They are collected once per run
 folder, into ``RUN/statistics/`` (`evomerge.merge.statistics.StatisticsFiles`),
 each file recording what it was made from, so a resume (or another worker of
 the same folder, under the study's lock) reuses them and a changed input
-collects them again.
+collects them again. Each expert's prompts read go to the study's cost record
+(`costs`, phase ``statistics``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from evomerge.benchmarks.prompts import pad_id, prompt_ids
 from evomerge.console import ProgressBar, say
 from evomerge.merge.statistics import get_kind
 from evomerge.search.candidates import CandidateBuilder, statistics_files
+from evomerge.search.costs import CostLedger
 from evomerge.search.preflight import needs_data
 from evomerge.search.space import SearchSpace
 from evomerge.search.workers import study_lock
@@ -93,20 +95,22 @@ def collect_statistics(space: SearchSpace, run_dir: str | Path, builder: Candida
     with lock as mine:
         if not mine:
             return
-        for kind, e, name in missing():
-            statistic = get_kind(kind)
-            count = len(prompts[name])
-            if progress:
-                say(f"collecting {kind} statistics of expert {name!r} on {count} unlabelled prompts "
-                    f"(cached in {files.folder})")
-            model = builder.checkpoint_model(space.experts[name])
-            with ProgressBar(f"{kind} {name}", count, enabled=progress) as bar:
-                done = [0]
+        with CostLedger(study, "statistics").timed() as ledger:  # prompts read and seconds, in the study
+            for kind, e, name in missing():
+                statistic = get_kind(kind)
+                count = len(prompts[name])
+                if progress:
+                    say(f"collecting {kind} statistics of expert {name!r} on {count} unlabelled prompts "
+                        f"(cached in {files.folder})")
+                model = builder.checkpoint_model(space.experts[name])
+                with ProgressBar(f"{kind} {name}", count, enabled=progress) as bar:
+                    done = [0]
 
-                def tick(n: int) -> None:
-                    done[0] += n
-                    bar.update(done[0])
+                    def tick(n: int) -> None:
+                        done[0] += n
+                        bar.update(done[0])
 
-                tensors = statistic.collect(model, prompts[name], pad_id(builder.tokenizer),
-                                            seed=space.data.seed, tick=tick)
-            files.save(kind, e, tensors, inputs(kind, name))
+                    tensors = statistic.collect(model, prompts[name], pad_id(builder.tokenizer),
+                                                seed=space.data.seed, tick=tick)
+                files.save(kind, e, tensors, inputs(kind, name))
+                ledger.add(items=count, models=1)

@@ -65,6 +65,7 @@ class LearnResult:
     genome: dict[str, float]
     losses: list[float]
     seconds: float
+    prompts: int = 0  # prompts read over every step (each forward and backward once): what learning cost
 
 
 class CoefficientLearner:
@@ -180,11 +181,13 @@ class CoefficientLearner:
         coefficients = values.clone().to(self.device).requires_grad_(True)
         optimizer = torch.optim.Adam([coefficients], lr=self.settings.lr)
         low, high = self.bounds[:, 0].to(self.device), self.bounds[:, 1].to(self.device)
-        losses = []
+        losses, prompts = [], 0
         with torch.enable_grad(), ProgressBar("learn", self.settings.steps, enabled=progress) as bar:
             for step in range(self.settings.steps):
                 optimizer.zero_grad()
-                loss = self.loss(coefficients, self.sample())
+                batches = self.sample()
+                prompts += sum(len(batch) for batch in batches.values())
+                loss = self.loss(coefficients, batches)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
@@ -192,4 +195,4 @@ class CoefficientLearner:
                 losses.append(loss.item())
                 bar.update(step + 1, f"entropy {losses[-1]:.4f}")
         genome = {name: float(v) for name, v in zip(self.names, coefficients.detach().cpu())}
-        return LearnResult(genome, losses, time.perf_counter() - began)
+        return LearnResult(genome, losses, time.perf_counter() - began, prompts)

@@ -164,7 +164,9 @@ class MergeSearch:
             if self.progress:
                 say(f"learning {len(learner.names)} coefficients ({label}) on the entropy of the merged model's "
                     f"answers to {sum(len(s.items) for s in self.unlabelled().values())} unlabelled prompts")
-            result = learner.learn(progress=self.progress)
+            with CostLedger(study, "learning").timed() as ledger:  # prompts read and seconds, in the study
+                result = learner.learn(progress=self.progress)
+                ledger.add(items=result.prompts, models=1)
             stored[label] = {"genome": result.genome, "settings": settings, "seconds": round(result.seconds, 2),
                              "loss_first": result.losses[0], "loss_last": result.losses[-1]}
             study.set_user_attr(StudyKey.LEARNED, stored)
