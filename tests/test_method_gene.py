@@ -11,7 +11,10 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
+from evomerge.estimate import ResponseMatrix, responses_path
+from evomerge.search.costs import study_costs
 from evomerge.search.genome import METHOD_GENE, genome_space, genome_to_recipe, uniform_genome
+from evomerge.search.runs import open_existing_study
 from evomerge.search.space import load_search_space
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -64,3 +67,14 @@ def test_a_search_over_methods_records_and_shows_each_trials_method(zoo_dir, tmp
     out = capsys.readouterr().out
     assert "method" in out and "della" in out
     assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+
+
+def test_a_calibration_on_sampled_items_draws_the_method_too(zoo_dir, tmp_path):
+    space = method_space(zoo_dir, tmp_path / "space.yaml", trials=3,
+                         estimator={"calibration_merges": 3, "calibration_items": 15})
+    run_dir = tmp_path / "run"
+    assert main(["search", str(space), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    # the endpoints on all 60 items; each calibration merge (a drawn method and its parameters) on 10 + 15
+    assert study_costs(open_existing_study(run_dir))["calibration"].items == 3 * 60 * 2 + 3 * 25 * 2
+    matrix = ResponseMatrix.load(responses_path(run_dir, "arith"))
+    assert [int(matrix.observed_row(f"calib{i}").sum()) for i in range(3)] == [25, 25, 25]
