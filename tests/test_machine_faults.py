@@ -124,6 +124,34 @@ def test_a_calibration_on_a_full_disk_fails_in_one_line_and_continues_from_its_c
     assert len(scored) < 2 + 2 * 3  # the model scored before the fault came from the cache
 
 
+def test_an_item_bank_the_disk_refuses_is_one_line_and_the_resume_keeps_the_calibration(zoo_dir, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The item bank (``RUNS/.item-params/``, issue 26) is written like every other file: whole or absent."""
+    real, scored = Path.write_bytes, []
+
+    def refused_in_the_bank(self, data):
+        if ".item-params" in str(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    import evomerge.search.calibration as calibration
+
+    real_score = calibration.score_items
+    monkeypatch.setattr(calibration, "score_items", lambda *a, **k: scored.append(1) or real_score(*a, **k))
+    monkeypatch.setattr(Path, "write_bytes", refused_in_the_bank)
+    space = small_space(zoo_dir, tmp_path / "space.yaml", name="faults", optimizer={"trials": 2, "baselines": False})
+    runs = tmp_path / "runs"
+    assert main(["search", str(space), "--runs-root", str(runs), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"evomerge: error: no space left on device: {runs / '.item-params'}")
+    assert not [p for p in runs.rglob("*") if ".tmp" in p.name]
+    monkeypatch.setattr(Path, "write_bytes", real)
+    assert len(scored) == 3  # the first benchmark's endpoints, then its bank entry was refused
+    assert main(["resume", str(runs / "faults"), "--no-progress"]) == 0
+    assert len(scored) == 3 + 3  # the resume scored the second benchmark only: the first's answers were cached
+    assert len(list((runs / ".item-params").glob("*.json"))) == 2
+
+
 def test_an_export_that_cannot_fit_is_refused_before_writing(zoo_dir, tmp_path, small_disk, capsys):
     space = small_space(zoo_dir, tmp_path / "space.yaml", name="faults", optimizer={"trials": 2, "baselines": False})
     run_dir = tmp_path / "run"
