@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -26,6 +27,16 @@ UNBOUNDED_WIDTH = 10_000
 def say(message: str) -> None:
     """A progress line for the user, on stderr."""
     print(message, file=sys.stderr, flush=True)
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 07 s``, ``1 h 02 min``: how long a phase took, as a user reads it."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def warn(message: str) -> None:
@@ -58,10 +69,19 @@ def full_width_console(stderr: bool = False):
 
 
 class ProgressBar:
-    """A rich progress bar (elapsed, ETA, a status text); a no-op when disabled."""
+    """A rich progress bar (elapsed, ETA, a status text); a no-op when disabled.
+
+    Where the output is not a terminal (a log file, CI) rich draws nothing until the end, so the
+    bar prints a plain line instead at every tenth of the way and at least every `LOG_EVERY_S`,
+    with the time left estimated from the pace so far."""
+
+    LOG_EVERY_S = 60.0
 
     def __init__(self, label: str, total: int, completed: int = 0, enabled: bool = True):
         self._progress = None
+        self.label, self.total, self._first = label, total, completed
+        self._started = self._logged = time.monotonic()
+        self._logged_step = completed * 10 // max(total, 1)
         if enabled:
             self._progress = Progress(
                 TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -72,6 +92,17 @@ class ProgressBar:
     def update(self, completed: int, status: str = "") -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=completed, status=status)
+            if not self._progress.console.is_terminal:
+                self._log_line(completed, status)
+
+    def _log_line(self, completed: int, status: str) -> None:
+        now, step = time.monotonic(), completed * 10 // max(self.total, 1)
+        if step == self._logged_step and now - self._logged < self.LOG_EVERY_S:
+            return
+        self._logged, self._logged_step = now, step
+        elapsed, done = now - self._started, completed - self._first
+        left = f", about {duration(elapsed / done * (self.total - completed))} left" if 0 < done < self.total else ""
+        say(f"{self.label}: {completed}/{self.total}, {duration(elapsed)} elapsed{left}" + (f", {status}" if status else ""))
 
     def __enter__(self) -> "ProgressBar":
         if self._progress is not None:

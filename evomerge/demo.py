@@ -129,13 +129,13 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
 
     # The final table is the demo's own cost (a search needs none of it): every model on every item,
     # except answers the run already has (calibration's endpoints, the validated winner).
-    say("scoring every model on the full benchmarks (the demo's comparison; a search does not need it) ...")
     benchmarks = search.benchmarks
     n_items = sum(len(b.items) for b in benchmarks.values())
     ledger = CostLedger(study, "final_table")
     models: dict = {"base": space.base, **{f"expert {n}": p for n, p in space.experts.items()}}
     results = {}
-    with ledger.timed():
+    with ledger.timed(say if progress else None,
+                      what="every model on every item: the demo's comparison, which a search does not need"):
         for label, name in [("base", "base"), *((f"expert {n}", n) for n in space.experts)]:
             scores = _calibrated_accuracy(run_dir, benchmarks, name)
             if scores is None:

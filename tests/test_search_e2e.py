@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -176,11 +177,15 @@ def test_kill_minus_nine_then_resume(zoo_dir, tmp_path):
 def test_demo_command_searches_exports_and_compares(zoo_dir, tmp_path, monkeypatch, capsys):
     space_file = write_space(zoo_dir, tmp_path / "space.yaml", "tpe", trials=3, name="demo")
     monkeypatch.chdir(tmp_path)  # the demo writes runs/demo/ under the working directory
-    assert main(["demo", "--space", str(space_file), "--no-progress", "--validate-top", "2"]) == 0
+    assert main(["demo", "--space", str(space_file), "--validate-top", "2"]) == 0
     captured = capsys.readouterr()
     assert (tmp_path / "runs" / "demo" / "best" / "mergekit.yaml").is_file()
-    assert "evolved merge mean accuracy" in captured.err
+    assert "evolved merge mean accuracy" in captured.err.splitlines()[-1]  # the verdict comes last on stderr
     assert "evolved (exported)" in captured.out + captured.err  # the comparison table
+    # each phase says when it starts and what it took; outside a terminal the bar logs its time left
+    for phase in ("calibration", "search", "validation", "final table"):
+        assert f"{phase}: started" in captured.err and re.search(rf"{phase}: done in \d+ (s|min)", captured.err), phase
+    assert re.search(r"search: 3/3, \d+ s elapsed", captured.err)
 
 
 def test_demo_zoo_seed_points_the_space_at_its_own_zoo_and_run(tmp_path, monkeypatch):

@@ -138,7 +138,7 @@ class Calibration:
         ledger = CostLedger(study, "calibration")
         store = CalibrationStore.of(study) if study is not None else None
         if store is None:
-            with ledger.timed():
+            with ledger.timed(say if self.progress else None):
                 return self._calibrate(None, ledger)
         inputs = self.inputs()
         stored, mine = store.estimators(inputs), False
@@ -150,7 +150,7 @@ class Calibration:
 
             with study_lock(study, "calibration", wait=say if self.progress else None, done=done) as mine:
                 if mine and not done():
-                    with ledger.timed():
+                    with ledger.timed(say if self.progress else None):
                         if store.get_json("inputs") != inputs:
                             store.clear()  # made for another space of this study name (no trial was kept)
                             store.put_json("inputs", inputs)

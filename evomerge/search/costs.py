@@ -24,13 +24,13 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 from rich.table import Table
 
-from evomerge.console import full_width_console
+from evomerge.console import duration, full_width_console
 from evomerge.errors import EvomergeError
 from evomerge.search.records import StudyKey, TrialKey, trial_items
 from evomerge.search.workers import worker_identity
@@ -41,6 +41,8 @@ SEARCH_OVERHEAD = ("calibration", "validation")
 are a data-informed search's own, counted in prompts, and shown apart)."""
 LABELS = {"statistics": "statistics (prompts)", "learning": "learning (prompts)",
           "final_table": "final table (demo only)"}
+PHASE_NAMES = {"statistics": "data statistics", "trials": "search", "final_table": "final table"}
+"""The phases as the console names them while they run."""
 FLUSH_S = 10.0
 """A ledger writes its figures at most this often while it counts (and always when asked to)."""
 
@@ -62,6 +64,17 @@ class PhaseCost:
 
     def __add__(self, other: "PhaseCost") -> "PhaseCost":
         return PhaseCost(self.items + other.items, self.models + other.models, self.seconds + other.seconds)
+
+
+def phase_label(phase: str) -> str:
+    return PHASE_NAMES.get(phase, phase)
+
+
+def phase_done(phase: str, items: int, seconds: float) -> str:
+    """The line that ends a phase on the console: its time, and what it scored."""
+    unit = "prompts read" if phase in ("statistics", "learning") else "item evaluations"
+    what = f"{items:,} {unit}" if items else "nothing scored: reused"
+    return f"{phase_label(phase)}: done in {duration(seconds)} ({what})"
 
 
 def _worker_key() -> str:
@@ -95,13 +108,19 @@ class CostLedger:
         self._written = time.monotonic()
 
     @contextmanager
-    def timed(self) -> Iterator["CostLedger"]:
-        """Adds the seconds spent inside (items are added by the caller) and writes on the way out."""
-        started = time.perf_counter()
+    def timed(self, announce: Callable[[str], None] | None = None, what: str = "") -> Iterator["CostLedger"]:
+        """Adds the seconds spent inside (items are added by the caller) and writes on the way out;
+        ``announce`` (e.g. `say`) tells the user when the phase starts (and ``what`` it does) and what it
+        took when it ends."""
+        started, before = time.perf_counter(), self.cost
+        if announce is not None:
+            announce(f"{phase_label(self.phase)}: started" + (f" ({what})" if what else ""))
         try:
             yield self
         finally:
             self.add(seconds=time.perf_counter() - started, flush=True)
+        if announce is not None:
+            announce(phase_done(self.phase, self.cost.items - before.items, self.cost.seconds - before.seconds))
 
 
 class TrialCosts:

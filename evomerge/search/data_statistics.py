@@ -95,7 +95,7 @@ def collect_statistics(space: SearchSpace, run_dir: str | Path, builder: Candida
     with lock as mine:
         if not mine:
             return
-        with CostLedger(study, "statistics").timed() as ledger:  # prompts read and seconds, in the study
+        with CostLedger(study, "statistics").timed(say if progress else None) as ledger:  # prompts read and seconds, in the study
             for kind, e, name in missing():
                 statistic = get_kind(kind)
                 count = len(prompts[name])

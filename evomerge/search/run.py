@@ -20,7 +20,7 @@ from evomerge.console import say
 from evomerge.estimate import SubsetEstimator
 from evomerge.search.calibration import Calibration
 from evomerge.search.candidates import CandidateBuilder, make_builder
-from evomerge.search.costs import CostLedger, TrialCosts
+from evomerge.search.costs import CostLedger, TrialCosts, phase_done, phase_label
 from evomerge.search.data_statistics import UnlabelledSet, collect_statistics, unlabelled_sets
 from evomerge.search.driver import SearchDriver, SearchSummary
 from evomerge.search.optimizers import make_optimizer
@@ -164,7 +164,7 @@ class MergeSearch:
             if self.progress:
                 say(f"learning {len(learner.names)} coefficients ({label}) on the entropy of the merged model's "
                     f"answers to {sum(len(s.items) for s in self.unlabelled().values())} unlabelled prompts")
-            with CostLedger(study, "learning").timed() as ledger:  # prompts read and seconds, in the study
+            with CostLedger(study, "learning").timed(say if self.progress else None) as ledger:  # prompts read and seconds, in the study
                 result = learner.learn(progress=self.progress)
                 ledger.add(items=result.prompts, models=1)
             stored[label] = {"genome": result.genome, "settings": settings, "seconds": round(result.seconds, 2),
@@ -192,10 +192,16 @@ class MergeSearch:
         driver = SearchDriver(study, optimizer, progress=self.progress)
         self.scorer.bind(study)
         costs = TrialCosts(CostLedger(study, "trials"))  # items and seconds of the trials, in the study
+        before = costs.ledger.cost
+        if self.progress:
+            say(f"{phase_label('trials')}: started ({max(budget - len(complete_trials(study)), 0)} trials to go; "
+                "the bar shows the time left)")
         try:
             summary = driver.run(self.objective, budget, callbacks=[costs])
         except BaseException:
             costs.close(best_effort=True)  # never hides what stopped the run
             raise
         costs.close()
+        if self.progress:
+            say(phase_done("trials", costs.ledger.cost.items - before.items, costs.ledger.cost.seconds - before.seconds))
         return study, summary

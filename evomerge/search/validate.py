@@ -106,7 +106,7 @@ def validate_top_trials(run_dir: str | Path, top: int, storage: str | None = Non
     if items == "race":
         items = default_race_items(space, top)
     ledger = CostLedger(study, "validation")
-    with ledger.timed():
+    with ledger.timed(say if progress else None):
         if items is None:
             _score_every_item(run_dir, space, study, ranking, candidates, builder, batch_size, progress, ledger)
         else:
