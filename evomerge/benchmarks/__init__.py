@@ -3,7 +3,8 @@
 | module | concept |
 |---|---|
 | `items.py` | `Item`, `Benchmark`, `Prompting` (few-shot examples, chat template, delimiter) |
-| `loading.py` | files, folders, datasets; column mapping, templates, splits, few-shot draws; entry options checked |
+| `loading.py` | files, folders, datasets, hub ids; column mapping, templates, splits, few-shot draws; entry options checked |
+| `hub.py` | datasets named by hub id (``openai/gsm8k``): ``load_dataset``, the local caches offline |
 | `presets.py` | gsm8k, mgsm, arc, mmlu, hellaswag: entry settings for each dataset's own columns |
 | `kinds/` | item kinds behind a registry: exact_match, multiple_choice, generate (one module each) |
 | `answers.py` | answer extractors (last_number, gsm8k, regex, after) and comparisons (string, numeric) |
@@ -16,6 +17,7 @@ responses matrix, not just accuracies.
 """
 
 from evomerge.benchmarks.generation import Generation, generate_greedy
+from evomerge.benchmarks.hub import is_hub_id
 from evomerge.benchmarks.items import EXACT_MATCH, GENERATE, MULTIPLE_CHOICE, Benchmark, Item, Prompting, Shot
 from evomerge.benchmarks.kinds import KINDS, GenerateSettings, Scored, get_kind
 from evomerge.benchmarks.loading import BenchmarkFormat, check_format, load_benchmark, load_prompts, option_keys
@@ -25,6 +27,7 @@ from evomerge.benchmarks.scoring import accuracy, greedy_generate, score_items, 
 __all__ = [
     "EXACT_MATCH", "GENERATE", "MULTIPLE_CHOICE", "KINDS", "PRESETS",
     "Benchmark", "BenchmarkFormat", "Generation", "GenerateSettings", "Item", "Prompting", "Scored", "Shot",
-    "accuracy", "check_format", "generate_greedy", "get_kind", "greedy_generate", "load_benchmark", "load_prompts", "option_keys",
+    "accuracy", "check_format", "generate_greedy", "get_kind", "greedy_generate", "is_hub_id", "load_benchmark",
+    "load_prompts", "option_keys",
     "score_items", "score_records", "write_records",
 ]

@@ -1,9 +1,9 @@
-"""Reading benchmarks: files, folders and datasets; column mapping, prompt templates, splits,
-presets and few-shot examples; every entry option checked before any data is read.
+"""Reading benchmarks: files, folders, datasets and hub ids; column mapping, prompt templates,
+splits, presets and few-shot examples; every entry option checked before any data is read.
 
 An entry's options are the search-space benchmark keys (docs/estimate.md):
-``fields``, ``template``, ``split``, ``scoring``, ``preset``, ``fewshot``, ``chat``,
-``delimiter``, ``choices`` and the item kind's own (generate: ``max_new_tokens``,
+``fields``, ``template``, ``split``, ``config``, ``scoring``, ``preset``, ``fewshot``,
+``chat``, ``delimiter``, ``choices`` and the item kind's own (generate: ``max_new_tokens``,
 ``stop``, ``extract``, ``compare``). Errors name the benchmark and the option.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from evomerge.benchmarks.hub import describe, is_hub_id, load_hub_dataset
 from evomerge.benchmarks.items import MULTIPLE_CHOICE, Benchmark, Item, Prompting, Shot, infer_kind
 from evomerge.benchmarks.kinds import KINDS, ItemKind, RawItem, get_kind
 from evomerge.benchmarks.presets import ROW_ADAPTERS, with_preset
@@ -26,7 +27,7 @@ from evomerge.errors import EvomergeError
 
 ITEM_KEYS = ("id", "prompt", "answer", "choices", "label")
 TABULAR_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
-FORMAT_KEYS = ("fields", "template", "split", "scoring", "preset", "fewshot", "chat", "delimiter", "choices")
+FORMAT_KEYS = ("fields", "template", "split", "config", "scoring", "preset", "fewshot", "chat", "delimiter", "choices")
 FEWSHOT_KEYS = ("n", "split", "path", "seed", "column", "separator")
 
 
@@ -54,6 +55,7 @@ class BenchmarkFormat:
     fields: dict[str, str] = field(default_factory=dict)
     template: str | None = None
     split: str | None = None
+    config: str | None = None       # a hub dataset's configuration (``load_dataset(id, config)``)
     scoring: str | None = None      # None: inferred from the items (choices: multiple choice)
     settings: Any = None            # the kind's settings when scoring is known
     fewshot: FewShot = field(default_factory=FewShot)
@@ -80,9 +82,11 @@ def check_format(options: Mapping[str, Any] | None, where: str) -> BenchmarkForm
     template = options.get("template")
     if template is not None and not isinstance(template, str):
         raise EvomergeError(f"{where}: template must be a string such as 'Question: {{question}} Answer:'")
-    split = options.get("split")
+    split, config = options.get("split"), options.get("config")
     if split is not None and not isinstance(split, str):
         raise EvomergeError(f"{where}: split must be a string")
+    if config is not None and (not isinstance(config, str) or not config):
+        raise EvomergeError(f"{where}: config must be the name of a hub dataset's configuration (e.g. main)")
     chat = options.get("chat", False)
     if not isinstance(chat, bool):
         raise EvomergeError(f"{where}: chat must be true or false")
@@ -97,8 +101,9 @@ def check_format(options: Mapping[str, Any] | None, where: str) -> BenchmarkForm
     scoring = _scoring(options, choices, where)
     kind_options = {k: v for k, v in options.items() if k not in FORMAT_KEYS}
     settings = get_kind(scoring, where).settings(kind_options, where) if scoring else None
-    return BenchmarkFormat(dict(fields), template, split, scoring, settings, _fewshot(options.get("fewshot"), where),
-                           chat, delimiter, tuple(choices) if choices else None, options.get("preset"))
+    return BenchmarkFormat(dict(fields), template, split, config, scoring, settings,
+                           _fewshot(options.get("fewshot"), where), chat, delimiter,
+                           tuple(choices) if choices else None, options.get("preset"))
 
 
 def _scoring(options: Mapping[str, Any], choices, where: str) -> str | None:
@@ -238,12 +243,19 @@ def _dataset_types() -> tuple:
         return ()
 
 
-def read_records(source, split: str | None, bench_name: str) -> tuple[list[dict], str]:
-    """The raw records of ``source`` (a file, a folder, a ``Dataset``) and how errors name it."""
+def read_records(source, split: str | None, bench_name: str, config: str | None = None) -> tuple[list[dict], str]:
+    """The raw records of ``source`` (a file, a folder, a ``Dataset``, a hub dataset id) and how errors name it."""
     if isinstance(source, _dataset_types()):
         return _records_from_dataset(source, "in-memory dataset", split), "in-memory dataset"
+    if is_hub_id(source):
+        where = describe(str(source), config)
+        dataset = load_hub_dataset(str(source), config, split, f"benchmark {bench_name!r}")
+        return _records_from_dataset(dataset, where, split), where
     path = Path(os.fspath(source))
     where = str(path)
+    if config is not None:
+        raise EvomergeError(f"benchmark {bench_name!r}: config applies to hub dataset ids (path: openai/gsm8k), "
+                            f"not to the local {path}")
     if not path.exists():
         raise EvomergeError(f"benchmark {bench_name!r}: {path} does not exist")
     if path.is_dir():
@@ -322,10 +334,10 @@ def _shots(fmt: BenchmarkFormat, source, kind: ItemKind, items: list[Item], benc
     if spec.path is not None:
         records, shot_where = read_records(spec.path, None, bench_name)
         records = _adapted(records, fmt)
-    elif on_disk and not Path(os.fspath(source)).is_dir():
+    elif on_disk and not is_hub_id(source) and not Path(os.fspath(source)).is_dir():
         raise EvomergeError(f"{at}.split: {where} is one file, without splits; name a file of examples with fewshot.path")
     else:
-        records, shot_where = read_records(source, spec.split, bench_name)
+        records, shot_where = read_records(source, spec.split, bench_name, fmt.config)
         records = _adapted(records, fmt)
     scored = {item.prompt for item in items}
     candidates = []
@@ -350,13 +362,15 @@ def _shots(fmt: BenchmarkFormat, source, kind: ItemKind, items: list[Item], benc
 
 
 def load_benchmark(source, name: str | None = None, *, fields: Mapping[str, str] | None = None,
-                   template: str | None = None, split: str | None = None, scoring: str | None = None,
+                   template: str | None = None, split: str | None = None, config: str | None = None,
+                   scoring: str | None = None,
                    preset: str | None = None, fewshot: Mapping | None = None, chat: bool | None = None,
                    delimiter: str | None = None, choices: list[str] | None = None,
                    max_new_tokens: int | None = None, stop: list[str] | None = None, extract=None, compare=None,
                    generation: Mapping | None = None, tokenizer=None) -> Benchmark:
     """Load items from a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a local ``datasets``
-    folder (``save_to_disk`` output, or a folder of such files), or a ``Dataset``.
+    folder (``save_to_disk`` output, or a folder of such files), a ``Dataset``, or a Hugging Face
+    hub dataset id (``openai/gsm8k``, with ``config`` and ``split``; the local cache offline).
 
     Items have ``prompt`` and ``answer`` (exact match, generate) or ``choices`` and
     ``label`` (multiple choice; an int, a digit or a letter). ``fields`` maps those
@@ -368,18 +382,17 @@ def load_benchmark(source, name: str | None = None, *, fields: Mapping[str, str]
     the data) and the generate options (``max_new_tokens``, ``stop``, ``extract``,
     ``compare``, also accepted as one ``generation`` mapping) are those of a
     search-space entry (docs/estimate.md). With ``tokenizer``, ``chat: true`` is
-    checked against it now. ``name`` defaults to the file or folder stem. No hub
-    access: local data only.
+    checked against it now. ``name`` defaults to the file or folder stem.
     """
     options = {key: value for key, value in dict(
-        fields=fields, template=template, split=split, scoring=scoring, preset=preset, fewshot=fewshot, chat=chat,
+        fields=fields, template=template, split=split, config=config, scoring=scoring, preset=preset, fewshot=fewshot, chat=chat,
         delimiter=delimiter, choices=choices, max_new_tokens=max_new_tokens, stop=stop, extract=extract,
         compare=compare).items() if value is not None}
     options.update(generation or {})
     on_disk = not isinstance(source, _dataset_types())
     bench_name = name or (Path(os.fspath(source)).name.split(".")[0] if on_disk else "dataset")
     fmt = check_format(options, f"benchmark {bench_name!r}")
-    records, where = read_records(source, fmt.split, bench_name)
+    records, where = read_records(source, fmt.split, bench_name, fmt.config)
     records = _adapted(records, fmt)
     _check_preset_columns(fmt, records, f"benchmark {bench_name!r} ({where})")
     raws = [_raw_item(record, i, bench_name, where, fmt) for i, record in enumerate(records)]

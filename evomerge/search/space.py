@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.benchmarks import check_format, load_benchmark, load_prompts, option_keys
+from evomerge.benchmarks import check_format, is_hub_id, load_benchmark, load_prompts, option_keys
 from evomerge.errors import EvomergeError
 from evomerge.estimate import METHODS as ESTIMATORS
 from evomerge.estimate.extract import STRATEGY_NAMES
@@ -258,11 +258,12 @@ def _absolute_paths(raw: dict) -> dict:
             models["experts"] = [resolve(v) for v in experts]
     for entry in raw.get("benchmarks") or []:
         if isinstance(entry, dict):
-            entry["path"] = resolve(entry.get("path"))
+            if "path" in entry and not is_hub_id(entry["path"]):  # a hub id (openai/gsm8k) stays as written
+                entry["path"] = resolve(entry["path"])
             data = entry.get("data")
-            if isinstance(data, str) and data != "self":
+            if isinstance(data, str) and data != "self" and not is_hub_id(data):
                 entry["data"] = resolve(data)
-            elif isinstance(data, dict) and isinstance(data.get("path"), str):
+            elif isinstance(data, dict) and isinstance(data.get("path"), str) and not is_hub_id(data["path"]):
                 data["path"] = resolve(data["path"])
             if isinstance(entry.get("fewshot"), dict) and entry["fewshot"].get("path"):
                 entry["fewshot"]["path"] = resolve(entry["fewshot"]["path"])
