@@ -4,7 +4,8 @@ splits, presets and few-shot examples; every entry option checked before any dat
 An entry's options are the search-space benchmark keys (docs/estimate.md):
 ``fields``, ``template``, ``split``, ``config``, ``scoring``, ``preset``, ``fewshot``,
 ``chat``, ``delimiter``, ``choices`` and the item kind's own (generate: ``max_new_tokens``,
-``stop``, ``extract``, ``compare``). Errors name the benchmark and the option.
+``stop``, ``extract``, ``compare``); or ``lm_eval`` and its keys (`evomerge.benchmarks.lmeval`).
+Errors name the benchmark and the option.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any, Mapping
 
 from evomerge.benchmarks.hub import describe, is_hub_id, load_hub_dataset
 from evomerge.benchmarks.items import MULTIPLE_CHOICE, Benchmark, Item, Prompting, Shot, infer_kind
-from evomerge.benchmarks.kinds import KINDS, ItemKind, RawItem, get_kind
+from evomerge.benchmarks.kinds import KINDS, ItemKind, RawItem, get_kind, selectable_kinds
+from evomerge.benchmarks.lmeval import LMEVAL_KEYS, LmEvalOptions, check_lm_eval_options, load_lm_eval_task
 from evomerge.benchmarks.presets import ROW_ADAPTERS, with_preset
 from evomerge.benchmarks.prompts import check_chat_template
 from evomerge.errors import EvomergeError
@@ -33,7 +35,7 @@ FEWSHOT_KEYS = ("n", "split", "path", "seed", "column", "separator")
 
 def option_keys() -> tuple[str, ...]:
     """Every key a benchmark entry may set besides name, path and weight."""
-    return FORMAT_KEYS + tuple(k for kind in KINDS.values() for k in kind.option_keys)
+    return FORMAT_KEYS + tuple(k for kind in KINDS.values() for k in kind.option_keys) + LMEVAL_KEYS
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,17 @@ class BenchmarkFormat:
     delimiter: str = ""
     choices: tuple[str, ...] | None = None
     preset: str | None = None
+    lm_eval: LmEvalOptions | None = None   # an lm-eval task: its YAML sets prompts and scoring instead
 
 
 def check_format(options: Mapping[str, Any] | None, where: str) -> BenchmarkFormat:
     """Check a benchmark entry's options (no data read); ``where`` starts every error message."""
+    if "lm_eval" in (options or {}):
+        return BenchmarkFormat(lm_eval=check_lm_eval_options(options, where, own_keys=option_keys()))
+    lm_eval_only = sorted(set(options or {}) & set(LMEVAL_KEYS))
+    if lm_eval_only:
+        raise EvomergeError(f"{where}: {lm_eval_only[0]} applies to lm_eval tasks only (an entry with lm_eval: "
+                            "TASK or lm_eval: path/to/task.yaml)")
     options = with_preset(dict(options or {}), where)
     unknown = sorted(set(options) - set(option_keys()))
     if unknown:
@@ -110,9 +119,11 @@ def _scoring(options: Mapping[str, Any], choices, where: str) -> str | None:
     """The entry's item kind: named, implied by its kind-only options or fixed choices, or None (from the data)."""
     scoring = options.get("scoring")
     if scoring is not None and not isinstance(scoring, str):
-        raise EvomergeError(f"{where}: scoring must be one of {', '.join(KINDS)}")
-    if scoring is not None:
+        raise EvomergeError(f"{where}: scoring must be one of {', '.join(selectable_kinds())}")
+    if scoring is not None and scoring not in selectable_kinds():
         get_kind(scoring, where)
+        raise EvomergeError(f"{where}: scoring {scoring!r} comes from an lm_eval task's output type; "
+                            f"choose one of {', '.join(selectable_kinds())}, or name the task with lm_eval")
     owners = {name for name, kind in KINDS.items() for key in kind.option_keys if key in options}
     if scoring is None and len(owners) == 1:
         scoring = owners.pop()
@@ -361,16 +372,17 @@ def _shots(fmt: BenchmarkFormat, source, kind: ItemKind, items: list[Item], benc
     return tuple(candidates[i] for i in picks)
 
 
-def load_benchmark(source, name: str | None = None, *, fields: Mapping[str, str] | None = None,
+def load_benchmark(source=None, name: str | None = None, *, fields: Mapping[str, str] | None = None,
                    template: str | None = None, split: str | None = None, config: str | None = None,
-                   scoring: str | None = None,
-                   preset: str | None = None, fewshot: Mapping | None = None, chat: bool | None = None,
-                   delimiter: str | None = None, choices: list[str] | None = None,
+                   scoring: str | None = None, preset: str | None = None, fewshot: Mapping | None = None,
+                   chat: bool | None = None, delimiter: str | None = None, choices: list[str] | None = None,
                    max_new_tokens: int | None = None, stop: list[str] | None = None, extract=None, compare=None,
-                   generation: Mapping | None = None, tokenizer=None) -> Benchmark:
+                   generation: Mapping | None = None, lm_eval: str | None = None, tokenizer=None,
+                   **lm_eval_options) -> Benchmark:
     """Load items from a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a local ``datasets``
-    folder (``save_to_disk`` output, or a folder of such files), a ``Dataset``, or a Hugging Face
-    hub dataset id (``openai/gsm8k``, with ``config`` and ``split``; the local cache offline).
+    folder (``save_to_disk`` output, or a folder of such files), a ``Dataset``, a Hugging Face
+    hub dataset id (``openai/gsm8k``, with ``config`` and ``split``; the local cache offline),
+    or, with ``lm_eval`` and no ``source``, an lm-eval task (a registered name or a task YAML).
 
     Items have ``prompt`` and ``answer`` (exact match, generate) or ``choices`` and
     ``label`` (multiple choice; an int, a digit or a letter). ``fields`` maps those
@@ -381,14 +393,25 @@ def load_benchmark(source, name: str | None = None, *, fields: Mapping[str, str]
     override it. ``scoring`` (exact_match | multiple_choice | generate, default from
     the data) and the generate options (``max_new_tokens``, ``stop``, ``extract``,
     ``compare``, also accepted as one ``generation`` mapping) are those of a
-    search-space entry (docs/estimate.md). With ``tokenizer``, ``chat: true`` is
-    checked against it now. ``name`` defaults to the file or folder stem.
+    search-space entry (docs/estimate.md); so are an lm-eval task's (``num_fewshot``,
+    ``apply_chat_template``, ``limit``, ``metric``, ...: ``lm_eval_options``). With
+    ``tokenizer``, ``chat: true`` (``apply_chat_template``) is checked against it now.
+    ``name`` defaults to the file or folder stem, or the task's name.
     """
+    if lm_eval is not None:
+        return _load_lm_eval(source, name, lm_eval, tokenizer, dict(
+            fields=fields, template=template, split=split, config=config, scoring=scoring, preset=preset,
+            fewshot=fewshot, chat=chat, delimiter=delimiter, choices=choices, max_new_tokens=max_new_tokens,
+            stop=stop, extract=extract, compare=compare, **(generation or {}), **lm_eval_options))
+    if source is None:
+        raise EvomergeError(f"benchmark {name or '?'!r}: name its data (a file, folder, dataset or hub id) or an "
+                            "lm_eval task")
     options = {key: value for key, value in dict(
-        fields=fields, template=template, split=split, config=config, scoring=scoring, preset=preset, fewshot=fewshot, chat=chat,
-        delimiter=delimiter, choices=choices, max_new_tokens=max_new_tokens, stop=stop, extract=extract,
-        compare=compare).items() if value is not None}
+        fields=fields, template=template, split=split, config=config, scoring=scoring, preset=preset,
+        fewshot=fewshot, chat=chat, delimiter=delimiter, choices=choices, max_new_tokens=max_new_tokens, stop=stop,
+        extract=extract, compare=compare).items() if value is not None}
     options.update(generation or {})
+    options.update(lm_eval_options)
     on_disk = not isinstance(source, _dataset_types())
     bench_name = name or (Path(os.fspath(source)).name.split(".")[0] if on_disk else "dataset")
     fmt = check_format(options, f"benchmark {bench_name!r}")
@@ -423,3 +446,15 @@ def load_prompts(source, name: str, options: Mapping[str, Any] | None = None, sp
     if not items:
         raise EvomergeError(f"benchmark {name!r}: its data {where} has no records")
     return items
+
+
+def _load_lm_eval(source, name: str | None, task: str, tokenizer, others: dict) -> Benchmark:
+    """An lm-eval task's documents as a benchmark (`evomerge.benchmarks.lmeval`)."""
+    where = f"benchmark {name or task!r}"
+    if source is not None:
+        raise EvomergeError(f"{where}: names both data ({source}) and an lm_eval task ({task}); an lm-eval task "
+                            "reads its own dataset")
+    options = {"lm_eval": task, **{key: value for key, value in others.items() if value is not None}}
+    fmt = check_format(options, where)
+    bench_name = name or fmt.lm_eval.default_name
+    return load_lm_eval_task(fmt.lm_eval, bench_name, f"benchmark {bench_name!r}", tokenizer)

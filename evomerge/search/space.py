@@ -67,15 +67,15 @@ class DataSource:
 @dataclass
 class BenchmarkSpec:
     name: str
-    path: str
+    path: str                # "" for an lm-eval task (options["lm_eval"] names it)
     weight: float = 1.0
-    options: dict[str, Any] = field(default_factory=dict)   # fields, template, split, scoring, preset, generate keys...
+    options: dict[str, Any] = field(default_factory=dict)   # fields, template, split, scoring, preset, generate keys, lm_eval...
     data: DataSource | None = None
 
     def load(self, tokenizer=None):
         """The benchmark's items (`evomerge.benchmarks.load_benchmark` with this entry's options);
         with ``tokenizer``, a chat template asked for is checked now."""
-        return load_benchmark(self.path, name=self.name, tokenizer=tokenizer, **self.options)
+        return load_benchmark(self.path or None, name=self.name, tokenizer=tokenizer, **self.options)
 
     def load_data(self):
         """The benchmark's unlabelled prompts (`DataSource`), read with the entry's own options."""
@@ -260,6 +260,8 @@ def _absolute_paths(raw: dict) -> dict:
         if isinstance(entry, dict):
             if "path" in entry and not is_hub_id(entry["path"]):  # a hub id (openai/gsm8k) stays as written
                 entry["path"] = resolve(entry["path"])
+            if isinstance(entry.get("lm_eval"), str) and entry["lm_eval"].endswith((".yaml", ".yml")):
+                entry["lm_eval"] = resolve(entry["lm_eval"])
             data = entry.get("data")
             if isinstance(data, str) and data != "self" and not is_hub_id(data):
                 entry["data"] = resolve(data)
@@ -319,8 +321,19 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise EvomergeError(f"{source}: {where}.weight must be a positive number, got {weight!r}")
-        name = reader.string(entry, "name", where)
         options = {k: copy.deepcopy(v) for k, v in entry.items() if k not in ("name", "path", "weight", "data")}
+        if "lm_eval" in entry:  # an lm-eval task: no path, the name defaults to the task's
+            if "path" in entry:
+                raise EvomergeError(f"{source}: {where}.path: an lm_eval task reads its own dataset; give "
+                                    "either path or lm_eval")
+            if "data" in entry:
+                raise EvomergeError(f"{source}: {where}.data: applies to benchmarks read from files, not to "
+                                    "lm_eval tasks")
+            task = check_format(options, f"{source}: {where}").lm_eval
+            name = reader.string(entry, "name", where) if "name" in entry else task.default_name
+            benchmarks.append(BenchmarkSpec(name, "", float(weight), options=options))
+            continue
+        name = reader.string(entry, "name", where)
         check_format(options, f"{source}: {where} ({name})")
         path = reader.string(entry, "path", where)
         data = _data_source(entry.get("data"), path, f"{source}: {where}.data")

@@ -77,6 +77,7 @@ class ItemKind:
 
     name: str = ""
     option_keys: tuple[str, ...] = ()
+    selectable = True   # a benchmark entry's ``scoring:`` may name it (lm-eval kinds come from the task instead)
 
     def settings(self, options: Mapping[str, Any], where: str) -> Any:
         return None
