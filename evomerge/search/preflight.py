@@ -40,7 +40,7 @@ def check_inputs(space: SearchSpace) -> dict:
             stage_sizes(space.stages, len(bench.items), key)  # the estimator's own rule, at calibration
         except EvomergeError as error:
             raise EvomergeError(f"{key} {asked} does not fit benchmark {spec.name!r} "
-                                f"({len(bench.items)} items in {spec.path}): {error}") from None
+                                f"({len(bench.items)} items in {bench.source}): {error}") from None
         benchmarks[spec.name] = bench
     return benchmarks
 
