@@ -30,6 +30,15 @@ def test_every_key_maps_onto_the_space():
     assert space["optimizer"] == {"name": "cmaes", "trials": 100}  # mergekit-evolve's --max-fevals default
 
 
+def test_slerp_interpolates_the_two_models():
+    genome = {"models": ["zoo/experts/arith", "zoo/experts/lang"], "merge_method": "slerp"}
+    space = to_search_space({"genome": genome, "tasks": ["t"]}, "evolve", "evolve.yml")
+    assert space["models"] == {"base": "zoo/experts/arith", "experts": {"lang": "zoo/experts/lang"}}
+    assert space["merge"]["params"] == {"t": [0.0, 1.0]}
+    inside = {**genome, "base_model": "zoo/experts/lang"}  # one of the two: no third input
+    assert to_search_space({"genome": inside, "tasks": ["t"]}, "e", "e.yml")["models"] == space["models"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"smooth": True}, "genome.smooth is not supported"),
     ({"filters": ["q_proj"]}, r"genome.filters \['q_proj'\] are not supported"),
@@ -37,6 +46,9 @@ def test_every_key_maps_onto_the_space():
     ({"merge_method": "della"}, "mergekit-evolve searches linear"),
     ({"base_model": None}, "genome.base_model is required for ties"),
     ({"frobnicate": 1}, "unknown key genome.frobnicate"),
+    ({"merge_method": "slerp", "base_model": "zoo/base"}, r"genome.base_model: slerp merges the two models only"),
+    ({"merge_method": "slerp", "base_model": None, "models": ["a", "b", "c"]},
+     "slerp is supported with exactly two models"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(change, message):
     config = {**CONFIG, "genome": {**CONFIG["genome"], **change}}
@@ -47,3 +59,8 @@ def test_what_cannot_be_honoured_is_refused_by_name(change, message):
 def test_shuffled_limits_are_refused():
     with pytest.raises(EvomergeError, match="shuffle with limit is not supported"):
         to_search_space({**CONFIG, "shuffle": True}, "evolve", "evolve.yml")
+
+
+def test_random_init_is_refused():
+    with pytest.raises(EvomergeError, match="random_init is not supported"):
+        to_search_space({**CONFIG, "random_init": True}, "evolve", "evolve.yml")

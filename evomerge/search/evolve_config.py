@@ -60,13 +60,27 @@ def to_search_space(raw: dict, name: str, source: str) -> dict:
     if genome.get("tokenizer_source"):
         raise EvomergeError(f"{source}: genome.tokenizer_source is not supported: evomerge merges models that share "
                             "the base's tokenizer and vocabulary")
+    if raw.get("random_init"):
+        raise EvomergeError(f"{source}: random_init is not supported: evomerge first scores the uniform merges and "
+                            "each model alone, then CMA-ES starts at the middle of every range; leave it out")
     models = [_model_path(m, f"{source}: genome.models[{i}]") for i, m in enumerate(genome.get("models") or [])]
     base = genome.get("base_model")
     base = _model_path(base, f"{source}: genome.base_model") if base is not None else None
-    if base is None:
-        if method != "linear" and method != "slerp":
+    if method == "slerp":
+        # mergekit-evolve interpolates, per layer group, the two models of highest weight (the first as
+        # mergekit's slerp base); with two models that is t in [0, 1] from the first to the second
+        if len(models) != 2:
+            raise EvomergeError(f"{source}: genome.models: slerp is supported with exactly two models (evomerge "
+                                f"interpolates from the first to the second), got {len(models)}; mergekit-evolve's "
+                                "choice of two among more, per layer group, is not searched")
+        if base is not None and base not in models:
+            raise EvomergeError(f"{source}: genome.base_model: slerp merges the two models only; mergekit's slerp "
+                                "refuses a third input (mergekit-evolve would add base_model as one); leave it out")
+        base, models = models[0], models[1:]
+    elif base is None:
+        if method != "linear":
             raise EvomergeError(f"{source}: genome.base_model is required for {method} (as in mergekit-evolve)")
-        base, models = models[0], models[1:] if method == "slerp" else models
+        base = models[0] if models else None   # linear: the base is no input, only the layout
     if not models:
         raise EvomergeError(f"{source}: genome.models names no model to merge")
     names = [Path(m).name for m in models]
