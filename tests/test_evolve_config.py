@@ -28,6 +28,12 @@ def test_every_key_maps_onto_the_space():
     assert second["name"] == "lang" and second["weight"] == 2.0
     assert second["metric"] == "exact_match" and second["filter"] == "strict-match"
     assert space["optimizer"] == {"name": "cmaes", "trials": 100}  # mergekit-evolve's --max-fevals default
+    assert "estimator" not in space  # limit 100: the estimator's own subsets
+
+
+def test_a_small_limit_scores_every_document():
+    """mergekit-evolve scores each candidate on all `limit` documents; below the default subset, so does evomerge."""
+    assert to_search_space({**CONFIG, "limit": 12}, "evolve", "evolve.yml")["estimator"] == {"subset_size": 12}
 
 
 def test_slerp_interpolates_the_two_models():

@@ -42,6 +42,9 @@ def strategy_name(name: str) -> str:
     """The strategy a name (or its alias) stands for."""
     return STRATEGY_ALIASES.get(name, name)
 
+DEFAULT_SUBSET_SIZE = 50
+"""Items per benchmark a candidate is scored on when a space does not say (``estimator.subset_size``)."""
+
 ALL_ITEMS = "all"
 """A stage size meaning every item of the benchmark (the last stage of a race may be exact)."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.estimate.extract import DEFAULT_SUBSET_SIZE
 from evomerge.merge.loading import open_model
 
 GENOME_KEYS = ("models", "merge_method", "base_model", "tokenizer_source", "layer_granularity", "normalize",
@@ -133,10 +134,14 @@ def to_search_space(raw: dict, name: str, source: str) -> dict:
         if selected and selected != "none":
             entry["filter"] = selected
         benchmarks.append(entry)
-    return {
+    space = {
         "name": name,
         "models": {"base": base, "experts": dict(zip(names, models))},
         "merge": merge,
         "benchmarks": benchmarks,
         "optimizer": {"name": "cmaes", "trials": MAX_FEVALS},
     }
+    limit = raw.get("limit")
+    if isinstance(limit, int) and not isinstance(limit, bool) and 2 <= limit < DEFAULT_SUBSET_SIZE:
+        space["estimator"] = {"subset_size": limit}   # every candidate on all `limit` documents, as mergekit-evolve
+    return space

@@ -18,7 +18,7 @@ import yaml
 from evomerge.benchmarks import check_format, is_hub_id, load_benchmark, load_prompts, option_keys
 from evomerge.errors import EvomergeError
 from evomerge.estimate import METHODS as ESTIMATORS
-from evomerge.estimate.extract import STRATEGY_NAMES
+from evomerge.estimate.extract import DEFAULT_SUBSET_SIZE, STRATEGY_NAMES
 from evomerge.merge.memory import parse_bytes
 from evomerge.merge.methods import METHODS
 from evomerge.search.dfs_space import DataFlowSpace, parse_dfs_section
@@ -355,7 +355,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         raise EvomergeError(
             f"{source}: estimator.strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGY_NAMES)}"
         )
-    subset_size = reader.integer(estimator, "subset_size", "estimator", default=50, minimum=2)
+    subset_size = reader.integer(estimator, "subset_size", "estimator", default=DEFAULT_SUBSET_SIZE, minimum=2)
     irt_dims = reader.integer(estimator, "dims", "estimator", default=2, minimum=1)
     extra_models = [str(p) for p in estimator.get("extra_models", []) or []]
     calibration_merges = reader.integer(estimator, "calibration_merges", "estimator", default=8, minimum=0)
