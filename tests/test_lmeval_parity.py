@@ -194,6 +194,32 @@ def test_search_space_entries(zoo_tasks, tmp_path):
     assert bench.settings.task.get_config("num_fewshot") == 1
 
 
+def test_data_sources_of_lm_eval_tasks(zoo_tasks, tmp_path):
+    """Data-informed merging's unlabelled prompts: another split of the task's dataset (its documents'
+    doc_to_text and choices, never a label), the scored documents (self), or a file of prompts."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "3+4="}\n{"prompt": "5+1="}\n')
+    specs = parse_search_space(yaml_space(tmp_path, [
+        {"name": "split", "lm_eval": str(zoo_tasks["mc"]), "data": {"split": "train"}},
+        {"name": "self", "lm_eval": str(zoo_tasks["mc"]), "data": "self"},
+        {"name": "file", "lm_eval": str(zoo_tasks["ll"]), "data": str(prompts)},
+        {"name": "scored", "lm_eval": str(zoo_tasks["mc"]), "data": {"split": "test"}},
+        {"name": "missing", "lm_eval": str(zoo_tasks["mc"]), "data": {"split": "dev"}},
+    ]), source="s.yaml").benchmarks
+    train = [json.loads(line) for line in Path(str(zoo_tasks["mc"]).replace("zoo_mc.yaml", "arith_train.jsonl"))
+             .read_text().splitlines()]
+    items = specs[0].load_data()
+    assert [(i.prompt, list(i.choices)) for i in items] == [(r["prompt"], r["choices"]) for r in train]
+    assert all(i.label is None and i.answer is None for i in items) and items[0].id == "zoo_mc-train-0000"
+    assert specs[1].data.transductive
+    assert [i.prompt for i in specs[2].load_data()] == ["3+4=", "5+1="]
+    with pytest.raises(EvomergeError, match=r"benchmark 'scored': data split 'test' is the split lm-eval scores"):
+        specs[3].load_data()
+    with pytest.raises(EvomergeError, match=r"benchmark 'missing': data: .* has no split 'dev'; its splits: "
+                                            r"test, train"):
+        specs[4].load_data()
+
+
 def yaml_space(tmp_path: Path, benchmarks: list[dict]) -> dict:
     import yaml
 

@@ -22,7 +22,13 @@ from typing import Any, Mapping
 from evomerge.benchmarks.hub import describe, is_hub_id, load_hub_dataset
 from evomerge.benchmarks.items import MULTIPLE_CHOICE, Benchmark, Item, Prompting, Shot, infer_kind
 from evomerge.benchmarks.kinds import KINDS, ItemKind, RawItem, get_kind, selectable_kinds
-from evomerge.benchmarks.lmeval import LMEVAL_KEYS, LmEvalOptions, check_lm_eval_options, load_lm_eval_task
+from evomerge.benchmarks.lmeval import (
+    LMEVAL_KEYS,
+    LmEvalOptions,
+    check_lm_eval_options,
+    lm_eval_prompts,
+    load_lm_eval_task,
+)
 from evomerge.benchmarks.presets import ROW_ADAPTERS, with_preset
 from evomerge.benchmarks.prompts import check_chat_template
 from evomerge.errors import EvomergeError
@@ -431,8 +437,16 @@ def load_benchmark(source=None, name: str | None = None, *, fields: Mapping[str,
 def load_prompts(source, name: str, options: Mapping[str, Any] | None = None, split: str | None = None) -> list[Item]:
     """Unlabelled items for data statistics and coefficient learning: each record's prompt (and choices,
     for multiple choice), read with a benchmark entry's own options (fields, template, preset, choices);
-    answers and labels, where the records have them, are never read. ``split`` overrides the entry's."""
+    answers and labels, where the records have them, are never read. ``split`` overrides the entry's.
+
+    For an lm-eval task (``options`` with ``lm_eval``) and no ``source``, the documents of its dataset's
+    ``split`` as lm-eval writes their prompts; a file of prompts (``source``) is read with no entry options
+    (a ``prompt`` column), since the task's keys do not apply to it."""
     options = dict(options or {})
+    if "lm_eval" in options:
+        if not source:
+            return lm_eval_prompts(check_format(options, f"benchmark {name!r}").lm_eval, name, split)
+        options = {}
     fmt = check_format(options, f"benchmark {name!r} data")
     records, where = read_records(source, split if split is not None else fmt.split, name)
     records = _adapted(records, fmt)

@@ -326,12 +326,10 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
             if "path" in entry:
                 raise EvomergeError(f"{source}: {where}.path: an lm_eval task reads its own dataset; give "
                                     "either path or lm_eval")
-            if "data" in entry:
-                raise EvomergeError(f"{source}: {where}.data: applies to benchmarks read from files, not to "
-                                    "lm_eval tasks")
             task = check_format(options, f"{source}: {where}").lm_eval
             name = reader.string(entry, "name", where) if "name" in entry else task.default_name
-            benchmarks.append(BenchmarkSpec(name, "", float(weight), options=options))
+            data = _data_source(entry.get("data"), "", f"{source}: {where}.data")  # {split: train}: the task's
+            benchmarks.append(BenchmarkSpec(name, "", float(weight), options=options, data=data))
             continue
         name = reader.string(entry, "name", where)
         check_format(options, f"{source}: {where} ({name})")
@@ -545,7 +543,8 @@ def _methods(value: Any, source: str) -> tuple[str, ...]:
 
 def _data_source(value: Any, path: str, where: str) -> DataSource | None:
     """A benchmark's `data:`: a file of prompts, `{split: train}` (another split of the same data),
-    `{path, split}`, or `self` (the scored items' own prompts: the transductive setting)."""
+    `{path, split}`, or `self` (the scored items' own prompts: the transductive setting). An lm-eval
+    task's ``path`` is ``""``: `{split: train}` is a split of the task's own dataset."""
     if value is None:
         return None
     if value == "self":
@@ -554,7 +553,8 @@ def _data_source(value: Any, path: str, where: str) -> DataSource | None:
         return DataSource(value)
     if isinstance(value, dict) and set(value) <= {"path", "split"} and value:
         data_path, split = value.get("path", path), value.get("split")
-        if not isinstance(data_path, str) or not data_path or (split is not None and not isinstance(split, str)):
+        if (not isinstance(data_path, str) or (not data_path and not (path == "" and split))
+                or (split is not None and not isinstance(split, str))):
             raise EvomergeError(f"{where}: path and split must be strings")
         if data_path == path and split is None:
             raise EvomergeError(f"{where}: names the benchmark's own items; give another split, or `data: self` "

@@ -175,6 +175,29 @@ def load_lm_eval_task(options: LmEvalOptions, name: str, where: str, tokenizer=N
     return Benchmark(name, items, source=source, kind=kind_name(task.OUTPUT_TYPE), settings=settings)
 
 
+def lm_eval_prompts(options: LmEvalOptions, name: str, split: str) -> list[Item]:
+    """Unlabelled prompts for data-informed merging from another split of the task's dataset: each
+    document's ``doc_to_text`` (and choices, for multiple choice), never its target."""
+    where = f"benchmark {name!r}"
+    task = _load_task(options, where)
+    config = task.config
+    scored = config.test_split if config.test_split is not None else config.validation_split
+    splits = list(getattr(task, "dataset", None) or {})
+    if split == scored:
+        raise EvomergeError(f"{where}: data split {split!r} is the split lm-eval scores; give another split, or "
+                            "`data: self` for its prompts on purpose (the transductive setting)")
+    if split not in splits:
+        raise EvomergeError(f"{where}: data: lm-eval task {options.task!r} has no split {split!r}; its splits: "
+                            f"{', '.join(splits) or 'none'}")
+    docs = task.dataset[split]
+    if config.process_docs is not None:
+        docs = config.process_docs(docs)
+    prompts = [_item(task, f"{task.task_name}-{split}-{index:04d}", doc) for index, doc in enumerate(docs)]
+    if not prompts:
+        raise EvomergeError(f"{where}: data: split {split!r} of lm-eval task {options.task!r} has no documents")
+    return [Item(item.id, item.prompt, choices=item.choices) for item in prompts]
+
+
 def _load_task(options: LmEvalOptions, where: str):
     """The one task ``options.task`` names, loaded under ``simple_evaluate``'s seeds, with its settings applied."""
     at = key_at(where, "lm_eval")
