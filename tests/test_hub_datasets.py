@@ -57,7 +57,7 @@ WRITE_CACHES = textwrap.dedent("""
 
 READ_OFFLINE = textwrap.dedent("""
     import json
-    from evomerge.benchmarks import load_benchmark
+    from evomerge.benchmarks import load_benchmark, load_prompts
     from evomerge.errors import EvomergeError
 
     out = {}
@@ -65,6 +65,8 @@ READ_OFFLINE = textwrap.dedent("""
                            fewshot={"n": 1, "split": "train", "seed": 0})
     out["gsm8k"] = [len(bench), bench.source, bench.items[0].prompt, bench.items[0].answer,
                     bench.prompting.shots[0].prompt]
+    # data-informed merging's prompts from another split of the same hub dataset, with the entry's config
+    out["data"] = [i.prompt for i in load_prompts("openai/gsm8k", "g", {"config": "main", "preset": "gsm8k"}, "train")]
     quiz = load_benchmark("someorg/quiz", split="validation", fields={"prompt": "q", "choices": "options", "label": "gold"})
     out["quiz"] = [len(quiz), quiz.kind, quiz.items[0].prompt, quiz.items[0].label]
     for key, kwargs in (("missing", dict(source="nobody/missing")),
@@ -98,6 +100,7 @@ def test_hub_ids_load_offline_from_the_local_caches(tmp_path):
     assert count == 3 and source == "openai/gsm8k, config main"
     assert prompt == "Question: test 0 + 1?\nAnswer:" and answer.endswith("#### 1")
     assert shot.startswith("Question: train")                 # few-shot examples from the cached train split
+    assert out["data"] == ["Question: train 0 + 1?\nAnswer:", "Question: train 1 + 1?\nAnswer:"]
     assert out["quiz"] == [4, "multiple_choice", "0+1?", 1]      # from the hub-cache snapshot
     assert "'nobody/missing' is no local file or folder, and neither reachable on the Hugging Face hub nor in the " \
            "local caches" in out["missing"]
@@ -110,8 +113,11 @@ def test_hub_ids_are_told_from_local_paths(tmp_path):
     assert is_hub_id("openai/gsm8k") and is_hub_id("gsm8k") and is_hub_id("allenai/ai2_arc")
     assert not is_hub_id(str(tmp_path / "bench.jsonl")) and not is_hub_id("missing/bench.jsonl")
     assert not is_hub_id("./data/x") and not is_hub_id("/abs/path") and not is_hub_id("a/b/c")
-    raw = {"benchmarks": [{"name": "g", "path": "openai/gsm8k", "config": "main"},
-                          {"name": "l", "path": "bench/local.jsonl"}]}
+    raw = {"benchmarks": [{"name": "g", "path": "openai/gsm8k", "config": "main", "data": {"split": "train"}},
+                          {"name": "l", "path": "bench/local.jsonl", "data": "bench/prompts.jsonl"},
+                          {"name": "h", "path": "bench/local.jsonl", "data": {"path": "someorg/prompts"}}]}
     resolved = _absolute_paths(raw)["benchmarks"]
     assert resolved[0]["path"] == "openai/gsm8k"                    # a hub id stays as written
     assert resolved[1]["path"] == str(Path("bench/local.jsonl").resolve())
+    assert resolved[1]["data"] == str(Path("bench/prompts.jsonl").resolve())
+    assert resolved[2]["data"] == {"path": "someorg/prompts"}       # data: from a hub id, too

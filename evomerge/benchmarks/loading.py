@@ -448,7 +448,8 @@ def load_prompts(source, name: str, options: Mapping[str, Any] | None = None, sp
             return lm_eval_prompts(check_format(options, f"benchmark {name!r}").lm_eval, name, split)
         options = {}
     fmt = check_format(options, f"benchmark {name!r} data")
-    records, where = read_records(source, split if split is not None else fmt.split, name)
+    records, where = read_records(source, split if split is not None else fmt.split, name,
+                                  fmt.config if is_hub_id(source) else None)
     records = _adapted(records, fmt)
     items = []
     for index, record in enumerate(records):
