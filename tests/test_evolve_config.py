@@ -51,6 +51,15 @@ def test_benchmark_entries_use_only_the_lm_eval_keys():
     assert entry["apply_chat_template"] is True and entry["fewshot_as_multiturn"] is False
 
 
+@pytest.mark.parametrize("method, normalize", [("ties", True), ("dare_ties", True), ("linear", True),
+                                               ("task_arithmetic", False)])
+def test_normalize_defaults_to_mergekit_evolves(method, normalize):
+    """Unset, mergekit-evolve normalizes ties, dare_ties and linear (dare_ties does not by itself)."""
+    genome = {k: v for k, v in CONFIG["genome"].items() if k != "normalize"}
+    space = to_search_space({**CONFIG, "genome": {**genome, "merge_method": method}}, "evolve", "evolve.yml")
+    assert space["merge"]["fixed"] == {"normalize": normalize}
+
+
 def test_a_small_limit_scores_every_document():
     """mergekit-evolve scores each candidate on all `limit` documents; below the default subset, so does evomerge."""
     assert to_search_space({**CONFIG, "limit": 12}, "evolve", "evolve.yml")["estimator"] == {"subset_size": 12}

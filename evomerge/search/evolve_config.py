@@ -25,6 +25,7 @@ CONFIG_KEYS = ("genome", "tasks", "limit", "num_fewshot", "shuffle", "random_ini
                "fewshot_as_multiturn")
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")   # mergekit-evolve's METHOD_PARAM_MAPS
 MODULE_FILTERS = {"self_attn", "mlp"}
+NORMALIZED = ("ties", "dare_ties", "linear")   # mergekit-evolve's normalize when the genome does not say
 MAX_FEVALS = 100  # mergekit-evolve's --max-fevals default: the trial budget
 
 
@@ -111,8 +112,9 @@ def to_search_space(raw: dict, name: str, source: str) -> dict:
     if method in ("ties", "dare_ties"):
         params["density"] = [0.01, 1.0]  # mergekit-evolve clamps |density| to [0, 1]; 0 keeps nothing
     merge["params"] = params
-    if genome.get("normalize") is not None:
-        merge["fixed"] = {"normalize": bool(genome["normalize"])}
+    if method != "slerp":  # mergekit-evolve's default, not each method's own: dare_ties normalizes there too
+        normalize = genome.get("normalize")
+        merge["fixed"] = {"normalize": bool(normalize if normalize is not None else method in NORMALIZED)}
 
     if raw.get("shuffle") and raw.get("limit") is not None:
         raise EvomergeError(f"{source}: shuffle with limit is not supported: evomerge takes the first `limit` "
