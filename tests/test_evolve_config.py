@@ -60,6 +60,19 @@ def test_normalize_defaults_to_mergekit_evolves(method, normalize):
     assert space["merge"]["fixed"] == {"normalize": normalize}
 
 
+def test_lora_adapters_on_the_base_are_experts():
+    """mergekit's `model+adapter` (or {model, lora}) on the base model: the adapter folder is an expert."""
+    genome = {**CONFIG["genome"], "models": ["zoo/base+adapters/add", {"model": "zoo/base", "lora": "adapters/rev"},
+                                             "zoo/experts/lang"]}
+    space = to_search_space({**CONFIG, "genome": genome}, "evolve", "evolve.yml")
+    assert space["models"]["experts"] == {"add": "adapters/add", "rev": "adapters/rev", "lang": "zoo/experts/lang"}
+    with pytest.raises(EvomergeError, match=r"genome.models: other\+adapters/add is a LoRA adapter on other; "
+                                            r"evomerge merges adapters trained on the base \(zoo/base\) only"):
+        to_search_space({**CONFIG, "genome": {**genome, "models": ["other+adapters/add"]}}, "e", "e.yml")
+    with pytest.raises(EvomergeError, match=r"genome.base_model: zoo/base\+a is a base with a LoRA adapter merged in"):
+        to_search_space({**CONFIG, "genome": {**genome, "base_model": "zoo/base+a"}}, "e", "e.yml")
+
+
 def test_a_small_limit_scores_every_document():
     """mergekit-evolve scores each candidate on all `limit` documents; below the default subset, so does evomerge."""
     assert to_search_space({**CONFIG, "limit": 12}, "evolve", "evolve.yml")["estimator"] == {"subset_size": 12}

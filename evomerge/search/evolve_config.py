@@ -35,12 +35,28 @@ def is_mergekit_evolve(raw: Any) -> bool:
 
 
 def _model_path(reference: Any, where: str) -> str:
-    """A model reference as mergekit writes it: a path or ``{model: path}`` (no hub, no LoRA suffix here)."""
+    """A model reference as mergekit writes it: a path, ``{model: path}``, or a LoRA adapter on a model
+    (``model+adapter``, ``{model: path, lora: path}``), returned in the ``model+adapter`` notation."""
+    lora = None
     if isinstance(reference, dict):
+        lora = reference.get("lora")
         reference = reference.get("model", reference.get("path"))
-    if not isinstance(reference, str) or not reference:
+        reference, lora = (value.get("path") if isinstance(value, dict) else value for value in (reference, lora))
+    if not isinstance(reference, str) or not reference or (lora is not None and (not isinstance(lora, str) or not lora)):
         raise EvomergeError(f"{where}: a model must be a path, got {reference!r}")
-    return reference
+    return f"{reference}+{lora}" if lora else reference
+
+
+def _on_base(reference: str, base: str, where: str) -> str:
+    """An expert's folder: the model's, or a LoRA adapter's when it is one on the base (evomerge merges
+    adapters trained on the base as experts: docs/merge.md, "LoRA adapters as experts")."""
+    if "+" not in reference:
+        return reference
+    model, adapter = reference.split("+", 1)
+    if Path(model) != Path(base):
+        raise EvomergeError(f"{where}: {reference} is a LoRA adapter on {model}; evomerge merges adapters trained "
+                            f"on the base ({base}) only")
+    return adapter
 
 
 def to_search_space(raw: dict, name: str, source: str) -> dict:
@@ -82,9 +98,13 @@ def to_search_space(raw: dict, name: str, source: str) -> dict:
     elif base is None:
         if method != "linear":
             raise EvomergeError(f"{source}: genome.base_model is required for {method} (as in mergekit-evolve)")
-        base = models[0] if models else None   # linear: the base is no input, only the layout
+        base = models[0].split("+", 1)[0] if models else None   # linear: the base is no input, only the layout
     if not models:
         raise EvomergeError(f"{source}: genome.models names no model to merge")
+    if "+" in base:
+        raise EvomergeError(f"{source}: {'genome.base_model' if genome.get('base_model') else 'genome.models[0]'}: "
+                            f"{base} is a base with a LoRA adapter merged in; write that merge to a folder and name it")
+    models = [_on_base(m, base, f"{source}: genome.models") for m in models]
     names = [Path(m).name for m in models]
     if len(set(names)) != len(names):
         names = [f"{Path(m).name}-{i}" for i, m in enumerate(models)]
