@@ -407,7 +407,8 @@ def report(results: dict) -> str:
               f"{results['threads']} thread(s), evomerge benchmarks: {results['evomerge_benchmarks']}"),
              f"machine {results['machine']} ({results['cpus']} CPUs), commit {results['commit']}; {versions}",
              f"load average (1, 5, 15 min) at start {results['load_start']}, at end {results['load_end']}",
-             f"mergekit-evolve: CMA-ES population {results['mke_popsize']}, --max-fevals {results['mke_max_fevals']}",
+             (f"mergekit-evolve: {results.get('mke_mode', 'in-memory')}, CMA-ES population {results['mke_popsize']}, "
+              f"--max-fevals {results['mke_max_fevals']}"),
              ""]
     head = ("| | candidates | best (fitness on its items) | to best s | run s | setup s "
             "| per candidate s (median, mean) |")
@@ -473,8 +474,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="lm-eval batch size (mergekit-evolve, final eval)")
     parser.add_argument("--mke-python", default="/work/venv-mke/bin/python",
                         help="interpreter of a venv with mergekit-evolve's extra deps (ray, cma, lm_eval)")
-    parser.add_argument("--mke-mode", choices=("in-memory", "on-disk"), default="in-memory",
-                        help="mergekit-evolve's --in-memory (default) or --no-in-memory")
+    parser.add_argument("--mke-mode", choices=("on-disk", "in-memory"), default="on-disk",
+                        help="mergekit-evolve's --no-in-memory (its default, and the faster here) or --in-memory "
+                             "(its HFLM is built without batch_size: lm-eval scores one request at a time)")
     parser.add_argument("--evomerge-benchmarks", choices=("auto", "native", "lm_eval"), default="auto",
                         help="lm_eval: {lm_eval: task.yaml} entries (needs evomerge with issue 25 item 1); "
                              "native: the family's own benchmarks over the same items; auto: lm_eval where available")
@@ -514,7 +516,7 @@ def main() -> None:
     results.update(family=str(args.family), method=args.method, layer_granularity=args.layer_granularity,
                    candidates=args.candidates, limit=args.limit, threads=args.threads, tasks=list(tasks),
                    evomerge_benchmarks="lm_eval" if use_lm_eval else "native", load_start=load(),
-                   mke_popsize=popsize, mke_max_fevals=maxfevals, machine=os.uname().nodename,
+                   mke_popsize=popsize, mke_max_fevals=maxfevals, mke_mode=args.mke_mode, machine=os.uname().nodename,
                    cpus=os.cpu_count(), versions=versions(args), commit=commit())
     print(f"load average at start: {results['load_start']}", flush=True)
 
