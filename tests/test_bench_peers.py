@@ -70,3 +70,13 @@ def test_a_budget_no_population_fits_is_refused(peers):
     pytest.importorskip("cma", reason="cma is not installed")
     with pytest.raises(SystemExit, match="exactly 2 candidates"):
         peers.cma_plan(2, 6)
+
+
+def test_exact_match_and_bos_as_evomerge_reads_them(peers, tmp_path):
+    """lm-eval puts no target_delimiter before a loglikelihood continuation, and adds no bos where the
+    tokenizer does not (SmolLM2): both are written into the task, so it scores what evomerge scores."""
+    task = {"path": tmp_path / "reverse.jsonl", "kind": "exact_match", "options": {"delimiter": " "}}
+    body, metric = peers.task_yaml("peers_reverse", task, "<|im_end|>", "<|im_start|>")
+    assert metric == "acc,none" and body["output_type"] == "loglikelihood"
+    assert body["doc_to_text"] == "<|im_start|>{{prompt}}"
+    assert body["doc_to_target"] == " {{answer}}<|im_end|>" and body["target_delimiter"] == ""

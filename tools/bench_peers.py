@@ -95,10 +95,16 @@ def read_family(folder: Path) -> dict:
             "tasks": tasks}
 
 
-def eos_text(base: Path) -> str:
+def special_texts(base: Path) -> tuple[str, str]:
+    """(bos prefix, eos text) of the family's tokenizer. evomerge reads ``<bos> + prompt``; lm-eval's HF
+    backend adds a bos only where the tokenizer itself does (the zoo's; not SmolLM2's), so where it does not,
+    the bos text opens every prompt (lm-eval then adds none: its prompt already starts with it)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(base)).eos_token
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else None
+    adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return ("" if bos is None or adds_bos else bos), tokenizer.eos_token
 
 
 def answer_regex(options: dict) -> str:
@@ -115,19 +121,20 @@ def answer_regex(options: dict) -> str:
     raise SystemExit(f"extract {extract!r} is not written as an lm-eval filter here")
 
 
-def task_yaml(name: str, task: dict, eos: str) -> tuple[dict, str]:
+def task_yaml(name: str, task: dict, eos: str, bos: str = "") -> tuple[dict, str]:
     """An lm-eval custom task over the task's jsonl, and the metric mergekit-evolve reads (``metric,filter``)."""
     options, kind = task["options"], task["kind"]
     delimiter = options.get("delimiter", "")
     body = {"task": name, "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"test": str(task["path"])}}, "test_split": "test",
-            "doc_to_text": "{{prompt}}", "target_delimiter": delimiter}
+            "doc_to_text": bos + "{{prompt}}", "target_delimiter": delimiter}
     if kind == "multiple_choice":
         body.update(output_type="multiple_choice", doc_to_choice="{{choices}}", doc_to_target="label",
                     metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
         return body, "acc,none"
     if kind == "exact_match":   # evomerge: teacher-forced argmax of answer + eos == lm-eval's is_greedy
-        body.update(output_type="loglikelihood", doc_to_target="{{answer}}" + eos,
+        # lm-eval 0.4.13 puts no target_delimiter before a loglikelihood continuation: the delimiter goes in it
+        body.update(output_type="loglikelihood", doc_to_target=delimiter + "{{answer}}" + eos, target_delimiter="",
                     metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
         return body, "acc,none"
     body.update(output_type="generate_until", doc_to_target="{{answer}}",
@@ -144,11 +151,11 @@ def write_tasks(family: dict, out: Path, prefix: str) -> dict[str, dict]:
     """OUT/tasks/<prefix>_<task>.yaml per task: name -> {yaml, metric, task}."""
     folder = out / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
-    eos = eos_text(family["base"])
+    bos, eos = special_texts(family["base"])
     written = {}
     for task_name, task in family["tasks"].items():
         name = f"{prefix}_{task_name}"
-        body, metric = task_yaml(name, task, eos)
+        body, metric = task_yaml(name, task, eos, bos)
         path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
         written[name] = {"yaml": path, "metric": metric, "task": task_name}
