@@ -82,18 +82,23 @@ class ProgressBar:
         self.label, self.total, self._first = label, total, completed
         self._started = self._logged = time.monotonic()
         self._logged_step = completed * 10 // max(total, 1)
+        self._plain = False  # outside a terminal: plain lines only (rich would print the finished bar too)
         if enabled:
-            self._progress = Progress(
+            progress = Progress(
                 TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
             )
-            self._task = self._progress.add_task(label, total=total, completed=completed, status="")
+            if progress.console.is_terminal:
+                self._progress = progress
+                self._task = progress.add_task(label, total=total, completed=completed, status="")
+            else:
+                self._plain = True
 
     def update(self, completed: int, status: str = "") -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=completed, status=status)
-            if not self._progress.console.is_terminal:
-                self._log_line(completed, status)
+        elif self._plain:
+            self._log_line(completed, status)
 
     def _log_line(self, completed: int, status: str) -> None:
         now, step = time.monotonic(), completed * 10 // max(self.total, 1)

@@ -337,3 +337,16 @@ def test_ctrl_c_during_the_storage_writes_leaves_no_running_trial(tmp_path, monk
         assert trial.state == TrialState.FAIL and trial.user_attrs["error"] == "interrupted"
     else:
         assert trial.state == TrialState.COMPLETE  # the tell finished, then the interrupt
+
+
+def test_progress_outside_a_terminal_is_plain_lines_only(capsys):
+    """In a log file the bar is a plain line per tenth of the way, and rich's finished bar is not printed."""
+    from evomerge.console import progress_bar
+
+    with progress_bar("search", 10) as bar:
+        for done in range(1, 11):
+            bar.update(done, "best: 0.5")
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "search: 5/10" in text and "search: 10/10" in text and "left" in text
+    assert "━" not in text

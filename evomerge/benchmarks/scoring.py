@@ -13,6 +13,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from rich.progress import Progress
 
 from evomerge.benchmarks.generation import eos_ids, finish_generation, greedy_config, greedy_defaults
 from evomerge.benchmarks.items import Benchmark, Item
@@ -74,23 +75,24 @@ def write_records(path: str | Path, records: list[dict]) -> Path:
 
 
 class _maybe_progress:
-    """A rich bar over items when asked for; otherwise a no-op ``tick``."""
+    """A transient rich bar over items when asked for and drawn on a terminal (outside one rich would
+    leave blank lines in the log); otherwise a no-op ``tick``."""
 
     def __init__(self, enabled: bool, total: int, name: str):
-        self.enabled, self.total, self.name = enabled, total, name
+        self.bar = Progress(transient=True) if enabled else None
+        if self.bar is not None and not self.bar.console.is_terminal:
+            self.bar = None
+        self.total, self.name = total, name
 
     def __enter__(self):
-        if not self.enabled:
+        if self.bar is None:
             return lambda n: None
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=True)
         self.bar.__enter__()
         task = self.bar.add_task(f"scoring {self.name}", total=self.total)
         return lambda n: self.bar.update(task, advance=n)
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
 
 
