@@ -240,3 +240,39 @@ def test_learning_is_refused_for_methods_it_cannot_differentiate(zoo_dir, tmp_pa
 
     with pytest.raises(EvomergeError, match="optimizer.init: coefficients are learned for task_arithmetic merges"):
         load_search_space(space)
+
+
+def test_a_search_starts_at_the_methods_defaults(zoo_dir, tmp_path):
+    """`optimizer.init: defaults`: RegMean as its authors define it is the first trial and CMA-ES's mean;
+    with baselines on, the same point is a named baseline."""
+    space = data_space(zoo_dir, tmp_path / "space.yaml", "start", "regmean",
+                       optimizer={"name": "cmaes", "trials": 3, "init": "defaults", "baselines": False})
+    run_dir = tmp_path / "run"
+    assert main(["search", str(space), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    study = optuna.load_study(study_name="start", storage=f"sqlite:///{run_dir / 'study.db'}")
+    first = study.trials[0]
+    assert first.user_attrs["baseline"] == "start: weight 1, alpha 0.9"
+    assert set(first.params.values()) == {1.0, 0.9}
+    from evomerge.search.candidates import make_builder
+    from evomerge.search.space import load_search_space
+
+    raw = yaml.safe_load(space.read_text())
+    raw["optimizer"]["baselines"] = True
+    space.write_text(yaml.safe_dump(raw))
+    baselines = make_builder(load_search_space(space)).baseline_genomes()
+    assert baselines["defaults weight 1, alpha 0.9"] == first.params
+
+
+@pytest.mark.parametrize("init, message", [
+    ("defaults", "optimizer.init: task_arithmetic has no default for weight; give the values instead"),
+    ({"density": 0.5}, "optimizer.init: 'density' is not a searched parameter of this space"),
+    ({"weight": 2.0}, r"optimizer.init: weight: 2.0 must be a number within its range \[0.0, 1.5\]"),
+    ("middle", "optimizer.init 'middle' is unknown"),
+])
+def test_a_start_the_space_cannot_take_is_refused(zoo_dir, tmp_path, init, message):
+    from evomerge.search.space import load_search_space
+
+    space = data_space(zoo_dir, tmp_path / "space.yaml", "bad", "task_arithmetic",
+                       optimizer={"name": "cmaes", "init": init})
+    with pytest.raises(EvomergeError, match=message):
+        load_search_space(space)

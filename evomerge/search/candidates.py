@@ -177,7 +177,8 @@ class ParameterMerge(CandidateBuilder):
         )
 
     def baseline_genomes(self):
-        """Uniform merges, the base and every expert alone, wherever the space can express them.
+        """Uniform merges, each method's own defaults where it has them, the base and every expert alone,
+        wherever the space can express them.
 
         So a finished search is never below a plain uniform merge or any endpoint it merges
         (an expert alone is weight 1 for it, 0 for the others, density 1; see `endpoint_genome`).
@@ -191,6 +192,12 @@ class ParameterMerge(CandidateBuilder):
                 if self.merge.searches_method:
                     label = f"{method}, {label}"
                 genomes[label] = uniform_genome(self.genes, {**values, METHOD_GENE: method})
+            defaults = self.merge.defaults_of(method)
+            if defaults is not None:  # a method defined by its defaults (RegMean, Fisher): that merge too
+                label = "defaults " + ", ".join(f"{p} {v:g}" for p, v in defaults.items())
+                if self.merge.searches_method:
+                    label = f"{method}, {label}"
+                genomes[label] = uniform_genome(self.genes, {**defaults, METHOD_GENE: method})
         for expert in [None, *self.space.expert_names]:
             genome = endpoint_genome(self.merge, self.space.expert_names, self.genes, expert)
             if genome is not None:

@@ -23,6 +23,7 @@ from evomerge.search.candidates import CandidateBuilder, make_builder
 from evomerge.search.costs import CostLedger, TrialCosts, phase_done, phase_label
 from evomerge.search.data_statistics import UnlabelledSet, collect_statistics, unlabelled_sets
 from evomerge.search.driver import SearchDriver, SearchSummary
+from evomerge.search.genome import uniform_genome
 from evomerge.search.optimizers import make_optimizer
 from evomerge.search.plan import learning_plan
 from evomerge.search.learning import CoefficientLearner
@@ -174,6 +175,15 @@ class MergeSearch:
         enqueue_missing(study, [(genome, {TrialKey.BASELINE: label})])
         return genome
 
+    def start_at(self, study: Study, values: dict[str, float]) -> dict[str, float]:
+        """The genome of ``values`` everywhere (``optimizer.init``), enqueued as a named trial: CMA-ES's mean
+        starts there and the search never ends below it."""
+        genome = uniform_genome(self.builder.genes, values)
+        label = "start: " + ", ".join(f"{name} {value:g}" for name, value in values.items())
+        with study_lock(study, "baselines"):
+            enqueue_missing(study, [(genome, {TrialKey.BASELINE: label})])
+        return genome
+
     def run(self, n_trials: int | None = None) -> tuple[Study, SearchSummary]:
         """Start or continue the search until the study holds the budget of complete trials.
 
@@ -186,7 +196,8 @@ class MergeSearch:
         say(f"{'resuming' if done else 'starting'} search {self.space.name!r} in {self.run_dir}"
             + (f" ({done} of {budget} trials complete)" if done else ""))
         self.prepare(study)
-        start = self.learn(study) if self.space.optimizer_init == "learned" else None
+        init = self.space.optimizer_init
+        start = self.learn(study) if init == "learned" else self.start_at(study, init) if init else None
         optimizer = make_optimizer(self.space.optimizer, self.genome, self.directions, seed=self.space.seed,
                                    budget=budget, start=start)
         driver = SearchDriver(study, optimizer, progress=self.progress)

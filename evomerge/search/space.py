@@ -154,6 +154,14 @@ class MergeSpec:
         """The searched parameters ``method`` uses (the others are inactive in its trials)."""
         return [name for name in self.ranges if name in METHODS[method].param_names]
 
+    def defaults_of(self, method: str) -> dict[str, float] | None:
+        """``method``'s own default for each parameter the space searches, or None when one has none
+        (task arithmetic's weight): the merge a data-informed method (RegMean, Fisher) is defined by."""
+        values = {name: METHODS[method].param(name).default for name in self.params_of(method)}
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+            return None
+        return {name: float(v) for name, v in values.items()}
+
 
 @dataclass
 class SearchSpace:
@@ -183,7 +191,8 @@ class SearchSpace:
     evaluation: Evaluation | None = None       # staged (raced) scoring; None: every candidate on subset_size items
     data: DataSettings = field(default_factory=DataSettings)
     learn: LearnSettings = field(default_factory=LearnSettings)
-    optimizer_init: str | None = None          # "learned": CMA-ES starts at the learned coefficients
+    optimizer_init: str | dict | None = None   # "learned": CMA-ES starts at the learned coefficients; a dict:
+                                               # at that value of each searched parameter everywhere
     raw: dict = field(default_factory=dict)
     calibration_items: int | None = DEFAULT_CALIBRATION_ITEMS  # items beyond the subsets per calibration merge (None: all)
     item_params: str | dict = "reuse"          # reuse | fit | {benchmark: file}: where item parameters come from
@@ -361,9 +370,10 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     optimizer = raw.get("optimizer", {}) or {}
     reader.reject_unknown(optimizer, {"name", "trials", "seed", "objectives", "baselines", "init"}, "optimizer")
     optimizer_init = optimizer.get("init")
-    if optimizer_init not in (None, "learned"):
+    if not (optimizer_init in (None, "learned", "defaults") or isinstance(optimizer_init, dict)):
         raise EvomergeError(f"{source}: optimizer.init {optimizer_init!r} is unknown; `learned` starts the search "
-                            "at the coefficients `evomerge learn` learned")
+                            "at the coefficients `evomerge learn` learned, `defaults` at the method's own defaults "
+                            "(RegMean's, Fisher's), `{param: value, ...}` at those values everywhere")
     objectives = optimizer.get("objectives", "mean")
     if objectives not in OBJECTIVE_MODES:
         raise EvomergeError(
@@ -384,8 +394,11 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
             if merge is None:
                 raise EvomergeError("a data-flow space has no coefficients to learn")
             if merge.searches_method:
-                raise EvomergeError("coefficients are learned for one method; this space searches several")
-            check_learnable(merge.method)
+                raise EvomergeError("the search starts at one method's coefficients; this space searches several")
+            if optimizer_init == "learned":
+                check_learnable(merge.method)
+            else:
+                optimizer_init = _start_values(merge, optimizer_init)
         except EvomergeError as error:
             raise EvomergeError(f"{source}: optimizer.init: {error}") from None
     device = str(raw.get("device", "auto"))
@@ -591,6 +604,29 @@ def _learn_settings(reader: "_Reader", section: Any) -> LearnSettings:
 
 
 MEMORY_KEYS = {"device": "device_memory", "host": "host_memory", "scoring_headroom": "scoring_headroom"}
+
+
+def _start_values(merge: MergeSpec, init) -> dict[str, float]:
+    """The values a search starts at (``init: defaults`` or ``{param: value}``), each searched parameter
+    given (a missing one starts mid-range) and inside its range."""
+    if init == "defaults":
+        values = merge.defaults_of(merge.method)
+        if values is None:
+            missing = [n for n in merge.params_of(merge.method)
+                       if not isinstance(METHODS[merge.method].param(n).default, (int, float))]
+            raise EvomergeError(f"{merge.method} has no default for {', '.join(missing) or 'any searched parameter'}; "
+                                "give the values instead, e.g. {" + ", ".join(f"{n}: 1.0" for n in missing) + "}")
+        return values
+    values = {}
+    for name, value in init.items():
+        if name not in merge.ranges:
+            raise EvomergeError(f"{name!r} is not a searched parameter of this space "
+                                f"(searched: {', '.join(merge.ranges) or 'none'})")
+        low, high = merge.ranges[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise EvomergeError(f"{name}: {value!r} must be a number within its range [{low}, {high}]")
+        values[name] = float(value)
+    return values
 
 
 def _memory_budgets(reader: "_Reader", memory) -> dict:
