@@ -11,12 +11,16 @@ base kept, as `evomerge demo` prints it), with the wall time of what it took:
   on the entropy of the merged model's answers to unlabelled prompts;
 * the black-box evolved merge: the space searched as shipped, its top 5 validated, the best exported
   (as `evomerge demo` does);
-* the seeded evolved merge: the same search (task arithmetic at the space's granularity, the same
-  budget of scored trials) starting at the learned coefficients (`optimizer: {init: learned}`), and
-  the learned genome it starts from.
+* the seeded evolved merges, each with the same budget of scored trials at the space's granularity:
+  task arithmetic starting at the learned coefficients (`optimizer: {init: learned}`), with the
+  learned genome it starts from; and RegMean with its expert weights and alpha searched, starting at
+  RegMean's own defaults (`optimizer: {init: defaults}`).
 
     python tools/bench_datamerge.py --space search_spaces/demo.yaml --zoo runs/zoo --out runs/bench-datamerge
     python tools/bench_datamerge.py --space search_spaces/smol_demo.yaml --out runs/bench-datamerge-smol
+
+`--arms` runs some of them only, adding their rows to the report already in ``--out`` (the endpoints'
+rows come from there when they are not re-run).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ HAND_SET = {
     "ties (1.0, density 0.5)": {"method": "ties", "params": {"weight": 1.0, "density": 0.5}},
 }
 VALIDATE_TOP = 5
+ARMS = ("endpoints", "hand-set", "fisher", "regmean", "adamerging", "blackbox", "seeded-learned", "seeded-regmean")
+REGMEAN_SEARCH = {"weight": [0.0, 1.5], "alpha": [0.5, 1.0]}  # around RegMean's defaults (1.0, 0.9)
 
 
 def quiet_libraries() -> None:
@@ -121,7 +127,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/bench-datamerge")
     parser.add_argument("--trials", type=int, help="budget of both searches (default: the space's)")
     parser.add_argument("--steps", type=int, help="AdaMerging steps (default: the space's learn.steps)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)} (default: all)")
     args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if unknown := sorted(set(arms) - set(ARMS)):
+        parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
     quiet_libraries()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -130,23 +140,27 @@ def main(argv=None) -> int:
         raw.setdefault("learn", {})["steps"] = args.steps
     experts = list(raw["models"]["experts"])
     n = len(experts)
-    results: dict[str, dict] = {}
-    seconds: dict[str, dict] = {}
+    previous = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    results: dict[str, dict] = {} if set(arms) == set(ARMS) else previous.get("results", {})
+    seconds: dict[str, dict] = {} if set(arms) == set(ARMS) else previous.get("seconds", {})
 
     # hand-set merges and the endpoints, in one task-arithmetic builder
     ta = MergeSearch(load_search_space(variant(raw, out, "ta", method="task_arithmetic",
                                                params={"weight": [0.0, 1.5]})), out / "ta", progress=False)
     benchmarks, tokenizer = ta.benchmarks, ta.tokenizer
-    results.update(evaluate_models({"base": raw["models"]["base"],
-                                    **{f"expert {e}": p for e, p in raw["models"]["experts"].items()}}, benchmarks,
-                                   base=raw["models"]["base"]))  # LoRA experts merge into the space's base
-    for label, recipe in HAND_SET.items():
+    if "endpoints" in arms or "base" not in results:
+        results.update(evaluate_models({"base": raw["models"]["base"],
+                                        **{f"expert {e}": p for e, p in raw["models"]["experts"].items()}}, benchmarks,
+                                       base=raw["models"]["base"]))  # LoRA experts merge into the space's base
+    for label, recipe in HAND_SET.items() if "hand-set" in arms else ():
         ta.builder.core.merge_into(ta.builder.model, Recipe.from_dict(recipe), seed=0)
         results.update(evaluate_models({label: (ta.builder.model, tokenizer)}, benchmarks))
     print("hand-set merges scored", file=sys.stderr, flush=True)
 
     # data-informed methods: statistics, then the merge with their defaults
     for method, params in (("fisher", {"weight": [1.0] * n}), ("regmean", {"weight": [1.0] * n, "alpha": 0.9})):
+        if method not in arms:
+            continue
         search = MergeSearch(load_search_space(variant(raw, out, method, method=method, granularity="global")),
                              out / method, progress=False)
         started = time.perf_counter()
@@ -157,7 +171,7 @@ def main(argv=None) -> int:
         print(f"{method} scored", file=sys.stderr, flush=True)
 
     # AdaMerging, task-wise and layer-wise
-    for granularity in ("global", "layer"):
+    for granularity in ("global", "layer") if "adamerging" in arms else ():
         search = MergeSearch(load_search_space(variant(raw, out, f"adamerging-{granularity}", method="task_arithmetic",
                                                        granularity=granularity, split_modules=False,
                                                        params={"weight": [0.0, 1.5]})),
@@ -175,26 +189,40 @@ def main(argv=None) -> int:
         print(f"{label} scored", file=sys.stderr, flush=True)
 
     # black-box and seeded evolution, the same budget of scored trials
-    blackbox, _, blackbox_s = searched(raw, out, "evolved-blackbox")
-    seeded_raw = copy.deepcopy(raw)
-    seeded_raw["merge"] = {**{k: v for k, v in raw["merge"].items() if k in ("granularity", "layer_groups",
-                                                                             "split_modules")},
-                           "method": "task_arithmetic", "params": {"weight": [0.0, 1.5]}}
-    seeded_raw["optimizer"] = {**raw["optimizer"], "name": "cmaes", "init": "learned"}
-    seeded, seeded_search, seeded_s = searched(seeded_raw, out, "evolved-seeded")
-    study = open_existing_study(out / "evolved-seeded")
-    learned = study.user_attrs[StudyKey.LEARNED]
-    learned_name = learned_label(seeded_search.space)
-    recipe = genome_to_recipe(seeded_search.space.merge, seeded_search.space.expert_names,
-                              learned[learned_name]["genome"], seeded_search.builder.num_layers)
-    seeded_search.builder.core.merge_into(seeded_search.builder.model, recipe, seed=0)
-    results.update(evaluate_models({f"{learned_name} (seed of the search)": (seeded_search.builder.model, tokenizer)},
-                                   benchmarks))
-    results.update(evaluate_models({f"evolved, black-box ({raw['merge']['method']})": blackbox["export"],
-                                    "evolved, seeded (task_arithmetic from adamerging)": seeded["export"]}, benchmarks))
-    seconds["evolved, black-box"] = {"search_and_validation_s": round(blackbox_s, 1), "trials": raw["optimizer"]["trials"]}
-    seconds["evolved, seeded"] = {"search_and_validation_s": round(seeded_s, 1), "trials": raw["optimizer"]["trials"],
-                                  "learning_s": learned[learned_name]["seconds"]}
+    kept = {k: v for k, v in raw["merge"].items() if k in ("granularity", "layer_groups", "split_modules")}
+    if "blackbox" in arms:
+        blackbox, _, blackbox_s = searched(raw, out, "evolved-blackbox")
+        results.update(evaluate_models({f"evolved, black-box ({raw['merge']['method']})": blackbox["export"]},
+                                       benchmarks))
+        seconds["evolved, black-box"] = {"search_and_validation_s": round(blackbox_s, 1),
+                                         "trials": raw["optimizer"]["trials"]}
+    if "seeded-learned" in arms:
+        seeded_raw = copy.deepcopy(raw)
+        seeded_raw["merge"] = {**kept, "method": "task_arithmetic", "params": {"weight": [0.0, 1.5]}}
+        seeded_raw["optimizer"] = {**raw["optimizer"], "name": "cmaes", "init": "learned"}
+        seeded, seeded_search, seeded_s = searched(seeded_raw, out, "evolved-seeded")
+        study = open_existing_study(out / "evolved-seeded")
+        learned = study.user_attrs[StudyKey.LEARNED]
+        learned_name = learned_label(seeded_search.space)
+        recipe = genome_to_recipe(seeded_search.space.merge, seeded_search.space.expert_names,
+                                  learned[learned_name]["genome"], seeded_search.builder.num_layers)
+        seeded_search.builder.core.merge_into(seeded_search.builder.model, recipe, seed=0)
+        results.update(evaluate_models({f"{learned_name} (seed of the search)": (seeded_search.builder.model,
+                                                                                 tokenizer)}, benchmarks))
+        results.update(evaluate_models({"evolved, seeded (task_arithmetic from adamerging)": seeded["export"]},
+                                       benchmarks))
+        seconds["evolved, seeded"] = {"search_and_validation_s": round(seeded_s, 1),
+                                      "trials": raw["optimizer"]["trials"],
+                                      "learning_s": learned[learned_name]["seconds"]}
+    if "seeded-regmean" in arms:
+        regmean_raw = copy.deepcopy(raw)
+        regmean_raw["merge"] = {**kept, "method": "regmean", "params": REGMEAN_SEARCH}
+        regmean_raw["optimizer"] = {**raw["optimizer"], "name": "cmaes", "init": "defaults"}
+        seeded, _, seeded_s = searched(regmean_raw, out, "evolved-seeded-regmean")
+        results.update(evaluate_models({"evolved, seeded (regmean from its defaults)": seeded["export"]},
+                                       benchmarks))
+        seconds["evolved, seeded (regmean)"] = {"statistics_search_and_validation_s": round(seeded_s, 1),
+                                                "trials": raw["optimizer"]["trials"]}
 
     tasks = list(benchmarks)
     normalized = normalized_accuracy(results, [t for t in experts if t in tasks])
