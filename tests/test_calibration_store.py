@@ -64,6 +64,23 @@ def test_a_silent_holder_elsewhere_is_taken_over_after_the_grace(tmp_path, monke
     assert said[0].startswith("waiting for worker pid 1 on elsewhere") and "took the calibration over" in said[1]
 
 
+def test_a_lock_this_process_left_unreleased_is_taken_at_once(tmp_path, monkeypatch):
+    """A search of this process stopped by a full disk could not release its lock; the next search of
+    the same process (a resume from Python) takes it without waiting for the grace period."""
+    monkeypatch.setattr(workers, "LOCK_GRACE_S", 3600.0)
+    monkeypatch.setattr(workers, "POLL_S", 0.05)
+    lock = StudyLock.of(make_study(tmp_path), "calibration")
+    me = worker_identity()
+    lock.try_acquire(json.dumps(dict(me), sort_keys=True))  # held, never released
+    said = []
+    with lock.held(me, wait=said.append) as mine:
+        assert mine
+        polls = []
+        with lock.held(me, done=lambda: polls.append(1) or len(polls) > 3) as again:
+            assert not again  # while this process holds it, nobody here takes it over
+    assert "took the calibration over" in said[0]
+
+
 def test_a_waiter_stops_waiting_once_the_calibration_is_stored(tmp_path, monkeypatch):
     monkeypatch.setattr(workers, "POLL_S", 0.1)
     lock = StudyLock.of(make_study(tmp_path), "calibration")

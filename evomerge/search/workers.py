@@ -122,6 +122,11 @@ _in_flight_here: set[int] = set()
 left by an earlier search of the same process, stopped by a fault)."""
 
 
+_locks_held_here: set[tuple[str, str]] = set()
+"""(lock row, owner) of the study locks this process holds now (one of its own not among them was
+left by an earlier search of the same process, stopped by a fault before it could release it)."""
+
+
 def left_by_this_process(worker: Mapping[str, Any], trial: FrozenTrial) -> bool:
     return worker == worker_identity() and trial_id(trial) not in _in_flight_here
 
@@ -276,6 +281,16 @@ class StudyLock:
                 connection.execute(_locks.delete().where(_locks.c.name == self.row, _locks.c.owner == owner))
         with_retries(delete, f"releasing the {self.label} lock", where=self.where) if retry else delete()
 
+    def left_by_this_process(self, owner: str) -> bool:
+        """Whether ``owner`` is this very process, not holding the lock now: an earlier search of the
+        process took it and could not release it (a full disk stopped that search), so nobody holds it."""
+        try:
+            worker = json.loads(owner)
+        except ValueError:
+            return False
+        return (isinstance(worker, dict) and worker.get("host") == worker_host()
+                and worker.get("pid") == os.getpid() and (self.row, owner) not in _locks_held_here)
+
     def take_over_if_dead(self, me: str) -> bool:
         """Take the lock when its holder is a dead process of this host (or already this worker)."""
         holder = self.holder()
@@ -303,7 +318,8 @@ class StudyLock:
                 continue  # released between the two statements
             if holder != seen:
                 seen, seen_since = holder, time.monotonic()
-            dead = dead_on_this_host(holder[0]) or time.monotonic() - seen_since > LOCK_GRACE_S
+            dead = (dead_on_this_host(holder[0]) or self.left_by_this_process(holder[0])
+                    or time.monotonic() - seen_since > LOCK_GRACE_S)
             if dead and self.compare_and_set(holder, me, 0):
                 if wait is not None:
                     wait(f"took the {self.label} over from worker {describe_worker(holder[0])}, which stopped")
@@ -315,9 +331,11 @@ class StudyLock:
         stop = threading.Event()
         beats = threading.Thread(target=self._beat, args=(me, stop), daemon=True)
         beats.start()
+        _locks_held_here.add((self.row, me))
         try:
             yield True
         finally:
+            _locks_held_here.discard((self.row, me))
             stop.set()
             beats.join()
             self.release(me)
