@@ -276,3 +276,20 @@ def test_a_start_the_space_cannot_take_is_refused(zoo_dir, tmp_path, init, messa
                        optimizer={"name": "cmaes", "init": init})
     with pytest.raises(EvomergeError, match=message):
         load_search_space(space)
+
+
+def test_a_method_gene_with_regmean_collects_its_statistics_and_offers_its_defaults(zoo_dir, tmp_path):
+    """`method: [task_arithmetic, regmean]`: the statistics are collected for the regmean trials, and
+    RegMean's own merge is a baseline beside task arithmetic's uniform merges."""
+    space = data_space(zoo_dir, tmp_path / "space.yaml", "both", "task_arithmetic", optimizer={"trials": 9})
+    raw = yaml.safe_load(space.read_text())
+    raw["merge"]["method"] = ["task_arithmetic", "regmean"]
+    raw["merge"]["params"] = {"weight": [0.0, 1.5], "alpha": [0.5, 1.0]}
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run_dir = tmp_path / "run"
+    assert main(["search", str(space), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    study = optuna.load_study(study_name="both", storage=f"sqlite:///{run_dir / 'study.db'}")
+    baselines = {t.user_attrs.get("baseline"): t for t in study.trials if t.user_attrs.get("baseline")}
+    defaults = baselines["regmean, defaults weight 1, alpha 0.9"]
+    assert defaults.state == optuna.trial.TrialState.COMPLETE and defaults.params["method"] == "regmean"
+    assert (run_dir / "statistics" / "gram").is_dir()

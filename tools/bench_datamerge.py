@@ -14,7 +14,10 @@ base kept, as `evomerge demo` prints it), with the wall time of what it took:
 * the seeded evolved merges, each with the same budget of scored trials at the space's granularity:
   task arithmetic starting at the learned coefficients (`optimizer: {init: learned}`), with the
   learned genome it starts from; and RegMean with its expert weights and alpha searched, starting at
-  RegMean's own defaults (`optimizer: {init: defaults}`).
+  RegMean's own defaults (`optimizer: {init: defaults}`);
+* the space's method and RegMean as a method gene (`method: [ties, regmean]`, TPE, the same budget):
+  both methods' uniform merges and RegMean's defaults are its baselines, so the search starts from
+  the better of the two families on this one.
 
     python tools/bench_datamerge.py --space search_spaces/demo.yaml --zoo runs/zoo --out runs/bench-datamerge
     python tools/bench_datamerge.py --space search_spaces/smol_demo.yaml --out runs/bench-datamerge-smol
@@ -57,7 +60,8 @@ HAND_SET = {
     "ties (1.0, density 0.5)": {"method": "ties", "params": {"weight": 1.0, "density": 0.5}},
 }
 VALIDATE_TOP = 5
-ARMS = ("endpoints", "hand-set", "fisher", "regmean", "adamerging", "blackbox", "seeded-learned", "seeded-regmean")
+ARMS = ("endpoints", "hand-set", "fisher", "regmean", "adamerging", "blackbox", "seeded-learned", "seeded-regmean",
+        "methods-regmean")
 REGMEAN_SEARCH = {"weight": [0.0, 1.5], "alpha": [0.5, 1.0]}  # around RegMean's defaults (1.0, 0.9)
 
 
@@ -223,6 +227,17 @@ def main(argv=None) -> int:
                                        benchmarks))
         seconds["evolved, seeded (regmean)"] = {"statistics_search_and_validation_s": round(seeded_s, 1),
                                                 "trials": raw["optimizer"]["trials"]}
+    if "methods-regmean" in arms:
+        both_raw = copy.deepcopy(raw)
+        own = raw["merge"]["method"]
+        both_raw["merge"] = {**kept, "method": [own, "regmean"],
+                             "params": {**raw["merge"].get("params", {}), **REGMEAN_SEARCH}}
+        both_raw["optimizer"] = {**raw["optimizer"], "name": "tpe"}
+        both, _, both_s = searched(both_raw, out, "evolved-methods-regmean")
+        results.update(evaluate_models({f"evolved, {own} or regmean (method gene, TPE)": both["export"]},
+                                       benchmarks))
+        seconds[f"evolved, {own} or regmean"] = {"statistics_search_and_validation_s": round(both_s, 1),
+                                                 "trials": raw["optimizer"]["trials"]}
 
     tasks = list(benchmarks)
     normalized = normalized_accuracy(results, [t for t in experts if t in tasks])
