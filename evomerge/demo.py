@@ -139,7 +139,7 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
         for label, name in [("base", "base"), *((f"expert {n}", n) for n in space.experts)]:
             scores = _calibrated_accuracy(run_dir, benchmarks, name)
             if scores is None:
-                scores = evaluate_models({label: models[label]}, benchmarks)[label]
+                scores = evaluate_models({label: models[label]}, benchmarks, base=space.base)[label]  # a LoRA expert: on the space's base
                 ledger.add(items=n_items, models=1)
             results[label] = scores
         core, model, tokenizer = search.builder.core, search.builder.model, search.tokenizer  # already loaded

@@ -22,6 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import evomerge.demo as demo
+from evomerge.cli import main
 from evomerge.errors import EvomergeError
 from evomerge.export import export_checkpoint
 from evomerge.merge import MergeCore, Recipe, recipe_to_mergekit_yaml
@@ -35,6 +37,7 @@ from evomerge.search.preflight import _check_models
 from evomerge.search.space import parse_search_space
 
 sys.path.insert(0, str(Path(__file__).parent))
+from small_space import small_space  # noqa: E402
 from tiny_models import (  # noqa: E402
     peft_merged,
     tiny_llama_config,
@@ -363,3 +366,23 @@ def test_an_adapter_alone_is_merged_into_the_base_it_records(family, tmp_path):
     with pytest.raises(EvomergeError, match=r"broken: its base_model_name_or_path 'someone/some-hub-model' is not "
                                             "a local model folder"):
         load_model_folder(folder, None, "cpu")
+
+
+def test_the_demo_table_scores_an_adapter_expert_on_the_spaces_base(zoo_dir, tmp_path, monkeypatch, capsys):
+    """An endpoint calibration did not score on every item (a study that reused the item bank) is scored by
+    the demo's final table as the search merged it: a LoRA expert, whose adapter names a hub id as its
+    base, on the space's base (it failed with "not a local model folder")."""
+    adapter = write_tiny_lora(zoo_dir / "base", tmp_path / "adapter", seed=3, r=4, lora_alpha=8,
+                              target_modules=["q_proj", "v_proj"])
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": "org/base-on-the-hub"}))
+    space = small_space(zoo_dir, tmp_path / "space.yaml", name="demo-lora", optimizer={"trials": 2})
+    raw = yaml.safe_load(space.read_text())
+    first = next(iter(raw["models"]["experts"]))
+    raw["models"]["experts"][first] = str(adapter)
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setattr(demo, "_calibrated_accuracy", lambda *args, **kwargs: None)  # as after a reused bank
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--space", str(space), "--validate-top", "1", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert f"expert {first}" in captured.out and "evolved merge mean accuracy" in captured.err
