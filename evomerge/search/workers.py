@@ -281,15 +281,14 @@ class StudyLock:
                 connection.execute(_locks.delete().where(_locks.c.name == self.row, _locks.c.owner == owner))
         with_retries(delete, f"releasing the {self.label} lock", where=self.where) if retry else delete()
 
-    def left_by_this_process(self, owner: str) -> bool:
+    def left_here(self, owner: str) -> bool:
         """Whether ``owner`` is this very process, not holding the lock now: an earlier search of the
         process took it and could not release it (a full disk stopped that search), so nobody holds it."""
         try:
             worker = json.loads(owner)
         except ValueError:
             return False
-        return (isinstance(worker, dict) and worker.get("host") == worker_host()
-                and worker.get("pid") == os.getpid() and (self.row, owner) not in _locks_held_here)
+        return worker == worker_identity() and (self.row, owner) not in _locks_held_here
 
     def take_over_if_dead(self, me: str) -> bool:
         """Take the lock when its holder is a dead process of this host (or already this worker)."""
@@ -318,7 +317,7 @@ class StudyLock:
                 continue  # released between the two statements
             if holder != seen:
                 seen, seen_since = holder, time.monotonic()
-            dead = (dead_on_this_host(holder[0]) or self.left_by_this_process(holder[0])
+            dead = (dead_on_this_host(holder[0]) or self.left_here(holder[0])
                     or time.monotonic() - seen_since > LOCK_GRACE_S)
             if dead and self.compare_and_set(holder, me, 0):
                 if wait is not None:
