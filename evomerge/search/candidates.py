@@ -187,17 +187,15 @@ class ParameterMerge(CandidateBuilder):
         genomes = {}
         for method in self.merge.methods:  # with the method searched: each method's uniform merges
             active = set(self.merge.params_of(method))
-            for values in points:
-                label = "uniform " + ", ".join(f"{p} {v:g}" for p, v in values.items() if p in active)
+            named = [("uniform", values) for values in points]
+            defaults = self.merge.defaults_of(method)
+            if defaults is not None:  # a method defined by its defaults (RegMean, Fisher): that merge too
+                named.append(("defaults", defaults))
+            for kind, values in named:
+                label = f"{kind} " + ", ".join(f"{p} {v:g}" for p, v in values.items() if p in active)
                 if self.merge.searches_method:
                     label = f"{method}, {label}"
                 genomes[label] = uniform_genome(self.genes, {**values, METHOD_GENE: method})
-            defaults = self.merge.defaults_of(method)
-            if defaults is not None:  # a method defined by its defaults (RegMean, Fisher): that merge too
-                label = "defaults " + ", ".join(f"{p} {v:g}" for p, v in defaults.items())
-                if self.merge.searches_method:
-                    label = f"{method}, {label}"
-                genomes[label] = uniform_genome(self.genes, {**defaults, METHOD_GENE: method})
         for expert in [None, *self.space.expert_names]:
             genome = endpoint_genome(self.merge, self.space.expert_names, self.genes, expert)
             if genome is not None:

@@ -158,9 +158,13 @@ class MergeSpec:
         """``method``'s own default for each parameter the space searches, or None when one has none
         (task arithmetic's weight): the merge a data-informed method (RegMean, Fisher) is defined by."""
         values = {name: METHODS[method].param(name).default for name in self.params_of(method)}
-        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+        if not values or self.without_default(method):
             return None
         return {name: float(v) for name, v in values.items()}
+
+    def without_default(self, method: str) -> list[str]:
+        """The searched parameters of ``method`` that have no numeric default."""
+        return [name for name in self.params_of(method) if not _is_number(METHODS[method].param(name).default)]
 
 
 @dataclass
@@ -606,14 +610,17 @@ def _learn_settings(reader: "_Reader", section: Any) -> LearnSettings:
 MEMORY_KEYS = {"device": "device_memory", "host": "host_memory", "scoring_headroom": "scoring_headroom"}
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _start_values(merge: MergeSpec, init) -> dict[str, float]:
     """The values a search starts at (``init: defaults`` or ``{param: value}``), each searched parameter
     given (a missing one starts mid-range) and inside its range."""
     if init == "defaults":
         values = merge.defaults_of(merge.method)
         if values is None:
-            missing = [n for n in merge.params_of(merge.method)
-                       if not isinstance(METHODS[merge.method].param(n).default, (int, float))]
+            missing = merge.without_default(merge.method)
             raise EvomergeError(f"{merge.method} has no default for {', '.join(missing) or 'any searched parameter'}; "
                                 "give the values instead, e.g. {" + ", ".join(f"{n}: 1.0" for n in missing) + "}")
         return values
@@ -623,7 +630,7 @@ def _start_values(merge: MergeSpec, init) -> dict[str, float]:
             raise EvomergeError(f"{name!r} is not a searched parameter of this space "
                                 f"(searched: {', '.join(merge.ranges) or 'none'})")
         low, high = merge.ranges[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        if not _is_number(value) or not low <= value <= high:
             raise EvomergeError(f"{name}: {value!r} must be a number within its range [{low}, {high}]")
         values[name] = float(value)
     return values
