@@ -29,6 +29,7 @@ def converted(smol_converted):
     return smol_converted
 
 
+@needs_smol
 def test_saved_logits_equal_gguf_loaded(converted):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -62,6 +62,7 @@ HAND_SET = {
 VALIDATE_TOP = 5
 ARMS = ("endpoints", "hand-set", "fisher", "regmean", "adamerging", "blackbox", "seeded-learned", "seeded-regmean",
         "methods-regmean")
+GRANULARITY_KEYS = ("granularity", "layer_groups", "split_modules")  # how finely a space's merge is searched
 REGMEAN_SEARCH = {"weight": [0.0, 1.5], "alpha": [0.5, 1.0]}  # around RegMean's defaults (1.0, 0.9)
 
 
@@ -102,8 +103,7 @@ def variant(raw: dict, out: Path, name: str, **merge) -> Path:
     """``raw`` with its merge section replaced (method, granularity ...), written as ``out/name.yaml``."""
     changed = copy.deepcopy(raw)
     changed["name"] = name
-    changed["merge"] = {**{k: v for k, v in raw["merge"].items() if k in ("granularity", "layer_groups",
-                                                                            "split_modules")}, **merge}
+    changed["merge"] = {**{k: v for k, v in raw["merge"].items() if k in GRANULARITY_KEYS}, **merge}
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(changed, sort_keys=False))
     return path
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         print(f"{label} scored", file=sys.stderr, flush=True)
 
     # black-box and seeded evolution, the same budget of scored trials
-    kept = {k: v for k, v in raw["merge"].items() if k in ("granularity", "layer_groups", "split_modules")}
+    kept = {k: v for k, v in raw["merge"].items() if k in GRANULARITY_KEYS}
     if "blackbox" in arms:
         blackbox, _, blackbox_s = searched(raw, out, "evolved-blackbox")
         results.update(evaluate_models({f"evolved, black-box ({raw['merge']['method']})": blackbox["export"]},
