@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--bench-items", type=at_least(1), default=None,
                      help="items per benchmark (default: the profile's, 600 for the full zoo, at most 5000; smol: 60, "
                           "at most 120). The weights do not depend on it: more items judge the estimator where real "
-                          "benchmarks live (smol: a finished family only rewrites its benchmarks)")
+                          "benchmarks live (the shipped zoo's weights are copied when they are the ones asked for, and only "
+                          "the benchmarks written; smol: a finished family only rewrites its benchmarks)")
 
     demo = commands.add_parser("demo", help="build the zoo, evolve a merge, export it, compare with baselines")
     demo.add_argument("--space", default="search_spaces/demo.yaml")
@@ -417,8 +418,9 @@ def cmd_make_zoo(args) -> int:
         return 0
     from evomerge.zoo import ensure_zoo
 
+    # make-zoo trains (it is how the shipped zoo is made), unless asked for other benchmark sizes only
     path = ensure_zoo(args.out or "runs/zoo", seed=args.seed, profile=profile, bench_items=args.bench_items,
-                      shipped=False)  # make-zoo builds: it is how the shipped zoo is made
+                      shipped=args.bench_items is not None)
     print(f"zoo ready in {path}")
     return 0
 

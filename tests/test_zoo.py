@@ -8,6 +8,7 @@ import json
 import pytest
 
 from evomerge.benchmarks import load_benchmark, score_items
+from evomerge.cli import main
 from evomerge.errors import EvomergeError
 from evomerge.zoo import (
     BENCH_TASKS,
@@ -213,9 +214,19 @@ def test_the_shipped_zoo_is_this_versions_and_whole(tmp_path):
     assert manifest["seed"] == 0 and manifest["profile"] == "full"
     assert {"commit", "command", "dtype", "sha256"} <= set(manifest["shipped"])
     assert verify_shipped() == []
-    assert shipped_matches(ZOO_VERSION, "full", 0, manifest["bench_items"])
+    assert shipped_matches(ZOO_VERSION, "full", 0)
     zoo = ensure_zoo(tmp_path / "zoo", seed=0, profile="full", progress=False)  # copied, not trained
     assert zoo_is_complete(zoo, profile="full", seed=0) and (zoo / "data" / "arith.jsonl").is_file()
+
+    # another benchmark size (make-zoo --bench-items 700): the same weights, copied; the benchmarks rewritten
+    assert main(["make-zoo", "--out", str(tmp_path / "zoo700"), "--bench-items", "700"]) == 0  # seconds, no training
+    bigger = tmp_path / "zoo700"
+    assert zoo_is_complete(bigger, profile="full", seed=0, bench_items=700)
+    assert (bigger / "base" / "model.safetensors").read_bytes() == (zoo / "base" / "model.safetensors").read_bytes()
+    for task in BENCH_TASKS:
+        lines = (bigger / "bench" / f"{task}.jsonl").read_text().splitlines()
+        assert len(lines) == 700 and lines[:600] == (zoo / "bench" / f"{task}.jsonl").read_text().splitlines()
+    assert verify_shipped(bigger) == []  # its manifest's checksums name the files it holds
 
 
 def test_the_shipped_smol_adapters_are_this_recipes_and_whole():

@@ -18,7 +18,7 @@ from pathlib import Path
 from evomerge.errors import EvomergeError
 from evomerge.files import writing
 from evomerge.zoo.profiles import PROFILES
-from evomerge.zoo.shipped import copy_shipped, shipped_matches
+from evomerge.zoo.shipped import copy_shipped, file_digest, shipped_matches
 from evomerge.zoo.tasks import (BENCH_TASKS, BENCHMARK_OPTIONS, MAX_BENCH_ITEMS, TASKS, TaskSampler, make_bench_items,
                                  make_data_items)
 from evomerge.zoo.training import _Progress, train_base, train_expert
@@ -109,6 +109,25 @@ def build_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", 
     return out
 
 
+def resize_benchmarks(zoo_dir: str | os.PathLike, bench_items: int) -> None:
+    """The zoo's benchmarks rewritten with ``bench_items`` items each, as `build_zoo` writes them (the weights
+    do not depend on it, and a smaller benchmark is the start of a larger one): the shipped zoo's weights
+    serve a 5,000-item build without training anything."""
+    if not 1 <= bench_items <= MAX_BENCH_ITEMS:
+        raise EvomergeError(f"bench_items must be between 1 and {MAX_BENCH_ITEMS}, got {bench_items}")
+    out = Path(zoo_dir)
+    manifest = json.loads((out / "zoo.json").read_text())
+    if manifest["bench_items"] == bench_items:
+        return
+    sampler = TaskSampler(manifest["seed"])
+    for task in BENCH_TASKS:
+        _write_jsonl(out / "bench" / f"{task}.jsonl", make_bench_items(task, sampler, MAX_BENCH_ITEMS, manifest["seed"])[:bench_items])
+    manifest["bench_items"] = bench_items
+    manifest.get("shipped", {}).get("sha256", {}).update(
+        {f"bench/{task}.jsonl": file_digest(out / "bench" / f"{task}.jsonl") for task in BENCH_TASKS})
+    (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def write_zoo_data(zoo_dir: str | os.PathLike, seed: int) -> None:
     """``data/<task>.jsonl``: unlabelled prompts of every task, none a benchmark prompt (drawn after the
     benchmarks, apart from training: the weights do not depend on them). A zoo built before they existed
@@ -165,8 +184,10 @@ def ensure_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full",
             staging = out.parent / f".{out.name}.building-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                if shipped and shipped_matches(ZOO_VERSION, profile, seed, bench_items or PROFILES[profile].bench_items):
+                if shipped and shipped_matches(ZOO_VERSION, profile, seed):
                     copy_shipped(staging)
+                    if bench_items is not None:
+                        resize_benchmarks(staging, bench_items)
                 else:
                     build_zoo(staging, seed=seed, profile=profile, progress=progress, bench_items=bench_items)
             except BaseException:
