@@ -29,6 +29,18 @@ def test_demo_space_is_valid():
     assert [b.name for b in space.benchmarks] == ["arith", "cipher", "lang", "lang_arith"]  # the composite too
 
 
+def test_calibration_merges_default_follows_what_each_merge_answers():
+    """4 merges on the subsets and a sample keep calibration + validation within the trials' cost; on every
+    item (``calibration_items: all``) 8 estimate better than 4 (docs/estimate.md, 'Calibrating on less')."""
+    raw = demo_raw()
+    raw["estimator"].pop("calibration_merges", None)
+    assert parse_search_space(copy.deepcopy(raw), "demo").calibration_merges == 4
+    raw["estimator"]["calibration_items"] = "all"
+    assert parse_search_space(copy.deepcopy(raw), "demo").calibration_merges == 8
+    raw["estimator"]["calibration_merges"] = 3
+    assert parse_search_space(raw, "demo").calibration_merges == 3
+
+
 def test_benchmark_entry_with_columns_and_template_loads(tmp_path):
     import datasets
 

@@ -43,6 +43,12 @@ def check_learnable(method: str) -> None:
 
 DEFAULT_CALIBRATION_ITEMS = 60
 """Items beyond the subsets' each calibration merge is scored on, per benchmark (docs/search.md, 'What a search costs')."""
+CALIBRATION_MERGES_ON_A_SAMPLE = 4
+"""Random in-space merges calibration fits with the endpoints when each answers the subsets and a sample:
+4 estimate as well as 8 there and keep calibration + validation within the trials' own item evaluations
+(docs/search.md, 'What a search costs'; docs/estimate.md, 'Calibrating on less')."""
+CALIBRATION_MERGES_ON_EVERY_ITEM = 8
+"""The same with ``calibration_items: all``, where 4 merges estimate worse than 8."""
 ITEM_PARAM_MODES = ("reuse", "fit")
 
 
@@ -369,7 +375,10 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     subset_size = reader.integer(estimator, "subset_size", "estimator", default=DEFAULT_SUBSET_SIZE, minimum=2)
     irt_dims = reader.integer(estimator, "dims", "estimator", default=2, minimum=1)
     extra_models = [str(p) for p in estimator.get("extra_models", []) or []]
-    calibration_merges = reader.integer(estimator, "calibration_merges", "estimator", default=8, minimum=0)
+    calibration_merges = reader.integer(
+        estimator, "calibration_merges", "estimator", minimum=0,
+        default=CALIBRATION_MERGES_ON_EVERY_ITEM if estimator.get("calibration_items") == "all"
+        else CALIBRATION_MERGES_ON_A_SAMPLE)
 
     optimizer = raw.get("optimizer", {}) or {}
     reader.reject_unknown(optimizer, {"name", "trials", "seed", "objectives", "baselines", "init"}, "optimizer")
