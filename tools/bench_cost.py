@@ -9,14 +9,16 @@ from the command's start to the first scored trial, and the demo's final table
 * ``before``: every calibration model on every item (``calibration_items: all``), a 2-dim IRT model,
   item parameters fitted by the study (``item_params: fit``), the top 5 validated
   on every item (``--validate-items all``): the search as it was;
-* ``after``: the defaults (calibration merges on the subsets' items and a sample,
+* ``after``: the defaults (4 calibration merges on the subsets' items and a sample,
   the validation race), ``item_params: fit`` so the study fits its own;
+* ``after-8-merges``: the same with 8 calibration merges (the default until 4 were measured as good);
 * ``full-calibration``: every calibration model on every item, the space's IRT dims, the race;
 * ``reuse``: the defaults, run after ``after`` on the same zoo: the item bank's
   parameters and subsets, the endpoints scored on the subsets only.
 
     python tools/bench_cost.py --zoo-seed 0 --designs before,after,reuse --out runs/bench-cost
     python tools/bench_cost.py --space SPACE --designs before,after --optimizer-seeds 1,2 --out runs/bench-cost
+    python tools/bench_cost.py --zoo runs/zoo-5000 --designs before,after,reuse --out runs/bench-cost-5000
 """
 
 from __future__ import annotations
@@ -42,15 +44,31 @@ from evomerge.search.runs import open_existing_study  # noqa: E402
 DESIGNS = {
     "before": ({"calibration_items": "all", "item_params": "fit", "dims": 2}, "all"),
     "after": ({"item_params": "fit"}, None),
+    "after-8-merges": ({"item_params": "fit", "calibration_merges": 8}, None),
     "full-calibration": ({"calibration_items": "all", "item_params": "fit"}, None),
     "reuse": ({}, None),
 }
 
 
-def space_variant(space: Path, design: str, out: Path, optimizer_seed: int | None = None) -> Path:
+def on_zoo(raw, zoo: str):
+    """``raw`` with its ``runs/zoo`` paths moved onto the zoo folder ``zoo`` (e.g. a 5,000-item build)."""
+    if isinstance(raw, str) and (raw == "runs/zoo" or raw.startswith("runs/zoo/")):
+        return zoo + raw[len("runs/zoo"):]
+    if isinstance(raw, dict):
+        return {k: on_zoo(v, zoo) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [on_zoo(v, zoo) for v in raw]
+    return raw
+
+
+def space_variant(space: Path, design: str, out: Path, optimizer_seed: int | None = None,
+                  zoo: str | None = None) -> Path:
     raw = yaml.safe_load(space.read_text())
     estimator, _ = DESIGNS[design]
     raw["name"] = f"{raw.get('name', space.stem)}-{design}"
+    if zoo is not None:
+        raw = on_zoo(raw, zoo)
+        raw["name"] += f"-{Path(zoo).name}"
     if optimizer_seed is not None:  # another search of the same zoo: the optimizer's and calibration merges' seed
         raw["optimizer"] = {**(raw.get("optimizer") or {}), "seed": optimizer_seed}
         raw["name"] += f"-opt{optimizer_seed}"
@@ -62,8 +80,8 @@ def space_variant(space: Path, design: str, out: Path, optimizer_seed: int | Non
 
 
 def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path,
-        optimizer_seed: int | None = None) -> dict:
-    variant = space_variant(space, design, out, optimizer_seed)
+        optimizer_seed: int | None = None, zoo: str | None = None) -> dict:
+    variant = space_variant(space, design, out, optimizer_seed, zoo)
     name = yaml.safe_load(variant.read_text())["name"] + (f"-seed{zoo_seed}" if zoo_seed else "")
     command = [sys.executable, "-m", "evomerge.cli", "demo", "--space", str(variant), "--no-progress",
                "--zoo-seed", str(zoo_seed)]
@@ -116,6 +134,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--optimizer-seeds", default=None,
                         help="comma-separated optimizer seeds: one search per seed and design (default: the space's)")
+    parser.add_argument("--zoo", help="a zoo folder replacing the space's runs/zoo (e.g. runs/zoo-5000 from "
+                                      "`evomerge make-zoo --out runs/zoo-5000 --bench-items 5000`)")
     parser.add_argument("--out", default="runs/bench-cost")
     args = parser.parse_args()
     out = ROOT / args.out
@@ -124,7 +144,7 @@ def main() -> int:
     seeds = [None] if args.optimizer_seeds is None else [int(s) for s in args.optimizer_seeds.split(",")]
     for seed in seeds:
         for design in args.designs.split(","):
-            row = run(ROOT / args.space, design, args.zoo_seed, args.trials, out, seed)
+            row = run(ROOT / args.space, design, args.zoo_seed, args.trials, out, seed, args.zoo)
             rows.append(row)
             with open(out / "results.jsonl", "a") as results:
                 results.write(json.dumps(row) + "\n")

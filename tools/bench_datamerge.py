@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/bench-datamerge")
     parser.add_argument("--trials", type=int, help="budget of both searches (default: the space's)")
     parser.add_argument("--steps", type=int, help="AdaMerging steps (default: the space's learn.steps)")
+    parser.add_argument("--optimizer-seed", type=int,
+                        help="every search's optimizer.seed (default: the space's); a search's spread between "
+                             "seeds is the yardstick for a difference between arms")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)} (default: all)")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -142,6 +145,8 @@ def main(argv=None) -> int:
     raw = load_raw(Path(args.space), Path(args.zoo).resolve() if args.zoo else None, args.zoo_seed, args.trials)
     if args.steps:
         raw.setdefault("learn", {})["steps"] = args.steps
+    if args.optimizer_seed is not None:
+        raw.setdefault("optimizer", {})["seed"] = args.optimizer_seed
     experts = list(raw["models"]["experts"])
     n = len(experts)
     previous = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
@@ -251,6 +256,7 @@ def main(argv=None) -> int:
     print(text)
     print(json.dumps(seconds, indent=1))
     (out / "report.json").write_text(json.dumps({"space": args.space, "zoo": args.zoo, "zoo_seed": args.zoo_seed,
+                                                 "optimizer_seed": raw["optimizer"].get("seed", 0),
                                                  "results": results, "normalized": normalized, "seconds": seconds},
                                                 indent=1))
     (out / "table.md").write_text(text + "\n")
