@@ -44,7 +44,6 @@ from evomerge.demo import normalized_accuracy  # noqa: E402
 from evomerge.evaluation import evaluate_models  # noqa: E402
 from evomerge.merge import Recipe  # noqa: E402
 from evomerge.search.data_statistics import collect_statistics  # noqa: E402
-from evomerge.search.genome import genome_to_recipe  # noqa: E402
 from evomerge.search.learning import CoefficientLearner  # noqa: E402
 from evomerge.search.records import StudyKey  # noqa: E402
 from evomerge.search.run import MergeSearch, learned_label  # noqa: E402
@@ -191,8 +190,7 @@ def main(argv=None) -> int:
         label = learned_label(search.space)
         seconds[label] = {"learning_s": round(result.seconds, 1), "loss_first": round(result.losses[0], 4),
                           "loss_last": round(result.losses[-1], 4)}
-        recipe = genome_to_recipe(search.space.merge, search.space.expert_names, result.genome,
-                                  search.builder.num_layers)
+        recipe = search.builder.recipe(result.genome)
         search.builder.core.merge_into(search.builder.model, recipe, seed=0)
         results.update(evaluate_models({label: (search.builder.model, tokenizer)}, benchmarks))
         print(f"{label} scored", file=sys.stderr, flush=True)
@@ -213,8 +211,7 @@ def main(argv=None) -> int:
         study = open_existing_study(out / "evolved-seeded")
         learned = study.user_attrs[StudyKey.LEARNED]
         learned_name = learned_label(seeded_search.space)
-        recipe = genome_to_recipe(seeded_search.space.merge, seeded_search.space.expert_names,
-                                  learned[learned_name]["genome"], seeded_search.builder.num_layers)
+        recipe = seeded_search.builder.recipe(learned[learned_name]["genome"])
         seeded_search.builder.core.merge_into(seeded_search.builder.model, recipe, seed=0)
         results.update(evaluate_models({f"{learned_name} (seed of the search)": (seeded_search.builder.model,
                                                                                  tokenizer)}, benchmarks))

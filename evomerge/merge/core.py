@@ -313,6 +313,14 @@ class MergeCore:
     def tensor_names(self) -> list[str]:
         return [s.name for s in self.slots]
 
+    def changed_tensors(self) -> set[str]:
+        """Names of the merged tensors some expert changes: a LoRA adapter's own; a full checkpoint's task
+        vectors are not read for this, so it counts as changing every tensor."""
+        changed: set[str] = set()
+        for files in self.expert_files:
+            changed |= files.changed if isinstance(files, AdapterFiles) else set(self.tensor_names)
+        return changed
+
     def base_view(self, slot: TensorSlot) -> torch.Tensor:
         """The base's values of one tensor (flat, on the merge device; a view when resident)."""
         return self._base_slot(self._block_of[slot.index], slot)

@@ -31,7 +31,7 @@ from evomerge.merge.loading import open_model
 from evomerge.merge.statistics import StatisticsFiles
 from evomerge.search.dfs_genome import dfs_genome_space, genome_to_path, path_genome
 from evomerge.search.genome import (METHOD_GENE, Genes, bounds_of, endpoint_genome, genome_space, genome_to_recipe,
-                                   uniform_genome)
+                                    inert_groups, uniform_genome)
 from evomerge.search.records import TrialKey
 from evomerge.search.sources import resolve_sources
 from evomerge.search.space import SearchSpace
@@ -91,6 +91,7 @@ class CandidateBuilder(ABC):
     space: SearchSpace
     genes: Genes
     tokenizer: Any
+    inert: frozenset = frozenset()  # tensor groups left out of the genome: no expert changes them
 
     @property
     def genome(self) -> dict[str, tuple[float, float]]:
@@ -150,10 +151,17 @@ class ParameterMerge(CandidateBuilder):
         self.model, self.tokenizer = self.core.new_model()
         self.device, self.dtype = self.core.device, self.core.dtype
         self.num_layers = self.core.num_layers
-        self.genes = genome_space(self.merge, space.expert_names, self.num_layers)
+        changed = self.core.changed_tensors()
+        self.inert = inert_groups(self.merge, self.num_layers,
+                                  [(slot.layer, slot.module_type, slot.name in changed) for slot in self.core.slots])
+        self.genes = genome_space(self.merge, space.expert_names, self.num_layers, self.inert)
+
+    def recipe(self, genome) -> Recipe:
+        """The merge recipe a genome stands for (`genome.genome_to_recipe`, inert groups left out)."""
+        return genome_to_recipe(self.merge, self.space.expert_names, genome, self.num_layers, self.inert)
 
     def candidate(self, genome):
-        recipe = genome_to_recipe(self.merge, self.space.expert_names, genome, self.num_layers)
+        recipe = self.recipe(genome)
         seed = candidate_seed(genome, self.space.seed)
         self.core.merge_into(self.model, recipe, seed=seed)
         return Candidate(self.model, {TrialKey.RECIPE: recipe.to_dict(), TrialKey.MERGE_SEED: seed})

@@ -14,7 +14,7 @@ parsed back, so any expert name works, dots included.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from evomerge.merge import Override, Recipe, get_method
 from evomerge.search.optimizers import Choices
@@ -99,13 +99,37 @@ def tensor_groups(merge: MergeSpec, num_layers: int) -> list[TensorGroup]:
     return groups
 
 
-def genome_space(merge: MergeSpec, experts: list[str], num_layers: int) -> Genes:
+def group_of(groups: list[TensorGroup], layer: int | None, module_type: str | None) -> TensorGroup:
+    """The group whose coefficients a tensor takes: the last layer group matching it, as a recipe's
+    overrides apply (later ones win), else the first group (`rest`, or `all`)."""
+    group = groups[0]
+    for candidate in groups[1:]:
+        if layer in candidate.layers and (candidate.modules is None or module_type in candidate.modules):
+            group = candidate
+    return group
+
+
+def inert_groups(merge: MergeSpec, num_layers: int, tensors: Iterable[tuple[int | None, str | None, bool]]) -> frozenset:
+    """Names of the groups whose genes would change nothing: no expert changes any of their tensors
+    (``tensors``: (layer, module type, changed by some expert) each; a LoRA adapter changes only its own
+    layers and modules) and every method of the space merges unchanged tensors to the base. Empty when
+    every group has a changed tensor, or none has (nothing to prune to)."""
+    if not all(get_method(method).keeps_unchanged_base for method in merge.methods):
+        return frozenset()
+    groups = tensor_groups(merge, num_layers)
+    changed = {group_of(groups, layer, module).name for layer, module, touched in tensors if touched}
+    return frozenset(g.name for g in groups if g.name not in changed) if changed else frozenset()
+
+
+def genome_space(merge: MergeSpec, experts: list[str], num_layers: int, inert: frozenset = frozenset()) -> Genes:
     """Every searched value, e.g. gene ``weight.arith.G0_mlp`` with bounds (0.0, 1.2); first the method,
-    when the space searches several."""
+    when the space searches several. Groups named in ``inert`` (`inert_groups`) have no genes."""
     genes: Genes = {}
     if merge.searches_method:
         genes[METHOD_GENE] = Gene(METHOD_GENE, None, "all", 0.0, 0.0, choices=merge.methods)
     for group in tensor_groups(merge, num_layers):
+        if group.name in inert:
+            continue
         for param, (low, high) in merge.ranges.items():
             owners = experts if param in merge.per_expert else [None]
             for owner in owners:
@@ -129,9 +153,12 @@ def _group_params(merge: MergeSpec, experts: list[str], genome: Mapping[str, flo
     return params
 
 
-def genome_to_recipe(merge: MergeSpec, experts: list[str], genome: Mapping[str, float], num_layers: int) -> Recipe:
-    """Turn an optimizer's proposal into the merge recipe it stands for."""
-    groups = tensor_groups(merge, num_layers)
+def genome_to_recipe(merge: MergeSpec, experts: list[str], genome: Mapping[str, float], num_layers: int,
+                     inert: frozenset = frozenset()) -> Recipe:
+    """Turn an optimizer's proposal into the merge recipe it stands for. Groups in ``inert`` get no
+    override: their tensors take the recipe's default parameters (the first searched group's), which
+    change nothing there."""
+    groups = [g for g in tensor_groups(merge, num_layers) if g.name not in inert]
     method = method_of(merge, genome)
     fixed = {k: v for k, v in merge.fixed.items() if k in get_method(method).param_names}
     default = {**fixed, **_group_params(merge, experts, genome, groups[0])}

@@ -30,7 +30,7 @@ from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
 from evomerge.search.candidates import ParameterMerge
 from evomerge.search.data_statistics import UnlabelledSet
-from evomerge.search.genome import gene_name, tensor_groups
+from evomerge.search.genome import gene_name, group_of, tensor_groups
 from evomerge.search.space import LearnSettings, check_learnable
 
 class _TaskArithmetic(torch.autograd.Function):
@@ -90,10 +90,10 @@ class CoefficientLearner:
         groups = tensor_groups(merge, self.core.num_layers)
         self.slot_genes = []  # per slot: (gene index of each expert's weight, gene index of lambda or None)
         for slot in self.core.slots:
-            group = groups[0]
-            for candidate in groups[1:]:  # later overrides win, as in the recipe
-                if slot.layer in candidate.layers and (candidate.modules is None or slot.module_type in candidate.modules):
-                    group = candidate
+            group = group_of(groups, slot.layer, slot.module_type)
+            if group.name in builder.inert:  # no expert changes it: the base whatever the coefficients
+                self.slot_genes.append((None, None))
+                continue
             weight_genes = [index[gene_name("weight", e, group.name)] for e in experts]
             lambda_gene = index.get(gene_name("lambda", None, group.name))
             self.slot_genes.append((weight_genes, lambda_gene))
@@ -111,6 +111,9 @@ class CoefficientLearner:
         params = {}
         fixed = torch.tensor(self.fixed_lambda, dtype=torch.float32, device=self.device)
         for slot, (weight_genes, lambda_gene) in zip(self.core.slots, self.slot_genes):
+            if weight_genes is None:  # an inert group: the base's values
+                params[slot.name] = self.core.base_view(slot).view(slot.shape)
+                continue
             w = coefficients[weight_genes].to(torch.float32)
             scale = coefficients[lambda_gene].to(torch.float32) if lambda_gene is not None else fixed
             params[slot.name] = _TaskArithmetic.apply(w, scale, self.core, slot, self.normalize).view(slot.shape)

@@ -195,6 +195,9 @@ class MergeSearch:
         done = len(complete_trials(study))
         say(f"{'resuming' if done else 'starting'} search {self.space.name!r} in {self.run_dir}"
             + (f" ({done} of {budget} trials complete)" if done else ""))
+        if self.builder.inert:
+            say(f"not searched: the coefficients of {', '.join(sorted(self.builder.inert))} (no expert changes "
+                f"their tensors; {len(self.builder.genes)} genes left)")
         self.prepare(study)
         init = self.space.optimizer_init
         start = self.learn(study) if init == "learned" else self.start_at(study, init) if init else None

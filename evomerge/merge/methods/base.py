@@ -144,6 +144,10 @@ class MergeMethod(ABC):
     reference: str = ""
     side_kinds: tuple = ()  # names of the side data `prepare` makes (empty: nothing to prepare)
     statistics: tuple = ()  # data statistics it reads (`evomerge.merge.statistics.KINDS`), collected before it merges
+    # Experts that all equal the base there merge to the base, whatever the parameters: the coefficients
+    # of tensors no expert changes (outside a LoRA adapter's layers) are then not searched
+    # (`evomerge.search.genome.inert_groups`; tests/test_genome_pruning.py holds every method to it).
+    keeps_unchanged_base: bool = True
 
     # ------------------------------------------------------------------ spec
     def param(self, name: str) -> Param:

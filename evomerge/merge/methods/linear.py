@@ -36,6 +36,7 @@ def linear_combine(
 
 class Linear(MergeMethod):
     name = "linear"
+    keeps_unchanged_base = False  # normalize: false scales the weights by their sum
     base_is_input = False
     reference = "https://arxiv.org/abs/2203.05482"
     params = (

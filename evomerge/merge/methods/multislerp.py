@@ -53,6 +53,7 @@ class MultiSlerp(MergeMethod):
     name = "multislerp"
     min_experts = 2
     reference = "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
+    keeps_unchanged_base = False  # task vectors that are all zero have no direction (an error, as in mergekit)
     params = (
         Param("weight", REQUIRED, per_expert=True, search=(0.0, 1.0)),
         Param("normalize_weights", True, boolean=True),
