@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--bench-items", type=at_least(1), default=None,
                      help="items per benchmark (default: the profile's, 600 for the full zoo, at most 5000; smol: 60, "
                           "at most 120). The weights do not depend on it: more items judge the estimator where real "
-                          "benchmarks live (the shipped zoo's weights are copied when they are the ones asked for, and only "
-                          "the benchmarks written; smol: a finished family only rewrites its benchmarks)")
+                          "benchmarks live (the shipped zoo's weights are copied when they are the ones asked for, "
+                          "and only the benchmarks written; smol: a finished family only rewrites its benchmarks)")
 
     demo = commands.add_parser("demo", help="build the zoo, evolve a merge, export it, compare with baselines")
     demo.add_argument("--space", default="search_spaces/demo.yaml")

@@ -109,7 +109,8 @@ def group_of(groups: list[TensorGroup], layer: int | None, module_type: str | No
     return group
 
 
-def inert_groups(merge: MergeSpec, num_layers: int, tensors: Iterable[tuple[int | None, str | None, bool]]) -> frozenset:
+def inert_groups(merge: MergeSpec, num_layers: int,
+                 tensors: Iterable[tuple[int | None, str | None, bool]]) -> frozenset:
     """Names of the groups whose genes would change nothing: no expert changes any of their tensors
     (``tensors``: (layer, module type, changed by some expert) each; a LoRA adapter changes only its own
     layers and modules) and every method of the space merges unchanged tensors to the base. Empty when

@@ -121,7 +121,8 @@ def resize_benchmarks(zoo_dir: str | os.PathLike, bench_items: int) -> None:
         return
     sampler = TaskSampler(manifest["seed"])
     for task in BENCH_TASKS:
-        _write_jsonl(out / "bench" / f"{task}.jsonl", make_bench_items(task, sampler, MAX_BENCH_ITEMS, manifest["seed"])[:bench_items])
+        items = make_bench_items(task, sampler, MAX_BENCH_ITEMS, manifest["seed"])
+        _write_jsonl(out / "bench" / f"{task}.jsonl", items[:bench_items])
     manifest["bench_items"] = bench_items
     manifest.get("shipped", {}).get("sha256", {}).update(
         {f"bench/{task}.jsonl": file_digest(out / "bench" / f"{task}.jsonl") for task in BENCH_TASKS})
