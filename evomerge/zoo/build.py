@@ -66,19 +66,15 @@ def build_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", 
     if profile not in PROFILES:
         raise EvomergeError(f"unknown zoo profile {profile!r}; choose one of {sorted(PROFILES)}")
     settings = PROFILES[profile]
-    n_items = settings.bench_items if bench_items is None else bench_items
-    if not 1 <= n_items <= MAX_BENCH_ITEMS:
-        raise EvomergeError(f"bench_items must be between 1 and {MAX_BENCH_ITEMS}, got {n_items}")
+    n_items = _checked_bench_items(settings.bench_items if bench_items is None else bench_items)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     cpu_started = time.process_time()
 
     sampler = TaskSampler(seed)
-    held_out = {task: make_bench_items(task, sampler, MAX_BENCH_ITEMS, seed) for task in BENCH_TASKS}
+    held_out = _write_benchmarks(out, sampler, seed, n_items)
     sampler.exclude = {item["prompt"] for items in held_out.values() for item in items}
-    for task, items in held_out.items():
-        _write_jsonl(out / "bench" / f"{task}.jsonl", items[:n_items])
     write_zoo_data(out, seed)
 
     total = settings.base_steps + settings.expert_steps * len(TASKS)
@@ -109,20 +105,32 @@ def build_zoo(out_dir: str | os.PathLike, seed: int = 0, profile: str = "full", 
     return out
 
 
+def _checked_bench_items(n_items: int) -> int:
+    if not 1 <= n_items <= MAX_BENCH_ITEMS:
+        raise EvomergeError(f"bench_items must be between 1 and {MAX_BENCH_ITEMS}, got {n_items}")
+    return n_items
+
+
+def _write_benchmarks(out: Path, sampler: TaskSampler, seed: int, n_items: int) -> dict[str, list]:
+    """``bench/<task>.jsonl``: the first ``n_items`` of every task's ``MAX_BENCH_ITEMS`` held-out items, drawn
+    first from a fresh sampler (so a smaller benchmark is the start of a larger one); returns them all,
+    which training must never see."""
+    held_out = {task: make_bench_items(task, sampler, MAX_BENCH_ITEMS, seed) for task in BENCH_TASKS}
+    for task, items in held_out.items():
+        _write_jsonl(out / "bench" / f"{task}.jsonl", items[:n_items])
+    return held_out
+
+
 def resize_benchmarks(zoo_dir: str | os.PathLike, bench_items: int) -> None:
     """The zoo's benchmarks rewritten with ``bench_items`` items each, as `build_zoo` writes them (the weights
     do not depend on it, and a smaller benchmark is the start of a larger one): the shipped zoo's weights
     serve a 5,000-item build without training anything."""
-    if not 1 <= bench_items <= MAX_BENCH_ITEMS:
-        raise EvomergeError(f"bench_items must be between 1 and {MAX_BENCH_ITEMS}, got {bench_items}")
+    _checked_bench_items(bench_items)
     out = Path(zoo_dir)
     manifest = json.loads((out / "zoo.json").read_text())
     if manifest["bench_items"] == bench_items:
         return
-    sampler = TaskSampler(manifest["seed"])
-    for task in BENCH_TASKS:
-        items = make_bench_items(task, sampler, MAX_BENCH_ITEMS, manifest["seed"])
-        _write_jsonl(out / "bench" / f"{task}.jsonl", items[:bench_items])
+    _write_benchmarks(out, TaskSampler(manifest["seed"]), manifest["seed"], bench_items)
     manifest["bench_items"] = bench_items
     manifest.get("shipped", {}).get("sha256", {}).update(
         {f"bench/{task}.jsonl": file_digest(out / "bench" / f"{task}.jsonl") for task in BENCH_TASKS})
