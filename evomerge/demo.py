@@ -9,6 +9,7 @@ scored on every benchmark item.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from rich.table import Table
@@ -79,6 +80,17 @@ def _calibrated_accuracy(run_dir: Path, benchmarks: dict, name: str) -> dict[str
     return scores
 
 
+def moved_to_zoo(raw: Any, zoo: str, to: str) -> Any:
+    """A space (or any part of one) with every path in the zoo folder ``zoo`` moved into ``to``."""
+    if isinstance(raw, str) and (raw == zoo or raw.startswith(zoo + "/")):
+        return to + raw[len(zoo):]
+    if isinstance(raw, dict):
+        return {k: moved_to_zoo(v, zoo, to) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [moved_to_zoo(v, zoo, to) for v in raw]
+    return raw
+
+
 def seeded_space(space_path: Path, zoo_seed: int) -> Path:
     """The demo space pointed at a zoo built with ``zoo_seed`` (``runs/zoo`` -> ``runs/zoo-seedN``,
     run ``NAME-seedN``), written beside the runs: another seed stands in for another machine,
@@ -88,17 +100,7 @@ def seeded_space(space_path: Path, zoo_seed: int) -> Path:
     if not zoo:
         raise EvomergeError(f"{space_path} names no zoo: --zoo-seed needs a space built on the zoo")
     seeded = f"{zoo}-seed{zoo_seed}"
-
-    def moved(value):
-        if isinstance(value, str) and (value == zoo or value.startswith(zoo + "/")):
-            return seeded + value[len(zoo):]
-        if isinstance(value, dict):
-            return {k: moved(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [moved(v) for v in value]
-        return value
-
-    raw = moved(raw)
+    raw = moved_to_zoo(raw, zoo, seeded)
     raw["name"] = f"{raw.get('name', space_path.stem)}-seed{zoo_seed}"
     out = Path(seeded).parent / f"{raw['name']}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from evomerge.demo import moved_to_zoo  # noqa: E402
 from evomerge.search.costs import PHASES, SEARCH_OVERHEAD, study_costs  # noqa: E402
 from evomerge.search.records import StudyKey, complete_trials  # noqa: E402
 from evomerge.search.runs import open_existing_study  # noqa: E402
@@ -50,24 +51,13 @@ DESIGNS = {
 }
 
 
-def on_zoo(raw, zoo: str):
-    """``raw`` with its ``runs/zoo`` paths moved onto the zoo folder ``zoo`` (e.g. a 5,000-item build)."""
-    if isinstance(raw, str) and (raw == "runs/zoo" or raw.startswith("runs/zoo/")):
-        return zoo + raw[len("runs/zoo"):]
-    if isinstance(raw, dict):
-        return {k: on_zoo(v, zoo) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [on_zoo(v, zoo) for v in raw]
-    return raw
-
-
 def space_variant(space: Path, design: str, out: Path, optimizer_seed: int | None = None,
                   zoo: str | None = None) -> Path:
     raw = yaml.safe_load(space.read_text())
     estimator, _ = DESIGNS[design]
     raw["name"] = f"{raw.get('name', space.stem)}-{design}"
     if zoo is not None:
-        raw = on_zoo(raw, zoo)
+        raw = moved_to_zoo(raw, "runs/zoo", zoo)  # e.g. a 5,000-item build
         raw["name"] += f"-{Path(zoo).name}"
     if optimizer_seed is not None:  # another search of the same zoo: the optimizer's and calibration merges' seed
         raw["optimizer"] = {**(raw.get("optimizer") or {}), "seed": optimizer_seed}

@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evomerge.demo import normalized_accuracy  # noqa: E402
+from evomerge.demo import moved_to_zoo, normalized_accuracy  # noqa: E402
 from evomerge.evaluation import evaluate_models  # noqa: E402
 from evomerge.merge import Recipe  # noqa: E402
 from evomerge.search.data_statistics import collect_statistics  # noqa: E402
@@ -80,17 +80,7 @@ def load_raw(space: Path, zoo: Path | None, zoo_seed: int, trials: int | None) -
     if zoo is not None:
         if not zoo_is_complete(zoo):  # a finished zoo of any profile is used as it is
             ensure_zoo(zoo, seed=zoo_seed, progress=False)
-
-        def moved(value):
-            if isinstance(value, str) and value.startswith("runs/zoo"):
-                return str(zoo / Path(value).relative_to("runs/zoo"))
-            if isinstance(value, dict):
-                return {k: moved(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [moved(v) for v in value]
-            return value
-
-        raw = moved(raw)
+        raw = moved_to_zoo(raw, "runs/zoo", str(zoo))
         raw.pop("zoo", None)
     if trials:
         raw["optimizer"]["trials"] = trials
