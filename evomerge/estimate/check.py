@@ -51,7 +51,7 @@ def _model_specs(tasks, n_extra, n_heldout, seed):
     return specs
 
 
-def _fit_design(matrix: ResponseMatrix, fit_names, endpoint_names, sizes, strategy, seed, dims,
+def fit_design(matrix: ResponseMatrix, fit_names, endpoint_names, sizes, strategy, seed, dims,
                 calibration_items: int | None, params: ItemParams | None):
     """One estimator fitted as a search would calibrate: every fit model on every item (the default);
     with ``calibration_items``, the extra merges on the stages' items (chosen from the endpoints) and
@@ -276,7 +276,7 @@ def run_estimate_check(
         if reuse is not None:
             designs = [_reused(Path(reuse), t, stages, matrices[t], endpoint_names) for stages in stage_lists]
         else:
-            designs = [_fit_design(matrices[t], fit_names, endpoint_names, stages, strategy, seed, dims,
+            designs = [fit_design(matrices[t], fit_names, endpoint_names, stages, strategy, seed, dims,
                                    calibration_items, params) for stages in stage_lists]
         fits = [est for est, _ in designs]
         calibration_cost[t] = {str(est.stages[0].size): items for est, items in designs}

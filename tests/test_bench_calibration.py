@@ -1,0 +1,62 @@
+"""tools/bench_calibration.py on a synthetic estimate-check folder: each design's answers and error rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evomerge.errors import EvomergeError
+from evomerge.estimate import ResponseMatrix, responses_path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_calibration", REPO_ROOT / "tools" / "bench_calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_folder(folder: Path, n_items: int = 120, n_extra: int = 4, n_heldout: int = 5) -> Path:
+    """Answers of 2-dim IRT models named as estimate-check names them, and its facts."""
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0.5, 2.0, (n_items, 2)), rng.normal(0, 1, n_items)
+    names = ["base", "expert:x", "expert:y"] + [f"extra{i:02d}" for i in range(n_extra)] \
+        + [f"heldout{i:02d}" for i in range(n_heldout)]
+    matrix = ResponseMatrix.empty([f"i{k}" for k in range(n_items)], "synthetic")
+    for name in names:
+        theta = rng.normal(0, 1, 2)
+        p = 1 / (1 + np.exp(-(a @ theta - b)))
+        matrix = matrix.with_model(name, rng.random(n_items) < p)
+    matrix.save(responses_path(folder, "synthetic"))
+    (folder / "estimate_check.json").write_text(json.dumps({"facts": {"strategy": "anchor-irt", "dims": 2}}))
+    return folder
+
+
+def test_designs_answers_and_rows(bench, tmp_path, capsys):
+    check = _check_folder(tmp_path / "check")
+    out = tmp_path / "rows.json"
+    assert bench.main(["--checks", str(check), "--designs", "all:4,2x30,endpoints", "--seeds", "0,1",
+                       "--sizes", "10", "--out", str(out)]) == 0
+    rows = {r["design"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["all:4"]["answers"] == 7 * 120           # 3 endpoints and 4 merges on every item
+    assert rows["2x30"]["answers"] == 3 * 120 + 2 * (10 + 30)  # 2 merges on the subset and 30 others each
+    assert rows["endpoints"]["answers"] == 3 * 120
+    assert all(0.0 <= r["all"] <= 1.0 and r["seeds"] == [0, 1] for r in rows.values())
+    assert "| 2x30 | 10 |" in capsys.readouterr().out
+
+
+def test_bad_designs_are_named(bench, tmp_path):
+    with pytest.raises(EvomergeError, match="use all:N, NxM or endpoints"):
+        bench.parse_design("4y60")
+    check = _check_folder(tmp_path / "check", n_extra=2)
+    with pytest.raises(EvomergeError, match="needs 4 extra models"):
+        bench.main(["--checks", str(check), "--designs", "all:4", "--seeds", "0", "--sizes", "10"])
+    with pytest.raises(EvomergeError, match="no estimate_check.json"):
+        bench.main(["--checks", str(tmp_path / "nowhere"), "--designs", "all:2", "--seeds", "0", "--sizes", "10"])

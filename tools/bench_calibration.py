@@ -1,0 +1,129 @@
+"""The estimator error each calibration design buys, averaged over seeds (issue 26).
+
+One `estimate-check` run scores its models once; this refits its cached answers
+as each calibration design would (``evomerge.estimate.check.fit_design``) under
+several seeds -- the seed picks the subset, each calibration merge's sample and
+the cross-validation folds, so one seed's error is one draw of a subset and can
+flatter or wrong a design by more than the designs differ -- and prints gmp-IRT's
+mean absolute error on the check's held-out merges, per design and subset size,
+averaged over the seeds and the benchmarks, with the answers each design needs
+per benchmark.
+
+Designs: ``all:N`` (N calibration merges on every item), ``NxM`` (N merges on the
+subset's items and M random others each), ``endpoints`` (no merge). The merges
+are the check's first N extra models, so its run needs ``--n-extra`` >= the
+largest N:
+
+    evomerge estimate-check --zoo runs/zoo --out runs/ec-demo0 --n-heldout 20 --n-extra 8 --sizes 10,20,40,100 --n-timing 0
+    python tools/bench_calibration.py --checks runs/ec-demo0,runs/ec-demo1 --designs all:8,4x60,4x120 --seeds 0,1,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evomerge.errors import EvomergeError  # noqa: E402
+from evomerge.estimate import ResponseMatrix  # noqa: E402
+from evomerge.estimate.check import fit_design  # noqa: E402
+
+METHOD = "gmpirt"
+
+
+def parse_design(text: str) -> tuple[int, int | None]:
+    """(calibration merges, items beyond the subset each; None: every item)."""
+    if text == "endpoints":
+        return 0, None
+    if text.startswith("all:"):
+        return int(text[4:]), None
+    merges, _, items = text.partition("x")
+    if not (merges.isdigit() and items.isdigit()):
+        raise EvomergeError(f"design {text!r}: use all:N, NxM or endpoints")
+    return int(merges), int(items)
+
+
+def check_facts(check: Path) -> dict:
+    path = check / "estimate_check.json"
+    if not path.exists():
+        raise EvomergeError(f"{check} has no estimate_check.json (run `evomerge estimate-check --out {check}` first)")
+    return json.loads(path.read_text())["facts"]
+
+
+def design_errors(matrix: ResponseMatrix, endpoints: list[str], extras: list[str], heldout: list[str],
+                  design: str, size: int, seed: int, strategy: str, dims: int) -> tuple[float, int]:
+    """gmp-IRT's mean absolute error on the held-out models, and the answers the design needed."""
+    merges, items = parse_design(design)
+    if merges > len(extras):
+        raise EvomergeError(f"design {design} needs {merges} extra models; {matrix.benchmark} has {len(extras)}")
+    estimator, answers = fit_design(matrix, endpoints + extras[:merges], endpoints, [size], strategy, seed, dims,
+                                    items, None)
+    indices = estimator.stage_indices(0)
+    errors = [abs(estimator.predict(matrix.row(name)[indices], METHOD, stage=0) - matrix.row(name).mean())
+              for name in heldout]
+    return float(np.mean(errors)), answers
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checks", required=True, help="comma-separated estimate-check folders (their responses/)")
+    parser.add_argument("--designs", default="all:8,all:4,4x60,4x120,4x250,8x60,8x120,8x250")
+    parser.add_argument("--seeds", default="0,1,2,3")
+    parser.add_argument("--sizes", default="10,20,40,100")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    checks = [Path(c) for c in args.checks.split(",")]
+    designs = args.designs.split(",")
+    for design in designs:
+        parse_design(design)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    started = time.perf_counter()
+    # error[design][size][check] = per benchmark and seed; answers[design][size] likewise
+    error = {d: {s: {c.name: [] for c in checks} for s in sizes} for d in designs}
+    answers = {d: {s: [] for s in sizes} for d in designs}
+    for check in checks:
+        facts = check_facts(check)
+        for path in sorted((check / "responses").glob("*.npz")):
+            matrix = ResponseMatrix.load(path)
+            names = matrix.model_names
+            endpoints = [n for n in names if n == "base" or n.startswith("expert:")]
+            extras = [n for n in names if n.startswith("extra")]
+            heldout = [n for n in names if n.startswith("heldout")]
+            for design in designs:
+                for size in sizes:
+                    for seed in seeds:
+                        e, n = design_errors(matrix, endpoints, extras, heldout, design, size, seed,
+                                             facts.get("strategy", "anchor-irt"), int(facts.get("dims", 2)))
+                        error[design][size][check.name].append(e)
+                        answers[design][size].append(n)
+            print(f"{check.name}/{path.stem}: {len(designs)} designs x {len(sizes)} sizes x {len(seeds)} seeds "
+                  f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    names = [c.name for c in checks]
+    print(f"\ngmp-IRT mean absolute error on the held-out merges, mean over {len(seeds)} seeds ({args.seeds}) and "
+          "the benchmarks, per check and over all; answers per benchmark (mean)\n")
+    print("| design | items | " + " | ".join(names) + " | all | answers per benchmark |")
+    print("|---" * (len(names) + 4) + "|")
+    rows = []
+    for size in sizes:
+        for design in designs:
+            per_check = [float(np.mean(error[design][size][n])) for n in names]
+            mean = float(np.mean(per_check))
+            rows.append({"design": design, "size": size, "per_check": dict(zip(names, per_check)), "all": mean,
+                         "answers": float(np.mean(answers[design][size])), "seeds": seeds})
+            print(f"| {design} | {size} | " + " | ".join(f"{v:.3f}" for v in per_check)
+                  + f" | {mean:.3f} | {np.mean(answers[design][size]):,.0f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "checks": [str(c) for c in checks]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
