@@ -12,6 +12,8 @@ from the command's start to the first scored trial, and the demo's final table
 * ``after``: the defaults (4 calibration merges on the subsets' items and a sample,
   the validation race), ``item_params: fit`` so the study fits its own;
 * ``after-8-merges``: the same with 8 calibration merges (the default until 4 were measured as good);
+* ``after-250``: the defaults with 250 sampled items per calibration merge, the design that keeps
+  the estimate-check error at 20-100 items (docs/estimate.md, "Over seeds");
 * ``full-calibration``: every calibration model on every item, the space's IRT dims, the race;
 * ``reuse``: the defaults, run after ``after`` on the same zoo: the item bank's
   parameters and subsets, the endpoints scored on the subsets only.
@@ -19,6 +21,14 @@ from the command's start to the first scored trial, and the demo's final table
     python tools/bench_cost.py --zoo-seed 0 --designs before,after,reuse --out runs/bench-cost
     python tools/bench_cost.py --space SPACE --designs before,after --optimizer-seeds 1,2 --out runs/bench-cost
     python tools/bench_cost.py --zoo runs/zoo-5000 --designs before,after,reuse --out runs/bench-cost-5000
+    python tools/bench_cost.py --top-error-of runs/demo-after,runs/demo-before --top-error 8
+
+``--top-error K`` then scores each run's K best-estimated trials on every item
+(`evomerge validate --top K --all-items`, after the run's costs are read, so they
+do not count) and reports the mean |estimated - measured| of their fitness: the
+estimator's error on the trials a search ends with, which random held-out merges
+(`estimate-check`) do not show. ``--top-error-of`` does only that, for runs made
+already.
 """
 
 from __future__ import annotations
@@ -41,11 +51,13 @@ from evomerge.demo import moved_to_zoo  # noqa: E402
 from evomerge.search.costs import PHASES, SEARCH_OVERHEAD, study_costs  # noqa: E402
 from evomerge.search.records import StudyKey, complete_trials  # noqa: E402
 from evomerge.search.runs import open_existing_study  # noqa: E402
+from evomerge.search.validate import validate_top_trials  # noqa: E402
 
 DESIGNS = {
     "before": ({"calibration_items": "all", "item_params": "fit", "dims": 2}, "all"),
     "after": ({"item_params": "fit"}, None),
     "after-8-merges": ({"item_params": "fit", "calibration_merges": 8}, None),
+    "after-250": ({"item_params": "fit", "calibration_items": 250}, None),
     "full-calibration": ({"calibration_items": "all", "item_params": "fit"}, None),
     "reuse": ({}, None),
 }
@@ -97,10 +109,21 @@ def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path,
             "load_after": [round(v, 2) for v in load]}
 
 
+def top_error(run_dir: Path, top: int) -> dict:
+    """Mean |estimated - measured| fitness of the run's ``top`` best-estimated trials, each scored on every item."""
+    rows = [r for r in validate_top_trials(run_dir, top, progress=False, items=None) if r.exact]
+    errors = [abs(r.estimated_mean - r.measured_mean) for r in rows]
+    return {"top_error": round(sum(errors) / len(errors), 4) if errors else None, "top_error_trials": len(errors),
+            "top_overrated": round(sum(r.estimated_mean - r.measured_mean for r in rows) / len(rows), 4) if rows else None}
+
+
 def markdown(rows: list[dict]) -> str:
     phases = [p for p in PHASES if any(p in row["costs"] for row in rows)]  # a demo space collects no statistics
     head = ["design", "zoo seed", "optimizer seed", *(f"{p} items / s" for p in phases), "cal.+val. / trials (items)",
             "first trial (s)", "wall (s)", "exported merge (mean acc.)"]
+    with_top = any(row.get("top_error") is not None for row in rows)
+    if with_top:
+        head += ["top-K error (overrated)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         costs = row["costs"]
@@ -112,6 +135,9 @@ def markdown(rows: list[dict]) -> str:
         overhead = sum(costs.get(p, {}).get("items", 0) for p in SEARCH_OVERHEAD)
         cells += [f"{overhead / trials:.2f}x" if trials else "-", str(row["first_trial_s"]), str(row["wall_s"]),
                   f"{row['evolved_mean']:.3f}" if row["evolved_mean"] is not None else "-"]
+        if with_top:
+            cells.append(f"{row['top_error']:.3f} ({row['top_overrated']:+.3f}), {row['top_error_trials']} trials"
+                         if row.get("top_error") is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -126,8 +152,17 @@ def main() -> int:
                         help="comma-separated optimizer seeds: one search per seed and design (default: the space's)")
     parser.add_argument("--zoo", help="a zoo folder replacing the space's runs/zoo (e.g. runs/zoo-5000 from "
                                       "`evomerge make-zoo --out runs/zoo-5000 --bench-items 5000`)")
+    parser.add_argument("--top-error", type=int, default=0, metavar="K",
+                        help="score each run's K best-estimated trials on every item and report the estimate's error")
+    parser.add_argument("--top-error-of", default=None, metavar="RUNS",
+                        help="comma-separated run folders made already: only their top-K error (with --top-error K)")
     parser.add_argument("--out", default="runs/bench-cost")
     args = parser.parse_args()
+    os.chdir(ROOT)  # the runs' spaces name their models relative to the repository
+    if args.top_error_of:
+        for run_dir in args.top_error_of.split(","):
+            print(json.dumps({"run": run_dir, **top_error(Path(run_dir), args.top_error or 8)}), flush=True)
+        return 0
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -135,6 +170,8 @@ def main() -> int:
     for seed in seeds:
         for design in args.designs.split(","):
             row = run(ROOT / args.space, design, args.zoo_seed, args.trials, out, seed, args.zoo)
+            if args.top_error:
+                row.update(top_error(ROOT / "runs" / row["run"], args.top_error))
             rows.append(row)
             with open(out / "results.jsonl", "a") as results:
                 results.write(json.dumps(row) + "\n")
