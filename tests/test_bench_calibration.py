@@ -60,3 +60,14 @@ def test_bad_designs_are_named(bench, tmp_path):
         bench.main(["--checks", str(check), "--designs", "all:4", "--seeds", "0", "--sizes", "10"])
     with pytest.raises(EvomergeError, match="no estimate_check.json"):
         bench.main(["--checks", str(tmp_path / "nowhere"), "--designs", "all:2", "--seeds", "0", "--sizes", "10"])
+
+
+def test_a_benchmark_sample_calibrates_on_its_items_only(bench, tmp_path):
+    """``--sample N``: the study a benchmark entry's ``sample: N`` makes, its error still against every item."""
+    check = _check_folder(tmp_path / "check")
+    out = tmp_path / "rows.json"
+    assert bench.main(["--checks", str(check), "--designs", "all:4,2x20", "--seeds", "0", "--sizes", "10",
+                       "--sample", "60", "--out", str(out)]) == 0
+    rows = {r["design"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["all:4"]["answers"] == 7 * 60 and rows["2x20"]["answers"] == 3 * 60 + 2 * (10 + 20)
+    assert rows["all:4"]["sample"] == 60

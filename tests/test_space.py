@@ -63,6 +63,38 @@ def test_generate_entry_is_checked_at_parse_time_and_loads(tmp_path):
     assert bench.settings.extract("work 2+3\nAnswer: 5") == "5" and bench.settings.compare.name == "numeric"
 
 
+def test_a_benchmark_sample_is_a_seeded_random_subset_in_order(tmp_path):
+    """``sample: N`` makes a large benchmark cost a search what N items cost (docs/search.md, "What a search
+    costs"): the same N items for every model and every run of the space, in the file's order."""
+    (tmp_path / "big.jsonl").write_text("".join(f'{{"id": "q{i}", "prompt": "{i}+1=", "answer": "{i + 1}"}}\n'
+                                                for i in range(50)))
+    raw = demo_raw()
+    raw["benchmarks"] = [{"name": "big", "path": str(tmp_path / "big.jsonl"), "sample": 12},
+                         {"name": "again", "path": str(tmp_path / "big.jsonl"), "sample": {"n": 12, "seed": 3}},
+                         {"name": "whole", "path": str(tmp_path / "big.jsonl"), "sample": 500}]
+    big, again, whole = (spec.load() for spec in parse_search_space(copy.deepcopy(raw), source="demo.yaml").benchmarks)
+    ids = [item.id for item in big.items]
+    assert len(ids) == 12 and ids == sorted(ids, key=lambda i: int(i[1:]))      # the file's order
+    assert ids == [item.id for item in parse_search_space(raw, source="demo.yaml").benchmarks[0].load().items]
+    assert [item.id for item in again.items] != ids and len(again) == 12       # another seed, another sample
+    assert len(whole) == 50 and "random" not in whole.source                    # asks for more than it has: all
+    assert "a random 12 of its 50 items (seed 0)" in big.where
+
+
+@pytest.mark.parametrize("sample, message", [
+    (0, r"benchmarks\[0\].sample must be an item count >= 1"),
+    ("many", r"benchmarks\[0\].sample must be an item count >= 1"),
+    ({"seed": 1}, r"benchmarks\[0\].sample needs n"),
+    ({"n": 10, "colour": 1}, r"unknown key benchmarks\[0\].sample.colour"),
+    ({"n": 10, "seed": -1}, r"benchmarks\[0\].sample.seed must be an integer >= 0"),
+])
+def test_a_bad_benchmark_sample_names_the_key(sample, message):
+    raw = demo_raw()
+    raw["benchmarks"][0]["sample"] = sample
+    with pytest.raises(EvomergeError, match=message):
+        parse_search_space(raw, source="demo.yaml")
+
+
 # Data-flow spaces read their source models at parse time: tests/test_dfs.py checks them on the quick zoo.
 PS_SPACES = [p for p in sorted(DEMO.parent.glob("*.yaml")) if "dfs" not in yaml.safe_load(p.read_text())]
 

@@ -9,6 +9,11 @@ mean absolute error on the check's held-out merges, per design and subset size,
 averaged over the seeds and the benchmarks, with the answers each design needs
 per benchmark.
 
+``--sample N`` refits as a study of a benchmark entry with ``sample: N`` calibrates
+(the same seeded N items `Benchmark.sampled` draws) and measures the error against
+each held-out merge's accuracy on **every** item: the estimator's own error and
+the sample's together.
+
 Designs: ``all:N`` (N calibration merges on every item), ``NxM`` (N merges on the
 subset's items and M random others each), ``endpoints`` (no merge). The merges
 are the check's first N extra models, so its run needs ``--n-extra`` >= the
@@ -31,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from evomerge.benchmarks.items import sample_indices  # noqa: E402
 from evomerge.errors import EvomergeError  # noqa: E402
 from evomerge.estimate import ResponseMatrix  # noqa: E402
 from evomerge.estimate.check import fit_design  # noqa: E402
@@ -57,16 +63,29 @@ def check_facts(check: Path) -> dict:
     return json.loads(path.read_text())["facts"]
 
 
+def sampled_items(matrix: ResponseMatrix, n: int | None, seed: int = 0) -> ResponseMatrix:
+    """The matrix on the items a benchmark entry's ``sample: {n, seed}`` scores (`Benchmark.sampled`)."""
+    if n is None or n >= matrix.n_items:
+        return matrix
+    keep = sample_indices(matrix.n_items, n, seed)
+    return ResponseMatrix(matrix.correct[:, keep], matrix.model_names, [matrix.item_ids[i] for i in keep],
+                          matrix.benchmark, None if matrix.observed is None else matrix.observed[:, keep])
+
+
 def design_errors(matrix: ResponseMatrix, endpoints: list[str], extras: list[str], heldout: list[str],
-                  design: str, size: int, seed: int, strategy: str, dims: int) -> tuple[float, int]:
-    """gmp-IRT's mean absolute error on the held-out models, and the answers the design needed."""
+                  design: str, size: int, seed: int, strategy: str, dims: int,
+                  sample: int | None = None, sample_seed: int = 0) -> tuple[float, int]:
+    """gmp-IRT's mean absolute error on the held-out models (against their accuracy on every item), and
+    the answers the design needed; with ``sample``, calibrated and estimated on that sample of the items."""
+    full = matrix
+    matrix = sampled_items(matrix, sample, sample_seed)
     merges, items = parse_design(design)
     if merges > len(extras):
         raise EvomergeError(f"design {design} needs {merges} extra models; {matrix.benchmark} has {len(extras)}")
     estimator, answers = fit_design(matrix, endpoints + extras[:merges], endpoints, [size], strategy, seed, dims,
                                     items, None)
     indices = estimator.stage_indices(0)
-    errors = [abs(estimator.predict(matrix.row(name)[indices], METHOD, stage=0) - matrix.row(name).mean())
+    errors = [abs(estimator.predict(matrix.row(name)[indices], METHOD, stage=0) - full.row(name).mean())
               for name in heldout]
     return float(np.mean(errors)), answers
 
@@ -77,6 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument("--designs", default="all:8,all:4,4x60,4x120,4x250,8x60,8x120,8x250")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--sizes", default="10,20,40,100")
+    parser.add_argument("--sample", type=int, default=None, metavar="N",
+                        help="calibrate and estimate on a benchmark sample of N items (the error still against every item)")
+    parser.add_argument("--sample-seed", type=int, default=0, help="the benchmark sample's seed (with --sample)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     checks = [Path(c) for c in args.checks.split(",")]
@@ -101,14 +123,18 @@ def main(argv=None) -> int:
                 for size in sizes:
                     for seed in seeds:
                         e, n = design_errors(matrix, endpoints, extras, heldout, design, size, seed,
-                                             facts.get("strategy", "anchor-irt"), int(facts.get("dims", 2)))
+                                             facts.get("strategy", "anchor-irt"), int(facts.get("dims", 2)),
+                                             args.sample, args.sample_seed)
                         error[design][size][check.name].append(e)
                         answers[design][size].append(n)
             print(f"{check.name}/{path.stem}: {len(designs)} designs x {len(sizes)} sizes x {len(seeds)} seeds "
                   f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     names = [c.name for c in checks]
     print(f"\ngmp-IRT mean absolute error on the held-out merges, mean over {len(seeds)} seeds ({args.seeds}) and "
-          "the benchmarks, per check and over all; answers per benchmark (mean)\n")
+          "the benchmarks, per check and over all; answers per benchmark (mean)"
+          + (f"; calibrated and estimated on a sample of {args.sample} items (seed {args.sample_seed}), the error "
+             "against every item"
+             if args.sample else "") + "\n")
     print("| design | items | " + " | ".join(names) + " | all | answers per benchmark |")
     print("|---" * (len(names) + 4) + "|")
     rows = []
@@ -117,7 +143,8 @@ def main(argv=None) -> int:
             per_check = [float(np.mean(error[design][size][n])) for n in names]
             mean = float(np.mean(per_check))
             rows.append({"design": design, "size": size, "per_check": dict(zip(names, per_check)), "all": mean,
-                         "answers": float(np.mean(answers[design][size])), "seeds": seeds})
+                         "answers": float(np.mean(answers[design][size])), "seeds": seeds,
+                         "sample": args.sample, "sample_seed": args.sample_seed})
             print(f"| {design} | {size} | " + " | ".join(f"{v:.3f}" for v in per_check)
                   + f" | {mean:.3f} | {np.mean(answers[design][size]):,.0f} |")
     if args.out:

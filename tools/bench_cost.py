@@ -16,7 +16,10 @@ from the command's start to the first scored trial, and the demo's final table
   the estimate-check error at 20-100 items (docs/estimate.md, "Over seeds");
 * ``full-calibration``: every calibration model on every item, the space's IRT dims, the race;
 * ``reuse``: the defaults, run after ``after`` on the same zoo: the item bank's
-  parameters and subsets, the endpoints scored on the subsets only.
+  parameters and subsets, the endpoints scored on the subsets only;
+* ``sample-600``: the defaults with every benchmark entry at ``sample: 600`` (a first study
+  of a large benchmark on a seeded random 600 of its items); its exported merge is then also
+  scored on every item of the whole benchmarks, the figure the other designs' final table gives.
 
     python tools/bench_cost.py --zoo-seed 0 --designs before,after,reuse --out runs/bench-cost
     python tools/bench_cost.py --space SPACE --designs before,after --optimizer-seeds 1,2 --out runs/bench-cost
@@ -48,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge.demo import moved_to_zoo  # noqa: E402
+from evomerge.evaluation import evaluate_models  # noqa: E402
+from evomerge.search.space import load_search_space  # noqa: E402
 from evomerge.search.costs import PHASES, SEARCH_OVERHEAD, study_costs  # noqa: E402
 from evomerge.search.records import StudyKey, complete_trials  # noqa: E402
 from evomerge.search.runs import open_existing_study  # noqa: E402
@@ -60,7 +65,10 @@ DESIGNS = {
     "after-250": ({"item_params": "fit", "calibration_items": 250}, None),
     "full-calibration": ({"calibration_items": "all", "item_params": "fit"}, None),
     "reuse": ({}, None),
+    "sample-600": ({"item_params": "fit"}, None),
 }
+SAMPLES = {"sample-600": 600}
+"""Designs that study each benchmark on a sample of this many items (a benchmark entry's ``sample:``)."""
 
 
 def space_variant(space: Path, design: str, out: Path, optimizer_seed: int | None = None,
@@ -75,6 +83,8 @@ def space_variant(space: Path, design: str, out: Path, optimizer_seed: int | Non
         raw["optimizer"] = {**(raw.get("optimizer") or {}), "seed": optimizer_seed}
         raw["name"] += f"-opt{optimizer_seed}"
     raw["estimator"] = {**(raw.get("estimator") or {}), **estimator}
+    if design in SAMPLES:
+        raw["benchmarks"] = [{**entry, "sample": SAMPLES[design]} for entry in raw["benchmarks"]]
     path = out / f"{raw['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -102,10 +112,15 @@ def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path,
     costs = {phase: cost.to_dict() for phase, cost in study_costs(study).items()}
     table = study.user_attrs.get(StudyKey.FINAL_TABLE, {})
     evolved = table.get("evolved (exported)", {})
+    on_sample = evolved if design in SAMPLES else None
+    if design in SAMPLES:  # the final table measured the sample: measure the export on every item too
+        whole = {b.name: b.load() for b in load_search_space(space_variant(space, "after", out, zoo=zoo)).benchmarks}
+        evolved = evaluate_models({"evolved": ROOT / "runs" / name / "best"}, whole)["evolved"]
     load = os.getloadavg()
     return {"design": design, "run": name, "zoo_seed": zoo_seed, "optimizer_seed": optimizer_seed, "wall_s": round(wall, 1),
             "first_trial_s": round((first - started_at).total_seconds(), 1), "costs": costs,
             "evolved": evolved, "evolved_mean": sum(evolved.values()) / len(evolved) if evolved else None,
+            "evolved_on_sample": on_sample,
             "load_after": [round(v, 2) for v in load]}
 
 

@@ -7,6 +7,8 @@ item kind (`evomerge.benchmarks.kinds`).
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -94,6 +96,23 @@ class Benchmark:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def sampled(self, n: int, seed: int = 0) -> "Benchmark":
+        """A seeded uniform random ``n`` of its items, in their order (all of them when it has no more).
+
+        A large benchmark studied on a sample costs a search what a benchmark of ``n`` items
+        costs; its accuracies estimate the whole benchmark's, off by the sample's own error.
+        """
+        if n >= len(self.items):
+            return self
+        keep = sample_indices(len(self.items), n, seed)
+        return dataclasses.replace(self, items=[self.items[i] for i in keep],
+                                   source=f"{self.source}, a random {n} of its {len(self.items)} items (seed {seed})")
+
+
+def sample_indices(total: int, n: int, seed: int = 0) -> list[int]:
+    """The positions of a benchmark sample (`Benchmark.sampled`): a seeded uniform ``n`` of ``total``, sorted."""
+    return sorted(random.Random(seed).sample(range(total), min(n, total)))
 
 
 def _warn_duplicate_ids(items: list[Item], where: str) -> None:

@@ -49,6 +49,8 @@ from evomerge.search.space import SearchSpace
 from evomerge.search.workers import study_lock
 
 CALIBRATION_FILE = "calibration.json"
+LARGE_BENCHMARK_RATIO = 2
+"""Calibration says how to study less of a benchmark when its endpoints alone answer this many times the trials'."""
 ESTIMATORS_DIR = "estimators"
 
 ModelMaker = Callable[[], tuple[object, object]]
@@ -224,6 +226,12 @@ class Calibration:
                    + (f"{self.space.calibration_merges} calibration merges too" if full else
                       f"{self.space.calibration_merges} calibration merges on the subsets' items and "
                       f"{self.space.calibration_items} others each"))
+        endpoint_answers = len(endpoints) * scorer.matrix.n_items
+        if endpoint_answers > LARGE_BENCHMARK_RATIO * self.space.trials * sizes[0]:
+            scorer.say(f"the endpoints' {endpoint_answers:,} answers are {endpoint_answers / (self.space.trials * sizes[0]):.0f}"
+                       f"x what {self.space.trials} trials answer: a benchmark entry's `sample: N` studies a random "
+                       "N of its items, item parameters from a file or a later study's bank skip this "
+                       "(docs/search.md, \"What a search costs\")")
         matrix = scorer.score(self._endpoints(), None)
         subsets = None if full else subsets_from_responses(
             matrix.subset([n for n in endpoints if n in matrix.model_names]), sizes, strategy, seed, dims)

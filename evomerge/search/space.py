@@ -70,6 +70,14 @@ class DataSource:
     transductive: bool = False
 
 
+@dataclass(frozen=True)
+class BenchmarkSample:
+    """``sample: N`` (or ``{n: N, seed: S}``): the study scores a seeded random N of the benchmark's items."""
+
+    n: int
+    seed: int = 0
+
+
 @dataclass
 class BenchmarkSpec:
     name: str
@@ -77,11 +85,13 @@ class BenchmarkSpec:
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)   # fields, template, split, scoring, preset, generate keys, lm_eval...
     data: DataSource | None = None
+    sample: BenchmarkSample | None = None
 
     def load(self, tokenizer=None):
-        """The benchmark's items (`evomerge.benchmarks.load_benchmark` with this entry's options);
-        with ``tokenizer``, a chat template asked for is checked now."""
-        return load_benchmark(self.path or None, name=self.name, tokenizer=tokenizer, **self.options)
+        """The benchmark's items (`evomerge.benchmarks.load_benchmark` with this entry's options; its
+        ``sample`` of them where it names one); with ``tokenizer``, a chat template asked for is checked now."""
+        bench = load_benchmark(self.path or None, name=self.name, tokenizer=tokenizer, **self.options)
+        return bench if self.sample is None else bench.sampled(self.sample.n, self.sample.seed)
 
     def load_data(self):
         """The benchmark's unlabelled prompts (`DataSource`), read with the entry's own options."""
@@ -336,11 +346,13 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
         where = f"benchmarks[{index}]"
         if not isinstance(entry, dict):
             raise EvomergeError(f"{source}: {where} must be a mapping with name and path")
-        reader.reject_unknown(entry, {"name", "path", "weight", "data", *option_keys()}, where)
+        own = ("name", "path", "weight", "data", "sample")
+        reader.reject_unknown(entry, {*own, *option_keys()}, where)
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise EvomergeError(f"{source}: {where}.weight must be a positive number, got {weight!r}")
-        options = {k: copy.deepcopy(v) for k, v in entry.items() if k not in ("name", "path", "weight", "data")}
+        sample = _benchmark_sample(reader, entry.get("sample"), f"{where}.sample")
+        options = {k: copy.deepcopy(v) for k, v in entry.items() if k not in own}
         if "lm_eval" in entry:  # an lm-eval task: no path, the name defaults to the task's
             if "path" in entry:
                 raise EvomergeError(f"{source}: {where}.path: an lm_eval task reads its own dataset; give "
@@ -348,13 +360,13 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
             task = check_format(options, f"{source}: {where}").lm_eval
             name = reader.string(entry, "name", where) if "name" in entry else task.default_name
             data = _data_source(entry.get("data"), "", f"{source}: {where}.data")  # {split: train}: the task's
-            benchmarks.append(BenchmarkSpec(name, "", float(weight), options=options, data=data))
+            benchmarks.append(BenchmarkSpec(name, "", float(weight), options=options, data=data, sample=sample))
             continue
         name = reader.string(entry, "name", where)
         check_format(options, f"{source}: {where} ({name})")
         path = reader.string(entry, "path", where)
         data = _data_source(entry.get("data"), path, f"{source}: {where}.data")
-        benchmarks.append(BenchmarkSpec(name, path, float(weight), options=options, data=data))
+        benchmarks.append(BenchmarkSpec(name, path, float(weight), options=options, data=data, sample=sample))
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
         raise EvomergeError(f"{source}: benchmark names must be unique, got {names}")
@@ -587,6 +599,21 @@ def _data_source(value: Any, path: str, where: str) -> DataSource | None:
                                 "for their prompts on purpose (the transductive setting)")
         return DataSource(data_path, split)
     raise EvomergeError(f"{where} must be a file of prompts, {{split: NAME}}, {{path, split}} or self, got {value!r}")
+
+
+def _benchmark_sample(reader: "_Reader", value: Any, where: str) -> BenchmarkSample | None:
+    """A benchmark's ``sample:``: an item count, or ``{n, seed}``."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        reader.reject_unknown(value, {"n", "seed"}, where)
+        if "n" not in value:
+            raise EvomergeError(f"{reader.source}: {where} needs n (how many items to score)")
+        return BenchmarkSample(reader.integer(value, "n", where, default=0, minimum=1),
+                               reader.integer(value, "seed", where, default=0, minimum=0))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EvomergeError(f"{reader.source}: {where} must be an item count >= 1 or {{n: N, seed: S}}, got {value!r}")
+    return BenchmarkSample(value)
 
 
 def _data_settings(reader: "_Reader", section: Any) -> DataSettings:
