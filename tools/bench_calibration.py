@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--designs", default="all:8,all:4,4x60,4x120,4x250,8x60,8x120,8x250")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--sizes", default="10,20,40,100")
+    parser.add_argument("--dims", type=int, default=None, help="IRT dimensions (default: each check's own)")
     parser.add_argument("--sample", type=int, default=None, metavar="N",
                         help="calibrate and estimate on a benchmark sample of N items (the error still against every item)")
     parser.add_argument("--sample-seed", type=int, default=0, help="the benchmark sample's seed (with --sample)")
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
                 for size in sizes:
                     for seed in seeds:
                         e, n = design_errors(matrix, endpoints, extras, heldout, design, size, seed,
-                                             facts.get("strategy", "anchor-irt"), int(facts.get("dims", 2)),
+                                             facts.get("strategy", "anchor-irt"), args.dims or int(facts.get("dims", 2)),
                                              args.sample, args.sample_seed)
                         error[design][size][check.name].append(e)
                         answers[design][size].append(n)
