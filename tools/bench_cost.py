@@ -17,8 +17,6 @@ from the command's start to the first scored trial, and the demo's final table
 * ``full-calibration``: every calibration model on every item, the space's IRT dims, the race;
 * ``reuse``: the defaults, run after ``after`` on the same zoo: the item bank's
   parameters and subsets, the endpoints scored on the subsets only;
-* ``after-1-dim``: the defaults with a 1-dim IRT model (keeps the random-merge error of a sampled
-  calibration, docs/estimate.md);
 * ``sample-600``: the defaults with every benchmark entry at ``sample: 600`` (a first study
   of a large benchmark on a seeded random 600 of its items); its exported merge is then also
   scored on every item of the whole benchmarks, the figure the other designs' final table gives.
@@ -65,7 +63,6 @@ DESIGNS = {
     "after": ({"item_params": "fit"}, None),
     "after-8-merges": ({"item_params": "fit", "calibration_merges": 8}, None),
     "after-250": ({"item_params": "fit", "calibration_items": 250}, None),
-    "after-1-dim": ({"item_params": "fit", "dims": 1}, None),
     "full-calibration": ({"calibration_items": "all", "item_params": "fit"}, None),
     "reuse": ({}, None),
     "sample-600": ({"item_params": "fit"}, None),
