@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--bench", nargs="+", help="benchmark jsonl files or local datasets")
     source.add_argument("--space", help="use the benchmarks of this search space YAML or run folder")
+    evaluate.add_argument("--whole", action="store_true",
+                          help="with --space: every item of the benchmarks it studies on a sample (sample: N)")
     evaluate.add_argument("--batch-size", type=at_least(1), default=128)
     evaluate.add_argument("--records", metavar="DIR",
                           help="write each item's answer (prompt, generation, extracted answer, target, correct) to "
@@ -388,14 +390,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from evomerge.evaluation import benchmarks_for, evaluate_models, print_accuracy_table, space_base
+    from evomerge.evaluation import accuracy_title, benchmarks_for, evaluate_models, print_accuracy_table, space_base
 
-    benchmarks = benchmarks_for(args.bench, args.space)
+    benchmarks = benchmarks_for(args.bench, args.space, whole=args.whole)
     models = {Path(m).name: m for m in args.model}
     records = {name: Path(args.records) / name if args.records else Path(path) / "eval" for name, path in models.items()}
     base = space_base(args.space) if args.space else None  # a LoRA adapter is merged into the space's base
     results = evaluate_models(models, benchmarks, batch_size=args.batch_size, records=records, base=base)
-    print_accuracy_table(results, list(benchmarks))
+    print_accuracy_table(results, list(benchmarks), title=accuracy_title(benchmarks))
     print(f"per-item answers: {', '.join(str(folder) for folder in records.values())}", file=sys.stderr)
     return 0
 

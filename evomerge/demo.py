@@ -17,7 +17,7 @@ from rich.table import Table
 from evomerge.console import full_width_console, say
 from evomerge.errors import EvomergeError
 from evomerge.estimate import ResponseMatrix, responses_path
-from evomerge.evaluation import evaluate_models, print_accuracy_table
+from evomerge.evaluation import accuracy_title, evaluate_models, print_accuracy_table
 from evomerge.merge import Recipe
 from evomerge.search.costs import CostLedger, print_costs
 from evomerge.search.records import Ranking, StudyKey
@@ -158,7 +158,7 @@ def run_demo(space_path: str | Path = "search_spaces/demo.yaml", trials: int | N
             ledger.add(items=n_items, models=1)
     study.set_user_attr(StudyKey.FINAL_TABLE, results)  # what tools/bench_cost.py reports
     tasks = list(benchmarks)
-    print_accuracy_table(results, tasks, title=f"full-benchmark accuracy ({sum(len(b.items) for b in benchmarks.values())} items)")
+    print_accuracy_table(results, tasks, title=accuracy_title(benchmarks))
     print_normalized_table(results, tasks, list(space.experts))
 
     def mean(scores):

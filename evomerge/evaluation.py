@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -24,10 +25,11 @@ def space_base(space: str) -> str:
     return _space(space).base
 
 
-def benchmarks_for(paths: list[str] | None, space: str | None) -> dict[str, Benchmark]:
-    """Benchmarks named on the command line, or those of a search space / run folder."""
+def benchmarks_for(paths: list[str] | None, space: str | None, whole: bool = False) -> dict[str, Benchmark]:
+    """Benchmarks named on the command line, or those of a search space / run folder (``whole``: every
+    item of those the space studies on a ``sample:``)."""
     if space:
-        return {b.name: b.load() for b in _space(space).benchmarks}
+        return {b.name: (dataclasses.replace(b, sample=None) if whole else b).load() for b in _space(space).benchmarks}
     benchmarks = {}
     for path in paths or []:
         bench = load_benchmark(path)
@@ -66,6 +68,15 @@ def evaluate_models(models: dict, benchmarks: dict[str, Benchmark], batch_size: 
                 write_records(Path(folder) / f"{bench_name}.jsonl", scored.records)
             results[name][bench_name] = float(scored.correct.mean())
     return results
+
+
+def accuracy_title(benchmarks: dict[str, Benchmark]) -> str:
+    """What an accuracy table measured: every item, or (a space's ``sample:``) which samples."""
+    samples = [f"{name} {len(b.items)} of {b.sampled_from}" for name, b in benchmarks.items() if b.sampled_from]
+    total = sum(len(b.items) for b in benchmarks.values())
+    if not samples:
+        return f"full-benchmark accuracy ({total} items)"
+    return f"accuracy on the benchmarks' samples ({total} items; {', '.join(samples)}: `eval --whole` for every item)"
 
 
 def print_accuracy_table(results: dict[str, dict[str, float]], tasks: list[str], title: str = "full-benchmark accuracy") -> None:

@@ -160,3 +160,26 @@ def test_validation_races_the_top_trials_on_a_sample_of_the_items(zoo_dir, tmp_p
     assert "validated accuracy (a race on a sample of the items)" in (exported / "README.md").read_text()
     assert study_costs(open_existing_study(run))["validation"].items == spent.items  # nothing scored twice
     assert not any(k.startswith(StudyKey.FULL_ACCURACY) for k in study.user_attrs)
+
+
+def test_a_benchmark_sample_is_what_the_whole_study_scores(zoo_dir, tmp_path, capsys):
+    """``sample: N``: calibration, trials and the race see N items, the endpoints answer N each (a first study
+    of a large benchmark costs what N items cost), and `eval --whole` scores every item of the space's files."""
+    space = small_space(zoo_dir, tmp_path / "space.yaml", name="sampled", items=120,
+                        estimator={"calibration_merges": 2, "calibration_items": 15})
+    raw = load_search_space(space).raw
+    raw["benchmarks"] = [{**entry, "sample": 40} for entry in raw["benchmarks"]]
+    space.write_text(json.dumps(raw))
+    _search(space, tmp_path / "runs")
+    run = tmp_path / "runs" / "sampled"
+    study = open_existing_study(run)
+    assert study_costs(study)["calibration"].items == 3 * 40 * 2 + 2 * (10 + 15) * 2  # 40, not 120, per endpoint
+    assert all(SubsetEstimator.load(estimator_path(run, entry["name"])).n_total == 40 for entry in raw["benchmarks"])
+    assert main(["validate", str(run), "--top", "2"]) == 0
+    assert all(sum(v["items"].values()) <= 2 * 40 for v in sampled_validations(open_existing_study(run)).values())
+    expert = str(zoo_dir / "experts" / raw["benchmarks"][0]["name"])
+    capsys.readouterr()
+    assert main(["eval", expert, "--space", str(run), "--records", str(tmp_path / "a")]) == 0
+    assert "accuracy on the benchmarks' samples (80 items;" in " ".join(capsys.readouterr().out.split())
+    assert main(["eval", expert, "--space", str(run), "--whole", "--records", str(tmp_path / "b")]) == 0
+    assert "full-benchmark accuracy (240 items)" in " ".join(capsys.readouterr().out.split())

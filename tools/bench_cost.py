@@ -51,8 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge.demo import moved_to_zoo  # noqa: E402
-from evomerge.evaluation import evaluate_models  # noqa: E402
-from evomerge.search.space import load_search_space  # noqa: E402
+from evomerge.evaluation import benchmarks_for, evaluate_models  # noqa: E402
 from evomerge.search.costs import PHASES, SEARCH_OVERHEAD, study_costs  # noqa: E402
 from evomerge.search.records import StudyKey, complete_trials  # noqa: E402
 from evomerge.search.runs import open_existing_study  # noqa: E402
@@ -114,7 +113,7 @@ def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path,
     evolved = table.get("evolved (exported)", {})
     on_sample = evolved if design in SAMPLES else None
     if design in SAMPLES:  # the final table measured the sample: measure the export on every item too
-        whole = {b.name: b.load() for b in load_search_space(space_variant(space, "after", out, zoo=zoo)).benchmarks}
+        whole = benchmarks_for(None, str(variant), whole=True)
         evolved = evaluate_models({"evolved": ROOT / "runs" / name / "best"}, whole)["evolved"]
     load = os.getloadavg()
     return {"design": design, "run": name, "zoo_seed": zoo_seed, "optimizer_seed": optimizer_seed, "wall_s": round(wall, 1),

@@ -81,6 +81,7 @@ class Benchmark:
     kind: str | None = None
     settings: Any = None
     prompting: Prompting = field(default_factory=Prompting)
+    sampled_from: int | None = None   # a sample (`sampled`): how many items the whole benchmark has
 
     def __post_init__(self) -> None:
         if not self.items:
@@ -106,7 +107,7 @@ class Benchmark:
         if n >= len(self.items):
             return self
         keep = sample_indices(len(self.items), n, seed)
-        return dataclasses.replace(self, items=[self.items[i] for i in keep],
+        return dataclasses.replace(self, items=[self.items[i] for i in keep], sampled_from=len(self.items),
                                    source=f"{self.source}, a random {n} of its {len(self.items)} items (seed {seed})")
 
 
