@@ -230,8 +230,8 @@ class Calibration:
         if endpoint_answers > LARGE_BENCHMARK_RATIO * self.space.trials * sizes[0]:
             scorer.say(f"the endpoints' {endpoint_answers:,} answers are {endpoint_answers / (self.space.trials * sizes[0]):.0f}"
                        f"x what {self.space.trials} trials answer: a benchmark entry's `sample: N` studies a random "
-                       "N of its items, item parameters from a file or a later study's bank skip this "
-                       "(docs/search.md, \"What a search costs\")")
+                       "N of its items; item parameters from a file (estimator.item_params) or from the item "
+                       "bank (a second study of these items) skip it (docs/search.md, \"What a search costs\")")
         matrix = scorer.score(self._endpoints(), None)
         subsets = None if full else subsets_from_responses(
             matrix.subset([n for n in endpoints if n in matrix.model_names]), sizes, strategy, seed, dims)
