@@ -226,10 +226,10 @@ class Calibration:
                    + (f"{self.space.calibration_merges} calibration merges too" if full else
                       f"{self.space.calibration_merges} calibration merges on the subsets' items and "
                       f"{self.space.calibration_items} others each"))
-        endpoint_answers = len(endpoints) * scorer.matrix.n_items
-        if endpoint_answers > LARGE_BENCHMARK_RATIO * self.space.trials * sizes[0]:
-            scorer.say(f"the endpoints' {endpoint_answers:,} answers are {endpoint_answers / (self.space.trials * sizes[0]):.0f}"
-                       f"x what {self.space.trials} trials answer: a benchmark entry's `sample: N` studies a random "
+        endpoint_answers, trial_answers = len(endpoints) * scorer.matrix.n_items, self.space.trials * sizes[0]
+        if endpoint_answers > LARGE_BENCHMARK_RATIO * trial_answers:
+            scorer.say(f"the endpoints' {endpoint_answers:,} answers are {endpoint_answers / trial_answers:.0f}x "
+                       f"what {self.space.trials} trials answer: a benchmark entry's `sample: N` studies a random "
                        "N of its items; item parameters from a file (estimator.item_params) or from the item "
                        "bank (a second study of these items) skip it (docs/search.md, \"What a search costs\")")
         matrix = scorer.score(self._endpoints(), None)
