@@ -72,21 +72,19 @@ def sampled_items(matrix: ResponseMatrix, n: int | None, seed: int = 0) -> Respo
                           matrix.benchmark, None if matrix.observed is None else matrix.observed[:, keep])
 
 
-def design_errors(matrix: ResponseMatrix, endpoints: list[str], extras: list[str], heldout: list[str],
-                  design: str, size: int, seed: int, strategy: str, dims: int,
-                  sample: int | None = None, sample_seed: int = 0) -> tuple[float, int]:
-    """gmp-IRT's mean absolute error on the held-out models (against their accuracy on every item), and
-    the answers the design needed; with ``sample``, calibrated and estimated on that sample of the items."""
-    full = matrix
-    matrix = sampled_items(matrix, sample, sample_seed)
+def design_errors(matrix: ResponseMatrix, endpoints: list[str], extras: list[str], heldout: dict[str, float],
+                  design: str, size: int, seed: int, strategy: str, dims: int) -> tuple[float, int]:
+    """gmp-IRT's mean absolute error on the held-out models (``heldout``: name -> accuracy on every item of the
+    whole benchmark), calibrated and estimated on ``matrix`` (the benchmark, or its sample); and the answers
+    the design needed."""
     merges, items = parse_design(design)
     if merges > len(extras):
         raise EvomergeError(f"design {design} needs {merges} extra models; {matrix.benchmark} has {len(extras)}")
     estimator, answers = fit_design(matrix, endpoints + extras[:merges], endpoints, [size], strategy, seed, dims,
                                     items, None)
     indices = estimator.stage_indices(0)
-    errors = [abs(estimator.predict(matrix.row(name)[indices], METHOD, stage=0) - full.row(name).mean())
-              for name in heldout]
+    errors = [abs(estimator.predict(matrix.row(name)[indices], METHOD, stage=0) - truth)
+              for name, truth in heldout.items()]
     return float(np.mean(errors)), answers
 
 
@@ -115,17 +113,17 @@ def main(argv=None) -> int:
     for check in checks:
         facts = check_facts(check)
         for path in sorted((check / "responses").glob("*.npz")):
-            matrix = ResponseMatrix.load(path)
-            names = matrix.model_names
+            whole = ResponseMatrix.load(path)
+            names = whole.model_names
             endpoints = [n for n in names if n == "base" or n.startswith("expert:")]
             extras = [n for n in names if n.startswith("extra")]
-            heldout = [n for n in names if n.startswith("heldout")]
+            heldout = {n: float(whole.row(n).mean()) for n in names if n.startswith("heldout")}
+            studied = sampled_items(whole, args.sample, args.sample_seed)
+            strategy, dims = facts.get("strategy", "anchor-irt"), args.dims or int(facts.get("dims", 2))
             for design in designs:
                 for size in sizes:
                     for seed in seeds:
-                        e, n = design_errors(matrix, endpoints, extras, heldout, design, size, seed,
-                                             facts.get("strategy", "anchor-irt"), args.dims or int(facts.get("dims", 2)),
-                                             args.sample, args.sample_seed)
+                        e, n = design_errors(studied, endpoints, extras, heldout, design, size, seed, strategy, dims)
                         error[design][size][check.name].append(e)
                         answers[design][size].append(n)
             print(f"{check.name}/{path.stem}: {len(designs)} designs x {len(sizes)} sizes x {len(seeds)} seeds "

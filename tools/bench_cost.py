@@ -57,23 +57,21 @@ from evomerge.search.records import StudyKey, complete_trials  # noqa: E402
 from evomerge.search.runs import open_existing_study  # noqa: E402
 from evomerge.search.validate import validate_top_trials  # noqa: E402
 
-DESIGNS = {
-    "before": ({"calibration_items": "all", "item_params": "fit", "dims": 2}, "all"),
-    "after": ({"item_params": "fit"}, None),
-    "after-8-merges": ({"item_params": "fit", "calibration_merges": 8}, None),
-    "after-250": ({"item_params": "fit", "calibration_items": 250}, None),
-    "full-calibration": ({"calibration_items": "all", "item_params": "fit"}, None),
-    "reuse": ({}, None),
-    "sample-600": ({"item_params": "fit"}, None),
+DESIGNS = {  # design -> (estimator keys, demo --validate-items, each benchmark entry's sample: or None)
+    "before": ({"calibration_items": "all", "item_params": "fit", "dims": 2}, "all", None),
+    "after": ({"item_params": "fit"}, None, None),
+    "after-8-merges": ({"item_params": "fit", "calibration_merges": 8}, None, None),
+    "after-250": ({"item_params": "fit", "calibration_items": 250}, None, None),
+    "full-calibration": ({"calibration_items": "all", "item_params": "fit"}, None, None),
+    "reuse": ({}, None, None),
+    "sample-600": ({"item_params": "fit"}, None, 600),
 }
-SAMPLES = {"sample-600": 600}
-"""Designs that study each benchmark on a sample of this many items (a benchmark entry's ``sample:``)."""
 
 
 def space_variant(space: Path, design: str, out: Path, optimizer_seed: int | None = None,
                   zoo: str | None = None) -> Path:
     raw = yaml.safe_load(space.read_text())
-    estimator, _ = DESIGNS[design]
+    estimator, _, sample = DESIGNS[design]
     raw["name"] = f"{raw.get('name', space.stem)}-{design}"
     if zoo is not None:
         raw = moved_to_zoo(raw, "runs/zoo", zoo)  # e.g. a 5,000-item build
@@ -82,8 +80,8 @@ def space_variant(space: Path, design: str, out: Path, optimizer_seed: int | Non
         raw["optimizer"] = {**(raw.get("optimizer") or {}), "seed": optimizer_seed}
         raw["name"] += f"-opt{optimizer_seed}"
     raw["estimator"] = {**(raw.get("estimator") or {}), **estimator}
-    if design in SAMPLES:
-        raw["benchmarks"] = [{**entry, "sample": SAMPLES[design]} for entry in raw["benchmarks"]]
+    if sample is not None:
+        raw["benchmarks"] = [{**entry, "sample": sample} for entry in raw["benchmarks"]]
     path = out / f"{raw['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -96,8 +94,9 @@ def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path,
     name = yaml.safe_load(variant.read_text())["name"] + (f"-seed{zoo_seed}" if zoo_seed else "")
     command = [sys.executable, "-m", "evomerge.cli", "demo", "--space", str(variant), "--no-progress",
                "--zoo-seed", str(zoo_seed)]
-    if DESIGNS[design][1]:
-        command += ["--validate-items", DESIGNS[design][1]]
+    _, validate_items, sample = DESIGNS[design]
+    if validate_items:
+        command += ["--validate-items", validate_items]
     if trials:
         command += ["--trials", str(trials)]
     started_at = datetime.datetime.now()
@@ -111,8 +110,8 @@ def run(space: Path, design: str, zoo_seed: int, trials: int | None, out: Path,
     costs = {phase: cost.to_dict() for phase, cost in study_costs(study).items()}
     table = study.user_attrs.get(StudyKey.FINAL_TABLE, {})
     evolved = table.get("evolved (exported)", {})
-    on_sample = evolved if design in SAMPLES else None
-    if design in SAMPLES:  # the final table measured the sample: measure the export on every item too
+    on_sample = evolved if sample is not None else None
+    if sample is not None:  # the final table measured the sample: measure the export on every item too
         whole = benchmarks_for(None, str(variant), whole=True)
         evolved = evaluate_models({"evolved": ROOT / "runs" / name / "best"}, whole)["evolved"]
     load = os.getloadavg()
