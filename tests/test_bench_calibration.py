@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,15 +11,12 @@ import pytest
 from evomerge.errors import EvomergeError
 from evomerge.estimate import ResponseMatrix, responses_path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tool_modules import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_calibration", REPO_ROOT / "tools" / "bench_calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_calibration")
 
 
 def _check_folder(folder: Path, n_items: int = 120, n_extra: int = 4, n_heldout: int = 5) -> Path:

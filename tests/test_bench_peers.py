@@ -3,22 +3,17 @@ mergekit reads, the evomerge space evomerge reads, and the CMA-ES budget that ma
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tool_modules import load_tool
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", REPO_ROOT / "tools" / "bench_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_peers")
 
 
 def _args(tmp_path, **overrides):
