@@ -404,9 +404,10 @@ def cmd_eval(args) -> int:
 
 def cmd_estimate_check(args) -> int:
     from evomerge.estimate.check import main as check_main
+    from evomerge.search.space_check import space_models
 
     rest = args.args[1:] if args.args[:1] == ["--"] else args.args
-    return check_main(rest)
+    return check_main(rest, space_models=space_models)
 
 
 def cmd_make_zoo(args) -> int:

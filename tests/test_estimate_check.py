@@ -5,9 +5,15 @@ import json
 import numpy as np
 import pytest
 
+from evomerge.cli import main as evomerge_main
 from evomerge.estimate.check import main, run_estimate_check
 from evomerge.estimate.estimators import METHODS, SubsetEstimator
-from evomerge.estimate.responses import ResponseMatrix, responses_path
+from evomerge.estimate.responses import ResponseMatrix, responses_path, score_model
+from evomerge.search.calibration import random_genome
+from evomerge.search.candidates import make_builder
+from evomerge.search.space import load_search_space
+from evomerge.search.space_check import space_models
+from small_space import small_space
 
 
 @pytest.fixture
@@ -63,7 +69,41 @@ def test_cli_reports_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("separator", [[], ["--"]])
 def test_evomerge_cli_passes_options_through(tmp_path, capsys, separator):
-    from evomerge.cli import main as evomerge_main
-
     assert evomerge_main(["estimate-check", *separator, "--zoo", str(tmp_path / "nozoo")]) == 2
     assert "not a model zoo" in capsys.readouterr().err
+
+
+def test_a_check_on_a_search_space_scores_random_genomes_of_its_own_genes(zoo_dir, tmp_path, capsys):
+    """`--space`: the endpoints are the space's base and experts, the merges random genomes of its genes
+    (here TIES with a weight per expert and layer group), on its benchmarks."""
+    path = small_space(zoo_dir, tmp_path / "space.yaml", name="checked",
+                       merge={"granularity": "layer_group", "layer_groups": 2})
+    out = tmp_path / "check"
+    assert evomerge_main(["estimate-check", "--space", str(path), "--out", str(out), "--n-heldout", "2",
+                          "--n-extra", "1", "--sizes", "10", "--n-timing", "0"]) == 0
+    table = json.loads((out / "estimate_check.json").read_text())
+    space = load_search_space(path)
+    assert table["facts"]["space"] == str(path) and table["facts"]["tasks"] == [b.name for b in space.benchmarks]
+    matrix = ResponseMatrix.load(responses_path(out, space.benchmarks[0].name))
+    assert matrix.model_names == ["base", *(f"expert:{e}" for e in space.expert_names), "extra00", "heldout00",
+                                  "heldout01"]
+    assert matrix.n_items == 60
+    # the held-out merges are the space's genomes, drawn apart from the extra ones, and scored as the search scores them
+    models = space_models(path, n_extra=1, n_heldout=2, seed=0)
+    genomes = {name: spec["genome"] for name, role, spec in models.specs if role != "endpoint"}
+    builder = make_builder(space)
+    assert set(genomes["heldout00"]) == set(builder.genome) and genomes["heldout00"] != genomes["extra00"]
+    assert genomes["heldout00"] == random_genome(builder.genome, np.random.default_rng(0 + 1_000_003))
+    bench = space.benchmarks[0].load()
+    answers = score_model(builder.candidate(genomes["heldout01"]).model, builder.tokenizer, bench)
+    assert (answers == matrix.row("heldout01")).all()
+    # an endpoint is the checkpoint itself
+    expert = space.expert_names[0]
+    answers = score_model(builder.checkpoint_model(space.experts[expert]), builder.tokenizer, bench)
+    assert (answers == matrix.row(f"expert:{expert}")).all()
+    capsys.readouterr()
+
+
+def test_space_option_needs_the_search_package(tmp_path, capsys):
+    assert main(["--space", str(tmp_path / "space.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "evomerge estimate-check --space" in capsys.readouterr().err

@@ -4,7 +4,10 @@
 expert's task and any composite one) and subset size on the zoo's endpoint models (base + experts, plus optional extra random merges),
 then scores ``n_heldout`` other random task-arithmetic merges on every item and
 compares each estimator's prediction (from the subset answers only) with the
-true full accuracy. It reports the mean absolute error per estimator and size
+true full accuracy. The models come from a `CheckModels`: `zoo_models` (global
+task-arithmetic merges of a zoo's experts, weights uniform in [0, 1]) or
+`evomerge.search.space_check.space_models` (random genomes of a search space: the
+merges its own search scores, per layer group, with its method and bounds). It reports the mean absolute error per estimator and size
 (per task, their mean, and the worst task), how often each estimator's interval
 covers the true accuracy, and what the subset saves: items scored and wall time
 (full / subset).
@@ -18,7 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -49,6 +52,38 @@ def _model_specs(tasks, n_extra, n_heldout, seed):
     rng = np.random.default_rng(seed + 1_000_003)
     specs += [(f"heldout{i:02d}", "heldout", _random_weights(rng, n)) for i in range(n_heldout)]
     return specs
+
+
+@dataclasses.dataclass
+class CheckModels:
+    """What a check scores: its benchmarks, its models in order (endpoints first), and how to make each."""
+
+    benches: dict[str, Any]                 # benchmark name -> Benchmark
+    specs: list[tuple[str, str, Any]]       # (name, role: endpoint | extra | heldout, what `model_for` takes)
+    model_for: Callable[[Any], Any]         # the model of one spec's third field (made in place, valid until the next)
+    tokenizer: Any
+    facts: dict                             # where the models came from, for the table's facts
+
+
+def zoo_models(zoo_dir: str | Path, n_extra: int, n_heldout: int, seed: int, device: str | None = None) -> CheckModels:
+    """A zoo's base and experts, and random global task-arithmetic merges of its experts (weights in [0, 1])."""
+    zoo_dir = Path(zoo_dir)
+    manifest = load_zoo_manifest(zoo_dir)
+    experts = list(manifest["tasks"])
+    # every benchmark of the zoo: the experts' tasks and any composite one (zoo v4), with its scoring keys
+    bench_files = manifest.get("bench") or {t: f"bench/{t}.jsonl" for t in experts}
+    options = manifest.get("benchmarks") or {}
+    benches = {t: load_benchmark(zoo_dir / bench_files[t], name=t, **options.get(t, {})) for t in bench_files}
+    core = MergeCore(zoo_dir / manifest.get("base", "base"), [zoo_dir / manifest["experts"][t] for t in experts],
+                     device=device)
+    model, tokenizer = core.new_model()
+
+    def merged(weights):
+        core.merge_into(model, Recipe(method="task_arithmetic", params={"weight": weights}), seed=seed)
+        return model
+
+    return CheckModels(benches, _model_specs(experts, n_extra, n_heldout, seed), merged, tokenizer,
+                       {"zoo": str(zoo_dir), "profile": manifest.get("profile")})
 
 
 def fit_design(matrix: ResponseMatrix, fit_names, endpoint_names, sizes, strategy, seed, dims,
@@ -202,6 +237,7 @@ def run_estimate_check(
     calibration_items: int | None = None,
     item_params: str | Path | None = None,
     reuse: str | Path | None = None,
+    models: CheckModels | None = None,
 ) -> EstimateCheckTable:
     """Score endpoints + merges of the zoo, fit estimators, report held-out MAE per size.
 
@@ -220,28 +256,16 @@ def run_estimate_check(
     each fit needed are in the facts. ``reuse``: another check's folder, whose estimators
     are reused as a later study reuses the item bank's (item parameters, subsets and mixes
     kept; only the endpoints' abilities fitted, from their answers on the subsets' items).
+    ``models``: what to score instead of ``zoo_dir``'s global task-arithmetic merges (`CheckModels`).
     """
     if n_heldout < 1:
         raise EvomergeError(f"n_heldout must be >= 1, got {n_heldout}")
-    zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     sizes = sorted(set(sizes))
-    manifest = load_zoo_manifest(zoo_dir)
-    experts = list(manifest["tasks"])
-    # every benchmark of the zoo: the experts' tasks and any composite one (zoo v4), with its scoring keys
-    bench_files = manifest.get("bench") or {t: f"bench/{t}.jsonl" for t in experts}
-    options = manifest.get("benchmarks") or {}
-    tasks = list(bench_files)
-    benches = {t: load_benchmark(zoo_dir / bench_files[t], name=t, **options.get(t, {})) for t in tasks}
-    expert_paths = [zoo_dir / manifest["experts"][t] for t in experts]
-    specs = _model_specs(experts, n_extra, n_heldout, seed)
+    models = models if models is not None else zoo_models(zoo_dir, n_extra, n_heldout, seed, device)
+    benches, specs, tokenizer = models.benches, models.specs, models.tokenizer
+    tasks = list(benches)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-
-    core = MergeCore(zoo_dir / manifest.get("base", "base"), expert_paths, device=device)
-    model, tokenizer = core.new_model()
-
-    def merged(weights):
-        core.merge_into(model, Recipe(method="task_arithmetic", params={"weight": weights}), seed=seed)
-        return model
 
     # 1. full responses of every model (cached, so reruns and resumed checks are cheap)
     matrices = {}
@@ -253,8 +277,8 @@ def run_estimate_check(
         todo = [t for t in tasks if name not in matrices[t].model_names]
         if not todo:
             continue
-        say(f"scoring {name} ({role}, weights {weights}) on {', '.join(todo)}")
-        merged(weights)
+        say(f"scoring {name} ({role}{'' if isinstance(weights, dict) else f', weights {weights}'}) on {', '.join(todo)}")
+        model = models.model_for(weights)
         for t in todo:
             row = score_model(model, tokenizer, benches[t], batch_size=batch_size)
             matrices[t] = matrices[t].with_model(name, row)
@@ -323,7 +347,7 @@ def run_estimate_check(
     full_runs, subset_runs = [], {size: [] for size in sizes}
     mismatches = 0  # subset scoring must reproduce the full scoring's answers on those items
     for name, weights in heldout[:max(0, n_timing)]:
-        merged(weights)
+        model = models.model_for(weights)
         started = time.perf_counter()
         for t in tasks:
             score_model(model, tokenizer, benches[t], batch_size=batch_size)
@@ -342,7 +366,7 @@ def run_estimate_check(
             row["time_ratio"] = full_seconds / subset_seconds[row["size"]]
 
     facts = {
-        "zoo": str(zoo_dir), "profile": manifest.get("profile"), "tasks": tasks,
+        **models.facts, "tasks": tasks,
         "fit_models": len(fit_names), "endpoints": len(endpoint_names), "heldout_models": len(heldout),
         "strategy": strategy, "dims": dims, "seed": seed, "nested": nested, "level": level,
         "calibration_items": calibration_items, "item_params": None if item_params is None else str(item_params),
@@ -369,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evomerge estimate-check",
         description="Mean absolute error of each subset estimator on held-out random merges of the zoo.")
     parser.add_argument("--zoo", default="runs/zoo", help="model zoo folder (tools/make_zoo.py)")
+    parser.add_argument("--space", default=None,
+                        help="a search space YAML: its base and experts, and random genomes of its own genes as the "
+                             "extra and held-out merges, on its benchmarks (instead of --zoo's global "
+                             "task-arithmetic merges)")
     parser.add_argument("--out", default="runs/estimate-check", help="folder for responses, estimators, table")
     parser.add_argument("--n-heldout", type=int, default=20, help="held-out random merges scored fully")
     parser.add_argument("--n-extra", type=int, default=0, help="extra random merges added to the IRT fit")
@@ -395,8 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``evomerge estimate-check`` entry point; returns the exit code (2 on bad input)."""
+SpaceModels = Callable[..., CheckModels]
+"""(space path, n_extra, n_heldout, seed) -> the models of ``--space`` (`evomerge.search.space_check`)."""
+
+
+def main(argv: Sequence[str] | None = None, space_models: SpaceModels | None = None) -> int:
+    """``evomerge estimate-check`` entry point; returns the exit code (2 on bad input). ``space_models``: what
+    ``--space`` draws its models with (the command line passes the search package's; this package is below it)."""
     args = build_parser().parse_args(argv)
     try:
         sizes = tuple(int(s) for s in str(args.sizes).split(",") if s.strip())
@@ -406,11 +439,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --sizes must be positive integers separated by commas, got {args.sizes!r}", file=sys.stderr)
         return 2
     try:
+        models = None
+        if args.space is not None:
+            if space_models is None:
+                raise EvomergeError("--space needs the search package: run it as `evomerge estimate-check --space ...`")
+            models = space_models(args.space, n_extra=args.n_extra, n_heldout=args.n_heldout, seed=args.seed)
         run_estimate_check(args.zoo, args.out, n_heldout=args.n_heldout, sizes=sizes, seed=args.seed,
                            n_extra=args.n_extra, strategy=args.strategy, dims=args.dims,
                            batch_size=args.batch_size, device=args.device, nested=args.nested, level=args.level,
                            n_timing=args.n_timing, calibration_items=args.calibration_items,
-                           item_params=args.item_params, reuse=args.reuse)
+                           item_params=args.item_params, reuse=args.reuse, models=models)
     except EvomergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -66,6 +66,12 @@ def staged_items(subsets: list[Subset]) -> np.ndarray:
     return np.unique(np.concatenate(items)) if items else np.zeros(0, dtype=np.int64)
 
 
+def random_genome(bounds: dict, rng: np.random.Generator) -> dict:
+    """One genome drawn uniformly: each gene within its (low, high), a categorical one among its choices."""
+    return {name: str(rng.choice(list(b))) if isinstance(b, Choices) else float(rng.uniform(*b))
+            for name, b in bounds.items()}
+
+
 class Calibration:
     """The calibration of one run: which models it scores on which items, what it depends on, and the
     estimators it fits. ``bank``: where item parameters are kept between studies (default: beside the run)."""
@@ -81,11 +87,7 @@ class Calibration:
     def genomes(self) -> dict[str, dict[str, float]]:
         """Random in-space merges whose answers sharpen the IRT item parameters and fit the mixes."""
         rng = np.random.default_rng(self.space.seed + 7919)
-        def draw(bounds):
-            return str(rng.choice(list(bounds))) if isinstance(bounds, Choices) else float(rng.uniform(*bounds))
-
-        return {f"calib{i}": {n: draw(b) for n, b in self.builder.genome.items()}
-                for i in range(self.space.calibration_merges)}
+        return {f"calib{i}": random_genome(self.builder.genome, rng) for i in range(self.space.calibration_merges)}
 
     def endpoint_names(self) -> list[str]:
         return ["base", *self.space.expert_names, *self.builder.extra_endpoints()]

@@ -1,0 +1,40 @@
+"""The estimate-check on a search space's own merges (`evomerge estimate-check --space SPACE`).
+
+The zoo check's merges are global task-arithmetic ones, a weight per expert in
+[0, 1]; a search scores per-group genomes of its own method and bounds (weights
+up to 1.5, DARE masks, a data-flow path), whose answers an estimator may predict
+better or worse. Here the endpoints are the space's base and experts, loaded as
+calibration loads them, and the extra and held-out merges are random genomes of
+its genes, drawn as calibration draws its merges, scored on the space's benchmarks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from evomerge.estimate.check import CheckModels
+from evomerge.search.calibration import random_genome
+from evomerge.search.candidates import make_builder
+from evomerge.search.space import load_search_space
+
+
+def space_models(space_path: str | Path, n_extra: int, n_heldout: int, seed: int) -> CheckModels:
+    """The check's models for one space: base and experts, then ``n_extra`` and ``n_heldout`` random
+    genomes (seeded apart, so more extra merges never change the held-out ones)."""
+    space = load_search_space(space_path)
+    builder = make_builder(space)
+    checkpoints = {"base": space.base, **{f"expert:{name}": path for name, path in space.experts.items()}}
+    specs = [(name, "endpoint", {"checkpoint": str(path)}) for name, path in checkpoints.items()]
+    for role, count, offset in (("extra", n_extra, 0), ("heldout", n_heldout, 1_000_003)):
+        rng = np.random.default_rng(seed + offset)
+        specs += [(f"{role}{i:02d}", role, {"genome": random_genome(builder.genome, rng)}) for i in range(count)]
+
+    def model_for(spec: dict):
+        if "checkpoint" in spec:
+            return builder.checkpoint_model(spec["checkpoint"])
+        return builder.candidate(spec["genome"]).model
+
+    benches = {b.name: b.load() for b in space.benchmarks}
+    return CheckModels(benches, specs, model_for, builder.tokenizer, {"space": str(space_path)})
