@@ -84,6 +84,7 @@ def test_a_check_on_a_search_space_scores_random_genomes_of_its_own_genes(zoo_di
     table = json.loads((out / "estimate_check.json").read_text())
     space = load_search_space(path)
     assert table["facts"]["space"] == str(path) and table["facts"]["tasks"] == [b.name for b in space.benchmarks]
+    assert table["facts"]["endpoint_names"] == ["base", *(f"expert:{e}" for e in space.expert_names)]
     matrix = ResponseMatrix.load(responses_path(out, space.benchmarks[0].name))
     assert matrix.model_names == ["base", *(f"expert:{e}" for e in space.expert_names), "extra00", "heldout00",
                                   "heldout01"]

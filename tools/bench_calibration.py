@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         for path in sorted((check / "responses").glob("*.npz")):
             whole = ResponseMatrix.load(path)
             names = whole.model_names
-            endpoints = [n for n in names if n == "base" or n.startswith("expert:")]
+            endpoints = facts.get("endpoint_names") or [n for n in names if n == "base" or n.startswith("expert:")]
             extras = [n for n in names if n.startswith("extra")]
             heldout = {n: float(whole.row(n).mean()) for n in names if n.startswith("heldout")}
             studied = sampled_items(whole, args.sample, args.sample_seed)

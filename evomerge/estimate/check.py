@@ -367,7 +367,8 @@ def run_estimate_check(
 
     facts = {
         **models.facts, "tasks": tasks,
-        "fit_models": len(fit_names), "endpoints": len(endpoint_names), "heldout_models": len(heldout),
+        "fit_models": len(fit_names), "endpoints": len(endpoint_names), "endpoint_names": endpoint_names,
+        "heldout_models": len(heldout),
         "strategy": strategy, "dims": dims, "seed": seed, "nested": nested, "level": level,
         "calibration_items": calibration_items, "item_params": None if item_params is None else str(item_params),
         "reuse": None if reuse is None else str(reuse),

@@ -21,12 +21,15 @@ from evomerge.search.space import load_search_space
 
 
 def space_models(space_path: str | Path, n_extra: int, n_heldout: int, seed: int) -> CheckModels:
-    """The check's models for one space: base and experts, then ``n_extra`` and ``n_heldout`` random
-    genomes (seeded apart, so more extra merges never change the held-out ones)."""
+    """The check's models for one space: the endpoints calibration uses (base, experts, a data-flow
+    search's finished runs), then ``n_extra`` and ``n_heldout`` random genomes (seeded apart, so more
+    extra merges never change the held-out ones)."""
     space = load_search_space(space_path)
     builder = make_builder(space)
     checkpoints = {"base": space.base, **{f"expert:{name}": path for name, path in space.experts.items()}}
     specs = [(name, "endpoint", {"checkpoint": str(path)}) for name, path in checkpoints.items()]
+    in_memory = builder.extra_endpoints()
+    specs += [(name, "endpoint", {"in_memory": name}) for name in in_memory]
     for role, count, offset in (("extra", n_extra, 0), ("heldout", n_heldout, 1_000_003)):
         rng = np.random.default_rng(seed + offset)
         specs += [(f"{role}{i:02d}", role, {"genome": random_genome(builder.genome, rng)}) for i in range(count)]
@@ -34,6 +37,8 @@ def space_models(space_path: str | Path, n_extra: int, n_heldout: int, seed: int
     def model_for(spec: dict):
         if "checkpoint" in spec:
             return builder.checkpoint_model(spec["checkpoint"])
+        if "in_memory" in spec:
+            return in_memory[spec["in_memory"]]
         return builder.candidate(spec["genome"]).model
 
     benches = {b.name: b.load() for b in space.benchmarks}
