@@ -7,10 +7,10 @@ compares each estimator's prediction (from the subset answers only) with the
 true full accuracy. The models come from a `CheckModels`: `zoo_models` (global
 task-arithmetic merges of a zoo's experts, weights uniform in [0, 1]) or
 `evomerge.search.space_check.space_models` (random genomes of a search space: the
-merges its own search scores, per layer group, with its method and bounds). It reports the mean absolute error per estimator and size
-(per task, their mean, and the worst task), how often each estimator's interval
-covers the true accuracy, and what the subset saves: items scored and wall time
-(full / subset).
+merges its own search scores, per layer group, with its method and bounds). It
+reports the mean absolute error per estimator and size (per task, their mean,
+and the worst task), how often each estimator's interval covers the true
+accuracy, and what the subset saves: items scored and wall time (full / subset).
 """
 
 from __future__ import annotations
