@@ -49,8 +49,9 @@ def test_designs_answers_and_rows(bench, tmp_path, capsys):
 
 
 def test_bad_designs_are_named(bench, tmp_path):
-    with pytest.raises(EvomergeError, match="use all:N, NxM or endpoints"):
-        bench.parse_design("4y60")
+    for bad in ("4y60", "4x60+again", "all:4+refit"):
+        with pytest.raises(EvomergeError, match="use all:N, NxM, NxM\\+refit or endpoints"):
+            bench.parse_design(bad)
     check = _check_folder(tmp_path / "check", n_extra=2)
     with pytest.raises(EvomergeError, match="needs 4 extra models"):
         bench.main(["--checks", str(check), "--designs", "all:4", "--seeds", "0", "--sizes", "10"])
@@ -67,3 +68,32 @@ def test_a_benchmark_sample_calibrates_on_its_items_only(bench, tmp_path):
     rows = {r["design"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["all:4"]["answers"] == 7 * 60 and rows["2x20"]["answers"] == 3 * 60 + 2 * (10 + 20)
     assert rows["all:4"]["sample"] == 60
+
+
+def test_trials_refitted_in_are_the_other_folds_held_out_merges(bench, tmp_path, monkeypatch):
+    """``NxM+refit``: each held-out merge is predicted by a fit that holds the other folds' merges on the subset's
+    items only (a search's trials), never its own answers; their answers are not calibration's."""
+    check = _check_folder(tmp_path / "check", n_heldout=8)
+    real, seen = bench.fit_design, []
+
+    def spy(matrix, fit_names, endpoint_names, sizes, strategy, seed, dims, items, params, trial_names=()):
+        estimator, answers = real(matrix, fit_names, endpoint_names, sizes, strategy, seed, dims, items, params,
+                                  trial_names=trial_names)
+        seen.append((list(trial_names), answers))
+        return estimator, answers
+
+    monkeypatch.setattr(bench, "fit_design", spy)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--checks", str(check), "--designs", "2x30,2x30+refit", "--seeds", "0", "--sizes", "10",
+                       "--out", str(out)]) == 0
+    rows = {r["design"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["2x30+refit"]["answers"] == rows["2x30"]["answers"] == 3 * 120 + 2 * (10 + 30)
+    plain, folds = seen[0], seen[1:]
+    assert plain[0] == [] and len(folds) == bench.REFIT_FOLDS
+    heldout = [f"heldout{i:02d}" for i in range(8)]
+    for trials, _ in folds:  # four folds of two: each fit holds the six others
+        assert len(trials) == 6 and set(trials) < set(heldout)
+    assert sorted(n for n in heldout for trials, _ in folds if n not in trials) == heldout
+    with pytest.raises(EvomergeError, match="calibration on less only"):
+        real(ResponseMatrix.load(responses_path(check, "synthetic")), ["base"], ["base"], [10], "anchor-irt", 0, 2,
+             None, None, trial_names=["heldout00"])

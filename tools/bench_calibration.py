@@ -15,7 +15,10 @@ each held-out merge's accuracy on **every** item: the estimator's own error and
 the sample's together.
 
 Designs: ``all:N`` (N calibration merges on every item), ``NxM`` (N merges on the
-subset's items and M random others each), ``endpoints`` (no merge). The merges
+subset's items and M random others each), ``endpoints`` (no merge), ``NxM+refit``
+(NxM, then the check's other held-out merges refitted in with their answers on the
+subset only, as a search's trials would be if calibration refitted as they arrive:
+the held-out merges in four folds, each predicted by a fit holding the other three). The merges
 are the check's first N extra models, so its run needs ``--n-extra`` >= the
 largest N:
 
@@ -44,16 +47,21 @@ from evomerge.estimate.check import fit_design  # noqa: E402
 METHOD = "gmpirt"
 
 
-def parse_design(text: str) -> tuple[int, int | None]:
-    """(calibration merges, items beyond the subset each; None: every item)."""
+REFIT_FOLDS = 4
+"""``NxM+refit``: the held-out merges in this many folds, each predicted with the others refitted in as trials."""
+
+
+def parse_design(text: str) -> tuple[int, int | None, bool]:
+    """(calibration merges, items beyond the subset each (None: every item), whether trials are refitted in)."""
     if text == "endpoints":
-        return 0, None
-    if text.startswith("all:"):
-        return int(text[4:]), None
-    merges, _, items = text.partition("x")
-    if not (merges.isdigit() and items.isdigit()):
-        raise EvomergeError(f"design {text!r}: use all:N, NxM or endpoints")
-    return int(merges), int(items)
+        return 0, None, False
+    if text.startswith("all:") and text[4:].isdigit():
+        return int(text[4:]), None, False
+    sampled, _, refit = text.partition("+")
+    merges, _, items = sampled.partition("x")
+    if not (merges.isdigit() and items.isdigit()) or refit not in ("", "refit"):
+        raise EvomergeError(f"design {text!r}: use all:N, NxM, NxM+refit or endpoints")
+    return int(merges), int(items), bool(refit)
 
 
 def check_facts(check: Path) -> dict:
@@ -77,14 +85,20 @@ def design_errors(matrix: ResponseMatrix, endpoints: list[str], extras: list[str
     """gmp-IRT's mean absolute error on the held-out models (``heldout``: name -> accuracy on every item of the
     whole benchmark), calibrated and estimated on ``matrix`` (the benchmark, or its sample); and the answers
     the design needed."""
-    merges, items = parse_design(design)
+    merges, items, refit = parse_design(design)
     if merges > len(extras):
         raise EvomergeError(f"design {design} needs {merges} extra models; {matrix.benchmark} has {len(extras)}")
-    estimator, answers = fit_design(matrix, endpoints + extras[:merges], endpoints, [size], strategy, seed, dims,
-                                    items, None)
-    indices = estimator.stage_indices(0)
-    errors = [abs(estimator.predict(matrix.row(name)[indices], METHOD, stage=0) - truth)
-              for name, truth in heldout.items()]
+    names = list(heldout)
+    # refit: each fold of held-out merges predicted by a fit that also has the other folds' subset answers
+    folds = np.array_split(np.arange(len(names)), REFIT_FOLDS) if refit else [np.arange(len(names))]
+    errors = []
+    for fold in folds:
+        trials = [n for i, n in enumerate(names) if refit and i not in fold]
+        estimator, answers = fit_design(matrix, endpoints + extras[:merges], endpoints, [size], strategy, seed,
+                                        dims, items, None, trial_names=trials)
+        indices = estimator.stage_indices(0)
+        errors += [abs(estimator.predict(matrix.row(names[i])[indices], METHOD, stage=0) - heldout[names[i]])
+                   for i in fold]
     return float(np.mean(errors)), answers
 
 

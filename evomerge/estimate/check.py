@@ -87,12 +87,16 @@ def zoo_models(zoo_dir: str | Path, n_extra: int, n_heldout: int, seed: int, dev
 
 
 def fit_design(matrix: ResponseMatrix, fit_names, endpoint_names, sizes, strategy, seed, dims,
-                calibration_items: int | None, params: ItemParams | None):
+                calibration_items: int | None, params: ItemParams | None, trial_names: Sequence[str] = ()):
     """One estimator fitted as a search would calibrate: every fit model on every item (the default);
     with ``calibration_items``, the extra merges on the stages' items (chosen from the endpoints) and
     that many random other items each; with ``params``, the item parameters fixed and the endpoints
-    scored on the stages' items only. Returns the estimator and the item evaluations it needed."""
-    fit = matrix.subset(fit_names)
+    scored on the stages' items only. ``trial_names``: models refitted in with their answers on the
+    stages' items only, as a search's trials would be if calibration refitted as they arrive (their
+    answers are theirs, not calibration's). Returns the estimator and the item evaluations it needed."""
+    if trial_names and calibration_items is None and params is None:
+        raise EvomergeError("trials are refitted into a calibration on less only (calibration_items or params)")
+    fit = matrix.subset([*fit_names, *trial_names])
     if calibration_items is None and params is None:
         return (fit_subset_estimator(fit, None, endpoint_names, sizes, strategy, seed, dims),
                 len(fit_names) * fit.n_items)
@@ -108,9 +112,9 @@ def fit_design(matrix: ResponseMatrix, fit_names, endpoint_names, sizes, strateg
     samples = sample_items(fit.n_items, np.flatnonzero(staged), len(extras),
                            fit.n_items if calibration_items is None else calibration_items, seed)
     observed = []
-    for name in fit_names:
+    for name in fit.model_names:
         seen = np.ones(fit.n_items, dtype=bool)
-        if name in endpoint_names and params is not None:
+        if name in trial_names or (name in endpoint_names and params is not None):
             seen = staged.copy()
         elif name in extras and calibration_items is not None:
             seen = staged.copy()
@@ -119,7 +123,7 @@ def fit_design(matrix: ResponseMatrix, fit_names, endpoint_names, sizes, strateg
     observed = np.stack(observed)
     estimator = fit_subset_estimator(fit, None, endpoint_names, sizes, strategy, seed, dims, observed=observed,
                                      subsets=subsets, item_params=item_params)
-    return estimator, int(observed.sum())
+    return estimator, int(observed[: len(fit_names)].sum())
 
 
 def _reused(source: Path, task: str, sizes, matrix: ResponseMatrix, endpoint_names) -> tuple[SubsetEstimator, int]:
