@@ -80,7 +80,7 @@ def test_a_check_on_a_search_space_scores_random_genomes_of_its_own_genes(zoo_di
                        merge={"granularity": "layer_group", "layer_groups": 2})
     out = tmp_path / "check"
     assert evomerge_main(["estimate-check", "--space", str(path), "--out", str(out), "--n-heldout", "2",
-                          "--n-extra", "1", "--sizes", "10", "--n-timing", "0"]) == 0
+                          "--n-extra", "1", "--sizes", "10", "--n-timing", "0", "--device", "cpu"]) == 0
     table = json.loads((out / "estimate_check.json").read_text())
     space = load_search_space(path)
     assert table["facts"]["space"] == str(path) and table["facts"]["tasks"] == [b.name for b in space.benchmarks]

@@ -424,12 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-timing", type=int, default=3, help="held-out merges timed full vs subset (0: no timing)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda if available; with --space, the space's own device)")
     return parser
 
 
 SpaceModels = Callable[..., CheckModels]
-"""(space path, n_extra, n_heldout, seed) -> the models of ``--space`` (`evomerge.search.space_check`)."""
+"""(space path, n_extra, n_heldout, seed, device) -> the models of ``--space`` (`evomerge.search.space_check`)."""
 
 
 def main(argv: Sequence[str] | None = None, space_models: SpaceModels | None = None) -> int:
@@ -448,7 +449,8 @@ def main(argv: Sequence[str] | None = None, space_models: SpaceModels | None = N
         if args.space is not None:
             if space_models is None:
                 raise EvomergeError("--space needs the search package: run it as `evomerge estimate-check --space ...`")
-            models = space_models(args.space, n_extra=args.n_extra, n_heldout=args.n_heldout, seed=args.seed)
+            models = space_models(args.space, n_extra=args.n_extra, n_heldout=args.n_heldout, seed=args.seed,
+                                  device=args.device)
         run_estimate_check(args.zoo, args.out, n_heldout=args.n_heldout, sizes=sizes, seed=args.seed,
                            n_extra=args.n_extra, strategy=args.strategy, dims=args.dims,
                            batch_size=args.batch_size, device=args.device, nested=args.nested, level=args.level,

@@ -10,6 +10,7 @@ its genes, drawn as calibration draws its merges, scored on the space's benchmar
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,14 @@ from evomerge.search.candidates import make_builder
 from evomerge.search.space import load_search_space
 
 
-def space_models(space_path: str | Path, n_extra: int, n_heldout: int, seed: int) -> CheckModels:
+def space_models(space_path: str | Path, n_extra: int, n_heldout: int, seed: int,
+                 device: str | None = None) -> CheckModels:
     """The check's models for one space: the endpoints calibration uses (base, experts, a data-flow
     search's finished runs), then ``n_extra`` and ``n_heldout`` random genomes (seeded apart, so more
-    extra merges never change the held-out ones)."""
+    extra merges never change the held-out ones). ``device``: instead of the space's own."""
     space = load_search_space(space_path)
+    if device is not None:
+        space = dataclasses.replace(space, device=device)
     builder = make_builder(space)
     checkpoints = {"base": space.base, **{f"expert:{name}": path for name, path in space.experts.items()}}
     specs = [(name, "endpoint", {"checkpoint": str(path)}) for name, path in checkpoints.items()]
