@@ -396,7 +396,8 @@ def run_estimate_check(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge estimate-check",
-        description="Mean absolute error of each subset estimator on held-out random merges of the zoo.")
+        description="Mean absolute error of each subset estimator on held-out random merges of the zoo "
+                    "(or random genomes of a search space, --space).")
     parser.add_argument("--zoo", default="runs/zoo", help="model zoo folder (tools/make_zoo.py)")
     parser.add_argument("--space", default=None,
                         help="a search space YAML: its base and experts, and random genomes of its own genes as the "
