@@ -5,7 +5,10 @@ The zoo check's merges are global task-arithmetic ones, a weight per expert in
 up to 1.5, DARE masks, a data-flow path), whose answers an estimator may predict
 better or worse. Here the endpoints are the space's base and experts, loaded as
 calibration loads them, and the extra and held-out merges are random genomes of
-its genes, drawn as calibration draws its merges, scored on the space's benchmarks.
+its genes, drawn as calibration draws its merges, scored on the space's benchmarks
+(a benchmark's ``sample:`` is what is scored and what the error is against;
+``tools/bench_calibration.py --sample N`` measures a sampled study against every
+item, from a check of the whole benchmark).
 """
 
 from __future__ import annotations
