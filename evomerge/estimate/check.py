@@ -42,6 +42,11 @@ def _random_weights(rng: np.random.Generator, n_experts: int) -> list[float]:
     return [round(float(w), 4) for w in rng.uniform(0.0, 1.0, n_experts)]
 
 
+HELDOUT_SEED_OFFSET = 1_000_003
+"""The held-out merges are drawn from ``seed`` + this, the extra ones from ``seed``: more extra merges never
+change the held-out ones (zoo and space checks alike)."""
+
+
 def _model_specs(tasks, n_extra, n_heldout, seed):
     """(name, role, weights) for endpoints, extra fit merges and held-out merges."""
     n = len(tasks)
@@ -49,7 +54,7 @@ def _model_specs(tasks, n_extra, n_heldout, seed):
     specs += [(f"expert:{t}", "endpoint", [1.0 if i == k else 0.0 for i in range(n)]) for k, t in enumerate(tasks)]
     rng = np.random.default_rng(seed)
     specs += [(f"extra{i:02d}", "extra", _random_weights(rng, n)) for i in range(n_extra)]
-    rng = np.random.default_rng(seed + 1_000_003)
+    rng = np.random.default_rng(seed + HELDOUT_SEED_OFFSET)
     specs += [(f"heldout{i:02d}", "heldout", _random_weights(rng, n)) for i in range(n_heldout)]
     return specs
 

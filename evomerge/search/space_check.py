@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evomerge.estimate.check import CheckModels
+from evomerge.estimate.check import HELDOUT_SEED_OFFSET, CheckModels
 from evomerge.search.calibration import random_genome
 from evomerge.search.candidates import make_builder
 from evomerge.search.space import load_search_space
@@ -37,7 +37,7 @@ def space_models(space_path: str | Path, n_extra: int, n_heldout: int, seed: int
     specs = [(name, "endpoint", {"checkpoint": str(path)}) for name, path in checkpoints.items()]
     in_memory = builder.extra_endpoints()
     specs += [(name, "endpoint", {"in_memory": name}) for name in in_memory]
-    for role, count, offset in (("extra", n_extra, 0), ("heldout", n_heldout, 1_000_003)):
+    for role, count, offset in (("extra", n_extra, 0), ("heldout", n_heldout, HELDOUT_SEED_OFFSET)):
         rng = np.random.default_rng(seed + offset)
         specs += [(f"{role}{i:02d}", role, {"genome": random_genome(builder.genome, rng)}) for i in range(count)]
 
