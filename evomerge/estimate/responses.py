@@ -3,7 +3,7 @@
 The IRT fit, the subset extraction and the error check all start from this
 matrix; it is saved as ``.npz`` (bool matrix + model names + item ids) so a
 resumed study never re-scores the endpoint models. Scoring itself (log-likelihood
-multiple choice or greedy exact match, batched) is ``evomerge.benchmarks.score_items``.
+multiple choice or greedy exact match, batched) is ``evomerge.benchmarks.score_records``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from evomerge.benchmarks import score_items
+from evomerge.benchmarks import score_records
 from evomerge.errors import EvomergeError
 from evomerge.files import write_bytes_atomic
 
@@ -28,6 +28,8 @@ class ResponseMatrix:
     ``observed[i, j]`` says whether model i was scored on item j at all (None: every
     model on every item). Calibration scores its random merges on a sample of the
     items only; an unobserved answer is stored as False and never read as one.
+    ``margins[i, j]``: model i's log-likelihood margin on item j where its benchmark's
+    kind gives one (`Scored.margins`), NaN where unknown; None when no model has any.
     """
 
     correct: np.ndarray
@@ -35,6 +37,7 @@ class ResponseMatrix:
     item_ids: list[str]
     benchmark: str = ""
     observed: np.ndarray | None = None
+    margins: np.ndarray | None = None
 
     def __post_init__(self):
         self.correct = np.asarray(self.correct)
@@ -57,6 +60,12 @@ class ResponseMatrix:
                 self.observed = None
             else:
                 self.correct = self.correct & self.observed
+        if self.margins is not None:
+            self.margins = np.asarray(self.margins, dtype=np.float64).reshape(rows, cols).copy()
+            if self.observed is not None:
+                self.margins[~self.observed] = np.nan
+            if np.isnan(self.margins).all():
+                self.margins = None
 
     @classmethod
     def empty(cls, item_ids: list[str], benchmark: str = "") -> "ResponseMatrix":
@@ -89,19 +98,36 @@ class ResponseMatrix:
     def rows(self, names: Iterable[str]) -> np.ndarray:
         return np.stack([self.row(n) for n in names]) if names else np.zeros((0, self.n_items), bool)
 
+    def margin_row(self, name: str) -> np.ndarray:
+        """``name``'s margins (NaN where unknown)."""
+        self.row(name)
+        if self.margins is None:
+            return np.full(self.n_items, np.nan)
+        return self.margins[self.model_names.index(name)]
+
+    def margin_rows(self, names: Iterable[str]) -> np.ndarray | None:
+        """The margins of ``names`` (None when this matrix has none)."""
+        names = list(names)
+        if self.margins is None or not names:
+            return None
+        return np.stack([self.margin_row(n) for n in names])
+
     def subset(self, names: Iterable[str]) -> "ResponseMatrix":
-        """The rows of ``names``, in that order, observed masks kept."""
+        """The rows of ``names``, in that order, observed masks and margins kept."""
         names = list(names)
         observed = np.stack([self.observed_row(n) for n in names]) if names else None
-        return ResponseMatrix(self.rows(names), names, self.item_ids, self.benchmark, observed)
+        return ResponseMatrix(self.rows(names), names, self.item_ids, self.benchmark, observed,
+                              self.margin_rows(names))
 
     def accuracy(self) -> dict[str, float]:
         """Each model's accuracy on the items it was scored on."""
         return {m: float(r[o].mean()) if o.any() else float("nan")
                 for m, r, o in zip(self.model_names, self.correct, self.mask)}
 
-    def with_model(self, name: str, correct: np.ndarray, observed: np.ndarray | None = None) -> "ResponseMatrix":
-        """A copy with ``name``'s row added (or replaced); ``observed``: the items it was scored on (all if None)."""
+    def with_model(self, name: str, correct: np.ndarray, observed: np.ndarray | None = None,
+                   margins: np.ndarray | None = None) -> "ResponseMatrix":
+        """A copy with ``name``'s row added (or replaced); ``observed``: the items it was scored on (all if None);
+        ``margins``: its margins on every item (NaN where unknown; None: none)."""
         row = as_correctness(correct, f"responses of {name!r}").ravel()
         if row.shape[0] != self.n_items:
             raise EvomergeError(f"responses of {name!r} cover {row.shape[0]} items, benchmark has {self.n_items}")
@@ -111,19 +137,28 @@ class ResponseMatrix:
         names = [m for m in self.model_names if m != name]
         kept = self.rows(names) if names else np.zeros((0, self.n_items), bool)
         masks = np.stack([self.observed_row(n) for n in names]) if names else np.zeros((0, self.n_items), bool)
+        margin_row = np.full(self.n_items, np.nan) if margins is None else np.asarray(margins, np.float64).ravel()
+        if margin_row.shape[0] != self.n_items:
+            raise EvomergeError(f"margins of {name!r} cover {margin_row.shape[0]} items, benchmark has {self.n_items}")
+        kept_margins = (self.margin_rows(names) if self.margins is not None and names
+                        else np.full((len(names), self.n_items), np.nan))
         return ResponseMatrix(np.vstack([kept, row[None]]), names + [name], self.item_ids, self.benchmark,
-                              np.vstack([masks, seen[None]]))
+                              np.vstack([masks, seen[None]]), np.vstack([kept_margins, margin_row[None]]))
 
-    def with_answers(self, name: str, indices: Iterable[int], correct: Iterable[bool]) -> "ResponseMatrix":
-        """A copy where ``name`` (added if new) also answered the items at ``indices``."""
+    def with_answers(self, name: str, indices: Iterable[int], correct: Iterable[bool],
+                     margins: Iterable[float] | None = None) -> "ResponseMatrix":
+        """A copy where ``name`` (added if new) also answered the items at ``indices`` (with these margins)."""
         indices = np.asarray(list(indices), dtype=np.int64)
         if name in self.model_names:
             row, seen = self.row(name).copy(), self.observed_row(name).copy()
+            margin_row = self.margin_row(name).copy()
         else:
             row, seen = np.zeros(self.n_items, dtype=bool), np.zeros(self.n_items, dtype=bool)
+            margin_row = np.full(self.n_items, np.nan)
         row[indices] = as_correctness(np.asarray(list(correct)), f"answers of {name!r}")
         seen[indices] = True
-        return self.with_model(name, row, seen)
+        margin_row[indices] = np.nan if margins is None else np.asarray(list(margins), dtype=np.float64)
+        return self.with_model(name, row, seen, margin_row)
 
     def to_bytes(self) -> bytes:
         """The matrix as a compressed ``.npz`` (the run folder's file, the study's stored blob)."""
@@ -132,6 +167,8 @@ class ResponseMatrix:
                       item_ids=np.array(self.item_ids, dtype=str), benchmark=np.array(self.benchmark))
         if self.observed is not None:
             arrays["observed"] = self.observed
+        if self.margins is not None:
+            arrays["margins"] = self.margins.astype(np.float32)
         np.savez_compressed(buffer, **arrays)
         return buffer.getvalue()
 
@@ -141,8 +178,9 @@ class ResponseMatrix:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
                 observed = arrays["observed"].astype(bool) if "observed" in arrays.files else None
+                margins = arrays["margins"].astype(np.float64) if "margins" in arrays.files else None
                 return cls(arrays["correct"].astype(bool), list(arrays["model_names"]),
-                           list(arrays["item_ids"]), str(arrays["benchmark"]), observed)
+                           list(arrays["item_ids"]), str(arrays["benchmark"]), observed, margins)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise EvomergeError(f"cannot read responses {where}: {exc}") from exc
 
@@ -215,11 +253,12 @@ def check_labels(bench: Any) -> None:
 
 
 def score_model(model: Any, tokenizer: Any, bench: Any, indices: np.ndarray | None = None,
-                batch_size: int = 64) -> np.ndarray:
-    """Correctness of one model on ``bench`` (or the ``indices`` items), as a bool vector."""
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """Correctness of one model on ``bench`` (or the ``indices`` items), as a bool vector, and its
+    margins where the benchmark's kind gives them (else None)."""
     check_labels(bench)
-    correct = score_items(model, tokenizer, bench, indices=indices, batch_size=batch_size)
-    return as_correctness(correct, "scored answers")
+    scored = score_records(model, tokenizer, bench, indices=indices, batch_size=batch_size, records=False)
+    return as_correctness(scored.correct, "scored answers"), scored.margins
 
 
 def collect_responses(
@@ -246,7 +285,8 @@ def collect_responses(
     for model_name, model, tokenizer in named_models:
         if model_name in matrix.model_names:
             continue
-        matrix = matrix.with_model(model_name, score_model(model, tokenizer, bench, batch_size=batch_size))
+        correct, margins = score_model(model, tokenizer, bench, batch_size=batch_size)
+        matrix = matrix.with_model(model_name, correct, margins=margins)
         if path is not None:
             matrix.save(path)
     return matrix

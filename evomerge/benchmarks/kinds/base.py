@@ -61,10 +61,14 @@ class ScoringContext:
 
 @dataclass
 class Scored:
-    """Per-item correctness, and the per-item records (for the jsonl) when they were asked for."""
+    """Per-item correctness, the per-item records (for the jsonl) when they were asked for, and
+    the per-item margins where the kind has them: how far the right answer's log-likelihood lies
+    above the best wrong one's (positive iff correct). The margin estimator reads a merge's skill
+    from these far more precisely than from right/wrong alone."""
 
     correct: np.ndarray
     records: list[dict] | None = None
+    margins: np.ndarray | None = None
 
 
 class ItemKind:

@@ -75,14 +75,17 @@ class MultipleChoice(ItemKind):
         run_batches(ctx.model, MULTIPLE_CHOICE, len(owners), rows_per_batch, step)
         correct = np.zeros(len(items), dtype=bool)
         chosen = np.zeros(len(items), dtype=int)
+        margins = np.zeros(len(items), dtype=np.float64)
         offset = 0
         for i, item in enumerate(items):
             n = len(item.choices)
-            chosen[i] = int(np.argmax(loglik[offset : offset + n]))
+            scores = loglik[offset : offset + n]
+            chosen[i] = int(np.argmax(scores))
             correct[i] = chosen[i] == item.label
+            margins[i] = scores[item.label] - np.delete(scores, item.label).max()
             offset += n
         if not records:
-            return Scored(correct)
+            return Scored(correct, margins=margins)
         rows, offset = [], 0
         for item, ok, pick in zip(items, correct, chosen):
             n = len(item.choices)
@@ -90,4 +93,4 @@ class MultipleChoice(ItemKind):
                          "target": item.label, "correct": bool(ok), "choices": list(item.choices),
                          "loglik": [round(float(v), 4) for v in loglik[offset : offset + n]]})
             offset += n
-        return Scored(correct, rows)
+        return Scored(correct, rows, margins)
