@@ -96,11 +96,12 @@ def test_a_check_on_a_search_space_scores_random_genomes_of_its_own_genes(zoo_di
     assert set(genomes["heldout00"]) == set(builder.genome) and genomes["heldout00"] != genomes["extra00"]
     assert genomes["heldout00"] == random_genome(builder.genome, np.random.default_rng(0 + 1_000_003))
     bench = space.benchmarks[0].load()
-    answers = score_model(builder.candidate(genomes["heldout01"]).model, builder.tokenizer, bench)
+    answers, margins = score_model(builder.candidate(genomes["heldout01"]).model, builder.tokenizer, bench)
     assert (answers == matrix.row("heldout01")).all()
+    assert np.allclose(margins, matrix.margin_row("heldout01"), atol=1e-4) and ((margins > 0) == answers).all()
     # an endpoint is the checkpoint itself
     expert = space.expert_names[0]
-    answers = score_model(builder.checkpoint_model(space.experts[expert]), builder.tokenizer, bench)
+    answers, _ = score_model(builder.checkpoint_model(space.experts[expert]), builder.tokenizer, bench)
     assert (answers == matrix.row(f"expert:{expert}")).all()
     capsys.readouterr()
 

@@ -42,9 +42,10 @@ sys.path.insert(0, str(ROOT))
 from evomerge.benchmarks.items import sample_indices  # noqa: E402
 from evomerge.errors import EvomergeError  # noqa: E402
 from evomerge.estimate import ResponseMatrix  # noqa: E402
+from evomerge.estimate import METHODS  # noqa: E402
 from evomerge.estimate.check import fit_design  # noqa: E402
 
-METHOD = "gmpirt"
+DEFAULT_METHOD = "gmpirt"
 
 
 REFIT_FOLDS = 4
@@ -77,12 +78,14 @@ def sampled_items(matrix: ResponseMatrix, n: int | None, seed: int = 0) -> Respo
         return matrix
     keep = sample_indices(matrix.n_items, n, seed)
     return ResponseMatrix(matrix.correct[:, keep], matrix.model_names, [matrix.item_ids[i] for i in keep],
-                          matrix.benchmark, None if matrix.observed is None else matrix.observed[:, keep])
+                          matrix.benchmark, None if matrix.observed is None else matrix.observed[:, keep],
+                          None if matrix.margins is None else matrix.margins[:, keep])
 
 
 def design_errors(matrix: ResponseMatrix, endpoints: list[str], extras: list[str], heldout: dict[str, float],
-                  design: str, size: int, seed: int, strategy: str, dims: int) -> tuple[float, int]:
-    """gmp-IRT's mean absolute error on the held-out models (``heldout``: name -> accuracy on every item of the
+                  design: str, size: int, seed: int, strategy: str, dims: int,
+                  methods: tuple[str, ...] = (DEFAULT_METHOD,)) -> tuple[dict[str, float], int]:
+    """Each method's (gmp-IRT's) mean absolute error on the held-out models (``heldout``: name -> accuracy on every item of the
     whole benchmark), calibrated and estimated on ``matrix`` (the benchmark, or its sample); and the answers
     the design needed."""
     merges, items, refit = parse_design(design)
@@ -91,15 +94,18 @@ def design_errors(matrix: ResponseMatrix, endpoints: list[str], extras: list[str
     names = list(heldout)
     # refit: each fold of held-out merges predicted by a fit that also has the other folds' subset answers
     folds = np.array_split(np.arange(len(names)), REFIT_FOLDS) if refit else [np.arange(len(names))]
-    errors = []
+    errors = {method: [] for method in methods}
     for fold in folds:
         trials = [n for i, n in enumerate(names) if refit and i not in fold]
         estimator, answers = fit_design(matrix, endpoints + extras[:merges], endpoints, [size], strategy, seed,
                                         dims, items, None, trial_names=trials)
         indices = estimator.stage_indices(0)
-        errors += [abs(estimator.predict(matrix.row(names[i])[indices], METHOD, stage=0) - heldout[names[i]])
-                   for i in fold]
-    return float(np.mean(errors)), answers
+        for i in fold:
+            found = estimator.predict_all(matrix.row(names[i])[indices], methods, stage=0,
+                                          subset_margins=matrix.margin_row(names[i])[indices])
+            for method in methods:
+                errors[method].append(abs(found[method] - heldout[names[i]]))
+    return {method: float(np.mean(e)) for method, e in errors.items()}, answers
 
 
 def main(argv=None) -> int:
@@ -112,18 +118,26 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", type=int, default=None, metavar="N",
                         help="calibrate and estimate on a benchmark sample of N items (the error still against every item)")
     parser.add_argument("--sample-seed", type=int, default=0, help="the benchmark sample's seed (with --sample)")
+    parser.add_argument("--methods", default=DEFAULT_METHOD,
+                        help="comma-separated estimators (gmpirt, margin, ...: evomerge.estimate.METHODS)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     checks = [Path(c) for c in args.checks.split(",")]
     designs = args.designs.split(",")
     for design in designs:
         parse_design(design)
+    methods = tuple(args.methods.split(","))
+    for method in methods:
+        if method not in METHODS:
+            raise EvomergeError(f"unknown estimator {method!r}; choose among {', '.join(METHODS)}")
+    # a row per design, or per design and estimator when several are compared
+    labels = {(d, m): d if len(methods) == 1 else f"{d} {m}" for d in designs for m in methods}
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
     started = time.perf_counter()
     # error[design][size][check] = per benchmark and seed; answers[design][size] likewise
-    error = {d: {s: {c.name: [] for c in checks} for s in sizes} for d in designs}
-    answers = {d: {s: [] for s in sizes} for d in designs}
+    error = {d: {s: {c.name: [] for c in checks} for s in sizes} for d in labels.values()}
+    answers = {d: {s: [] for s in sizes} for d in labels.values()}
     for check in checks:
         facts = check_facts(check)
         for path in sorted((check / "responses").glob("*.npz")):
@@ -137,9 +151,11 @@ def main(argv=None) -> int:
             for design in designs:
                 for size in sizes:
                     for seed in seeds:
-                        e, n = design_errors(studied, endpoints, extras, heldout, design, size, seed, strategy, dims)
-                        error[design][size][check.name].append(e)
-                        answers[design][size].append(n)
+                        found, n = design_errors(studied, endpoints, extras, heldout, design, size, seed, strategy,
+                                                 dims, methods)
+                        for method, e in found.items():
+                            error[labels[design, method]][size][check.name].append(e)
+                            answers[labels[design, method]][size].append(n)
             print(f"{check.name}/{path.stem}: {len(designs)} designs x {len(sizes)} sizes x {len(seeds)} seeds "
                   f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     names = [c.name for c in checks]
@@ -152,7 +168,7 @@ def main(argv=None) -> int:
     print("|---" * (len(names) + 4) + "|")
     rows = []
     for size in sizes:
-        for design in designs:
+        for design in labels.values():
             per_check = [float(np.mean(error[design][size][n])) for n in names]
             mean = float(np.mean(per_check))
             rows.append({"design": design, "size": size, "per_check": dict(zip(names, per_check)), "all": mean,

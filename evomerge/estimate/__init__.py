@@ -8,7 +8,7 @@ The search calls, per benchmark::
     acc = est.predict(score_items(model, tok, bench, indices=est.indices), method="gmpirt")
 """
 
-from evomerge.estimate.estimators import (METHODS, SubsetEstimator, fit_abilities, fit_subset_estimator,
+from evomerge.estimate.estimators import (DEFAULT_METHOD, METHODS, SubsetEstimator, fit_abilities, fit_subset_estimator,
                                          subsets_from_item_params, subsets_from_responses)
 from evomerge.estimate.extract import STRATEGIES, Subset, extract_subset, sample_items
 from evomerge.estimate.irt import IRTFit, IRTPriors, estimate_theta, fit_irt
@@ -16,7 +16,7 @@ from evomerge.estimate.item_params import ItemParams, benchmark_key
 from evomerge.estimate.responses import ResponseMatrix, collect_responses, responses_path, score_model
 
 __all__ = [
-    "METHODS", "STRATEGIES", "IRTFit", "IRTPriors", "ItemParams", "ResponseMatrix", "Subset", "SubsetEstimator",
+    "DEFAULT_METHOD", "METHODS", "STRATEGIES", "IRTFit", "IRTPriors", "ItemParams", "ResponseMatrix", "Subset", "SubsetEstimator",
     "benchmark_key", "collect_responses", "estimate_theta", "extract_subset", "fit_irt", "fit_subset_estimator",
     "fit_abilities", "responses_path", "sample_items", "score_model", "subsets_from_item_params",
     "subsets_from_responses",

@@ -289,8 +289,8 @@ def run_estimate_check(
         say(f"scoring {name} ({role}{'' if isinstance(weights, dict) else f', weights {weights}'}) on {', '.join(todo)}")
         model = models.model_for(weights)
         for t in todo:
-            row = score_model(model, tokenizer, benches[t], batch_size=batch_size)
-            matrices[t] = matrices[t].with_model(name, row)
+            row, margins = score_model(model, tokenizer, benches[t], batch_size=batch_size)
+            matrices[t] = matrices[t].with_model(name, row, margins=margins)
             matrices[t].save(responses_path(out_dir, t))
 
     fit_names = [n for n, role, _ in specs if role != "heldout"]
@@ -325,7 +325,9 @@ def run_estimate_check(
             est, stage = estimators_by_size[size][t]
             indices = est.stage_indices(stage)
             truth = np.array([matrices[t].row(n).mean() for n, _ in heldout])
-            found = [est.estimate_all(matrices[t].row(n)[indices], stage=stage, level=level) for n, _ in heldout]
+            found = [est.estimate_all(matrices[t].row(n)[indices], stage=stage, level=level,
+                                      subset_margins=matrices[t].margin_row(n)[indices])
+                     for n, _ in heldout]
             for m in METHODS:
                 errors[m].append(np.abs(np.array([f[m].value for f in found]) - truth))
                 covered[m].append(np.array([f[m].low - 1e-9 <= x <= f[m].high + 1e-9 for f, x in zip(found, truth)]))
@@ -364,7 +366,7 @@ def run_estimate_check(
         for size in sizes:
             started = time.perf_counter()
             indices = {t: estimators_by_size[size][t][0].stage_indices(estimators_by_size[size][t][1]) for t in tasks}
-            answers = {t: score_model(model, tokenizer, benches[t], indices=indices[t], batch_size=batch_size)
+            answers = {t: score_model(model, tokenizer, benches[t], indices=indices[t], batch_size=batch_size)[0]
                        for t in tasks}
             subset_runs[size].append(time.perf_counter() - started)
             mismatches += sum(int((answers[t] != matrices[t].row(name)[indices[t]]).sum()) for t in tasks)

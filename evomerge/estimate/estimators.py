@@ -11,6 +11,10 @@ Methods (all return a number in [0, 1]):
               over the endpoint (expert / base) abilities, lambda by MAP on the
               subset answers; then blended with the observed answers as p-IRT does.
 * ``gmpirt``  ``w * anchor + (1 - w) * mpirt``.
+* ``margin``  the candidate's log-likelihood margins on the subset, regressed on its
+              endpoints' margins, predict its answers on the unseen items
+              (`evomerge.estimate.margins`); gmp-IRT's value where the benchmark
+              or the candidate has no margins. Its interval is gmp-IRT's width.
 
 An estimator holds one or more *stages*: nested subsets of growing size (racing
 promotes a candidate from one to the next, re-estimating from every answer so
@@ -48,9 +52,12 @@ from evomerge.errors import EvomergeError
 from evomerge.files import read_json, write_json
 from evomerge.estimate.extract import STRATEGIES, Subset, extract_stages, stage_sizes
 from evomerge.estimate.irt import IRTFit, IRTPriors, estimate_theta, fit_irt, fit_logistic_weights, item_probabilities
+from evomerge.estimate.margins import MarginModel, fit_margin_model
 from evomerge.estimate.responses import as_correctness
 
-METHODS = ("mean", "anchor", "pirt", "gpirt", "mpirt", "gmpirt")
+METHODS = ("mean", "anchor", "pirt", "gpirt", "mpirt", "gmpirt", "margin")
+DEFAULT_METHOD = "margin"
+"""A search's estimator unless its space names one: gmp-IRT wherever margins are missing."""
 _FILE_VERSION = 2
 # Used only when there are too few models to cross-validate (documented in docs/estimate.md).
 _FALLBACK_ANCHOR_WEIGHT = 0.5
@@ -131,6 +138,7 @@ class SubsetEstimator:
     theta_sd: float = 1.0
     benchmark: str = ""
     item_ids: list[str] | None = None
+    margin_model: MarginModel | None = None
 
     # ------------------------------------------------------------------ stages
     @property
@@ -177,36 +185,52 @@ class SubsetEstimator:
             "(score the model on estimator.stage_indices(stage))")
 
     # ------------------------------------------------------------------ prediction
-    def predict(self, subset_correct: np.ndarray, method: str = "gmpirt", stage: int | None = None) -> float:
-        """Estimated full-benchmark accuracy from answers on a stage's items (same order as its indices)."""
-        return self.predict_all(subset_correct, methods=(_checked_method(method),), stage=stage)[method]
+    def predict(self, subset_correct: np.ndarray, method: str = "gmpirt", stage: int | None = None,
+                subset_margins: np.ndarray | None = None) -> float:
+        """Estimated full-benchmark accuracy from answers on a stage's items (same order as its indices)
+        and, for ``margin``, the margins on them."""
+        return self.predict_all(subset_correct, (_checked_method(method),), stage, subset_margins)[method]
 
     def predict_all(self, subset_correct: np.ndarray, methods: Sequence[str] = METHODS,
-                    stage: int | None = None) -> dict[str, float]:
+                    stage: int | None = None, subset_margins: np.ndarray | None = None) -> dict[str, float]:
         """All requested estimates at once (shares the ability fits)."""
-        return {m: e.value for m, e in self.estimate_all(subset_correct, methods, stage).items()}
+        return {m: e.value for m, e in self.estimate_all(subset_correct, methods, stage,
+                                                          subset_margins=subset_margins).items()}
 
     def estimate(self, subset_correct: np.ndarray, method: str = "gmpirt", stage: int | None = None,
-                 level: float = DEFAULT_LEVEL) -> Estimate:
+                 level: float = DEFAULT_LEVEL, subset_margins: np.ndarray | None = None) -> Estimate:
         """The estimate with its ``level`` interval (see the module doc)."""
-        return self.estimate_all(subset_correct, (_checked_method(method),), stage, level)[method]
+        return self.estimate_all(subset_correct, (_checked_method(method),), stage, level, subset_margins)[method]
+
+    def reads_margins(self, subset_margins: np.ndarray | None) -> bool:
+        """Whether ``margin`` uses its margin model for these margins (else it is gmp-IRT): a NaN among
+        them (an item whose kind gives none) counts as none."""
+        return (self.margin_model is not None and subset_margins is not None
+                and bool(np.isfinite(np.asarray(subset_margins, dtype=np.float64)).all()))
 
     def estimate_all(self, subset_correct: np.ndarray, methods: Sequence[str] = METHODS,
-                     stage: int | None = None, level: float = DEFAULT_LEVEL) -> dict[str, Estimate]:
+                     stage: int | None = None, level: float = DEFAULT_LEVEL,
+                     subset_margins: np.ndarray | None = None) -> dict[str, Estimate]:
         for method in methods:
             _checked_method(method)
         if not 0.0 < level < 1.0:
             raise EvomergeError(f"interval level must be between 0 and 1, got {level}")
         y = self._check_answers(subset_correct, stage)
-        st = self.stages[self.stage_for(len(y)) if stage is None else stage]
+        stage = self.stage_for(len(y)) if stage is None else stage
+        st = self.stages[stage]
+        if subset_margins is not None and np.shape(subset_margins) != y.shape:
+            raise EvomergeError(f"{np.size(subset_margins)} margins for {y.shape[0]} answers")
         # a mix's interval is the same mix of its parts' (each calibrated on its own residuals):
         # calibrating the mix on the residuals its weight was fitted to would flatter it
         parts = {"gpirt": "pirt", "gmpirt": "mpirt"}
         wanted = set(methods)
-        for method in set(methods) & set(parts):
+        if "margin" in wanted:
+            wanted.add("gmpirt")
+        for method in set(wanted) & set(parts):
             wanted |= {"anchor", parts[method]}
         raw = _predict(y, st.subset, self.a, self.b, self.endpoint_theta, self.theta_sd, st.lambda_sd,
-                       st.anchor_weight_gpirt, st.anchor_weight_gmpirt, [m for m in METHODS if m in wanted])
+                       st.anchor_weight_gpirt, st.anchor_weight_gmpirt,
+                       [m for m in METHODS if m in wanted and m != "margin"])
         out = {}
         for method, (value, sd_post) in raw.items():
             if st.exact:
@@ -221,17 +245,29 @@ class SubsetEstimator:
                 margin = _interval_quantile(level, st.cv_models if scale > 1.0 else 0) * sd
             out[method] = Estimate(value, float(max(0.0, value - margin)), float(min(1.0, value + margin)),
                                    float(sd), float(margin), len(y))
+        if "margin" in methods:
+            irt = out["gmpirt"]
+            value = irt.value
+            if self.reads_margins(subset_margins) and not st.exact:
+                value = self.margin_model.accuracy(st.subset.indices, y, subset_margins, stage)
+            out["margin"] = Estimate(value, float(max(0.0, value - irt.margin)), float(min(1.0, value + irt.margin)),
+                                     irt.sd, irt.margin, len(y))
         out = {m: out[m] for m in methods}
         return out
 
-    def item_probabilities(self, subset_correct: np.ndarray, method: str = "gmpirt", stage: int | None = None) -> np.ndarray:
-        """P(correct) of every item for the model whose answers on a stage's items are given: at the
-        merged ability mp-IRT infers (``mpirt`` / ``gmpirt``, with endpoints), else at its own p-IRT ability.
-        Validation predicts the items it has not scored yet with these."""
+    def item_probabilities(self, subset_correct: np.ndarray, method: str = "gmpirt", stage: int | None = None,
+                           subset_margins: np.ndarray | None = None) -> np.ndarray:
+        """P(correct) of every item for the model whose answers on a stage's items are given: from its
+        margins (``margin``, where it has them), at the merged ability mp-IRT infers (``mpirt`` /
+        ``gmpirt`` / ``margin``, with endpoints), else at its own p-IRT ability. Validation predicts the
+        items it has not scored yet with these."""
         y = self._check_answers(subset_correct, stage).astype(np.float64)
-        st = self.stages[self.stage_for(len(y)) if stage is None else stage]
+        stage = self.stage_for(len(y)) if stage is None else stage
+        st = self.stages[stage]
         idx = st.subset.indices
-        if _checked_method(method) in ("mpirt", "gmpirt") and self.endpoint_theta.shape[0]:
+        if _checked_method(method) == "margin" and self.reads_margins(subset_margins) and not st.exact:
+            return self.margin_model.item_probabilities(idx, y, subset_margins, stage)
+        if method in ("mpirt", "gmpirt", "margin") and self.endpoint_theta.shape[0]:
             theta = _fit_lambda(y, self.a[idx], self.b[idx], self.endpoint_theta, st.lambda_sd) @ self.endpoint_theta
         else:
             theta = estimate_theta(y, self.a[idx], self.b[idx], theta_sd=self.theta_sd)
@@ -272,6 +308,7 @@ class SubsetEstimator:
             "theta_sd": self.theta_sd,
             "item_ids": self.item_ids,
             "stages": [s.to_dict() for s in self.stages],
+            "margin_model": None if self.margin_model is None else self.margin_model.to_dict(),
         }
 
     @classmethod
@@ -293,6 +330,7 @@ class SubsetEstimator:
                 theta_sd=float(data["theta_sd"]),
                 benchmark=str(data.get("benchmark", "")),
                 item_ids=data.get("item_ids"),
+                margin_model=None if data.get("margin_model") is None else MarginModel.from_dict(data["margin_model"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EvomergeError(f"estimator file is missing or has a bad field: {exc}") from exc
@@ -677,6 +715,7 @@ def fit_subset_estimator(
     subsets: Sequence[Subset] | None = None,
     item_params: tuple[np.ndarray, np.ndarray] | None = None,
     fallback_anchor_weight: float = _FALLBACK_ANCHOR_WEIGHT,
+    margins: np.ndarray | None = None,
 ) -> SubsetEstimator:
     """Fit IRT on all given models, pick the subset(s), and calibrate each stage by cross-validation.
 
@@ -693,11 +732,15 @@ def fit_subset_estimator(
     fit. ``item_params``: (a (items x dims), b) known already (another study's fit, a
     file): only the models' abilities are fitted. ``fallback_anchor_weight``: the mixes'
     weight on the anchor estimate where no held-out model can fit one (a file's gp-IRT lambda).
+    ``margins``: the models' log-likelihood margins (NaN where unknown; a ``ResponseMatrix``'s own by
+    default): with them the estimator also holds the ``margin`` method's model.
     """
     if hasattr(responses_matrix, "correct"):
         model_names = model_names or responses_matrix.model_names
         item_ids = item_ids or responses_matrix.item_ids
         benchmark = benchmark or responses_matrix.benchmark
+        if margins is None:
+            margins = getattr(responses_matrix, "margins", None)
     yf, mask = _response_arrays(responses_matrix, observed)
     model_names = list(model_names) if model_names is not None else [f"model{i}" for i in range(yf.shape[0])]
     if len(model_names) != yf.shape[0]:
@@ -730,6 +773,12 @@ def fit_subset_estimator(
     records = (_cross_validate(yf, mask, sizes, strategy, endpoint_rows, fit.dims, priors, grid, seed, fit, n_folds,
                                subsets, fixed_items=item_params is not None, reextract=chosen_here)
                if yf.shape[0] >= 2 else [None] * len(sizes))
+    margin_model = None
+    if margins is not None:
+        margins = np.where(mask, np.asarray(margins, dtype=np.float64), np.nan)
+        merge_rows = [i for i in range(len(model_names)) if i not in endpoint_rows]
+        margin_model = fit_margin_model(margins[endpoint_rows], margins[merge_rows] if merge_rows else None,
+                                        [s.indices for s in subsets])
     return SubsetEstimator(
         a=fit.a,
         b=fit.b,
@@ -739,4 +788,5 @@ def fit_subset_estimator(
         theta_sd=priors.theta_sd,
         benchmark=benchmark,
         item_ids=list(item_ids) if item_ids is not None else None,
+        margin_model=margin_model,
     )
