@@ -106,7 +106,7 @@ def test_a_calibration_on_a_full_disk_fails_in_one_line_and_continues_from_its_c
 
     disk = small_disk(4096)
     space = small_space(zoo_dir, tmp_path / "space.yaml", name="faults", optimizer={"trials": 2, "baselines": False})
-    real, scored, filler = calibration.score_items, [], []
+    real, scored, filler = calibration.score_records, [], []
 
     def score_then_fill(*args, **kwargs):
         scored.append(1)
@@ -114,7 +114,7 @@ def test_a_calibration_on_a_full_disk_fails_in_one_line_and_continues_from_its_c
             filler.append(fill(disk))  # full while the second calibration model is scored
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(calibration, "score_items", score_then_fill)
+    monkeypatch.setattr(calibration, "score_records", score_then_fill)
     assert main(["search", str(space), "--run-dir", str(disk / "run"), "--no-progress"]) == 2
     line = one_error_line(capsys)
     assert line.startswith("evomerge: error: no space left on device: ") and "run" in line
@@ -136,8 +136,8 @@ def test_an_item_bank_the_disk_refuses_is_one_line_and_the_resume_keeps_the_cali
 
     import evomerge.search.calibration as calibration
 
-    real_score = calibration.score_items
-    monkeypatch.setattr(calibration, "score_items", lambda *a, **k: scored.append(1) or real_score(*a, **k))
+    real_score = calibration.score_records
+    monkeypatch.setattr(calibration, "score_records", lambda *a, **k: scored.append(1) or real_score(*a, **k))
     monkeypatch.setattr(Path, "write_bytes", refused_in_the_bank)
     space = small_space(zoo_dir, tmp_path / "space.yaml", name="faults", optimizer={"trials": 2, "baselines": False})
     runs = tmp_path / "runs"

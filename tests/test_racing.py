@@ -14,6 +14,7 @@ import optuna
 import pytest
 import yaml
 
+from evomerge.benchmarks.kinds import Scored
 from evomerge.estimate.estimators import fit_subset_estimator
 from evomerge.estimate.irt import item_probabilities
 from evomerge.search import racing
@@ -42,11 +43,11 @@ def _scorer(staged_world, monkeypatch, threshold):
     estimators, truth = staged_world
     scored = {name: [] for name in estimators}
 
-    def fake_score_items(model, tokenizer, bench, indices, batch_size):
+    def fake_score_records(model, tokenizer, bench, indices, batch_size, records):
         scored[bench].extend(indices)
-        return truth[bench][indices]
+        return Scored(truth[bench][indices])
 
-    monkeypatch.setattr(racing, "score_items", fake_score_items)
+    monkeypatch.setattr(racing, "score_records", fake_score_records)
     scorer = StagedScorer({n: n for n in estimators}, estimators, method="gmpirt", weights=[1.0, 1.0],
                           per_task=False, top_k=2)
     monkeypatch.setattr(scorer, "threshold", lambda: threshold)

@@ -28,7 +28,7 @@ def complete(study) -> list:
 def scoring_calls(monkeypatch):
     """Counts full-benchmark scorings (calibration); `interrupt_after` raises Ctrl-C after that many."""
     calls = {"full": 0, "interrupt_after": None}
-    real = calibration_module.score_items
+    real = calibration_module.score_records
 
     def counting(model, tokenizer, bench, indices=None, **kwargs):
         if indices is None:
@@ -37,7 +37,7 @@ def scoring_calls(monkeypatch):
             calls["full"] += 1
         return real(model, tokenizer, bench, indices=indices, **kwargs)
 
-    monkeypatch.setattr(calibration_module, "score_items", counting)
+    monkeypatch.setattr(calibration_module, "score_records", counting)
     return calls
 
 

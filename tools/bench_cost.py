@@ -6,11 +6,14 @@ evaluations, models and seconds per phase (`evomerge.search.costs`), the time
 from the command's start to the first scored trial, and the demo's final table
 (the exported merge measured on every item):
 
-* ``before``: every calibration model on every item (``calibration_items: all``), a 2-dim IRT model,
+* ``before``: every calibration model on every item (``calibration_items: all``), a 2-dim IRT model, gmp-IRT,
   item parameters fitted by the study (``item_params: fit``), the top 5 validated
   on every item (``--validate-items all``): the search as it was;
 * ``after``: the defaults (4 calibration merges on the subsets' items and a sample,
   the validation race), ``item_params: fit`` so the study fits its own;
+* ``after-gmpirt``: the defaults with gmp-IRT as the estimator (the default until the margin
+  estimator was measured; runs/demo-after-4-merges were made so);
+* ``margin``: the defaults with the margin estimator named (the default since);
 * ``after-8-merges``: the same with 8 calibration merges (the default until 4 were measured as good);
 * ``after-250``: the defaults with 250 sampled items per calibration merge, the design that keeps
   the estimate-check error at 20-100 items (docs/estimate.md, "Over seeds");
@@ -58,8 +61,10 @@ from evomerge.search.runs import open_existing_study  # noqa: E402
 from evomerge.search.validate import validate_top_trials  # noqa: E402
 
 DESIGNS = {  # design -> (estimator keys, demo --validate-items, each benchmark entry's sample: or None)
-    "before": ({"calibration_items": "all", "item_params": "fit", "dims": 2}, "all", None),
+    "before": ({"calibration_items": "all", "item_params": "fit", "dims": 2, "method": "gmpirt"}, "all", None),
     "after": ({"item_params": "fit"}, None, None),
+    "after-gmpirt": ({"item_params": "fit", "method": "gmpirt"}, None, None),
+    "margin": ({"item_params": "fit", "method": "margin"}, None, None),
     "after-8-merges": ({"item_params": "fit", "calibration_merges": 8}, None, None),
     "after-250": ({"item_params": "fit", "calibration_items": 250}, None, None),
     "full-calibration": ({"calibration_items": "all", "item_params": "fit"}, None, None),

@@ -167,6 +167,7 @@ def _calibration_model_points(run_dir: Path, tasks: list[str], method: str, stud
         for name, row, seen in zip(matrix.model_names, matrix.correct, matrix.mask):
             if not seen.all():
                 continue  # scored on a sample of the items (calibration on less): its accuracy is not measured
-            estimated = estimator.predict(row[estimator.indices], method=method)
+            estimated = estimator.predict(row[estimator.indices], method=method,
+                                          subset_margins=matrix.margin_row(name)[estimator.indices])
             points.append(CalibrationPoint(name, "calibration model", task, float(estimated), float(np.mean(row))))
     return points

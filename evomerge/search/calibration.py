@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 from optuna.study import Study
 
-from evomerge.benchmarks import Benchmark, score_items
+from evomerge.benchmarks import Benchmark, score_records
 from evomerge.console import say
 from evomerge.errors import EvomergeError
 from evomerge.estimate import (ItemParams, ResponseMatrix, SubsetEstimator, fit_abilities, fit_subset_estimator,
@@ -187,6 +187,10 @@ class Calibration:
                 estimators[bench_name] = checked_stages(SubsetEstimator.load(path), self.space, path)
                 continue
             estimator = self._fit(bench_name, bench, store, ledger)
+            if self.space.estimator == "margin" and estimator.margin_model is None and self.progress:
+                say(f"{bench_name}: no margins to read (its kind gives none, or the endpoints answered the subsets "
+                    "only, or fewer than 2 calibration merges answered beyond them): the margin estimator is "
+                    "gmp-IRT there")
             estimator.save(path)
             estimators[bench_name] = estimator
         return estimators
@@ -308,9 +312,11 @@ class _Scorer:
             if len(todo) == 0:
                 continue
             model, tokenizer = make()
-            correct = score_items(model, tokenizer, self.bench, indices=None if len(todo) == self.matrix.n_items else todo,
-                                  batch_size=self.calibration.batch_size, progress=self.calibration.progress)
-            self.matrix = self.matrix.with_answers(name, todo, np.asarray(correct, dtype=bool))
+            scored = score_records(model, tokenizer, self.bench,
+                                   indices=None if len(todo) == self.matrix.n_items else todo,
+                                   batch_size=self.calibration.batch_size, progress=self.calibration.progress,
+                                   records=False)
+            self.matrix = self.matrix.with_answers(name, todo, np.asarray(scored.correct, dtype=bool), scored.margins)
             self.ledger.add(items=len(todo), models=1)
             self.matrix.save(self.path)
             if self.store is not None:
@@ -330,7 +336,7 @@ def merged(local: ResponseMatrix | None, stored: ResponseMatrix | None) -> Respo
     for name in stored.model_names:
         seen = stored.observed_row(name)
         if name not in local.model_names or seen.sum() > local.observed_row(name).sum():
-            local = local.with_model(name, stored.row(name), seen)
+            local = local.with_model(name, stored.row(name), seen, stored.margin_row(name))
     return local
 
 

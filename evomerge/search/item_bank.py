@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
@@ -76,8 +76,9 @@ class ItemBank:
         return entry
 
     def store(self, name: str, bench, estimator: SubsetEstimator, strategy: str, study: str, models: int) -> Path:
-        """Keep a study's fitted estimator for later studies on the same benchmark content."""
+        """Keep a study's fitted estimator for later studies on the same benchmark content (without its
+        margin model: that holds this study's endpoints' margins, not the items')."""
         data = {"benchmark": name, "key": benchmark_key(bench), "strategy": strategy, "study": study,
                 "models": int(models), "made": datetime.datetime.now().isoformat(timespec="seconds"),
-                "estimator": estimator.to_dict()}
+                "estimator": replace(estimator, margin_model=None).to_dict()}
         return write_bytes_atomic(self.path(name, bench, estimator.a.shape[1]), json.dumps(data).encode())

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from optuna.study import Study
 
-from evomerge.benchmarks import score_items
+from evomerge.benchmarks import score_records
 from evomerge.estimate import SubsetEstimator
 from evomerge.search.records import Ranking, TrialKey, complete_trials
 
@@ -72,6 +72,7 @@ class StagedScorer:
         """Values for the optimizer and the trial's attrs, after the last stage the model reached
         (the first stage only when ``promote`` is false)."""
         answered: dict[str, dict[int, bool]] = {name: {} for name in self.benchmarks}
+        margins: dict[str, dict[int, float]] = {name: {} for name in self.benchmarks}   # where the kind gives them
         by_stage = []
         for stage in range(self.n_stages):
             estimates, answers = {}, {}
@@ -80,10 +81,15 @@ class StagedScorer:
                 indices = estimator.stage_indices(stage)
                 new = [int(i) for i in indices if int(i) not in answered[name]]
                 if new:
-                    correct = score_items(model, tokenizer, bench, indices=new, batch_size=self.batch_size)
-                    answered[name].update(zip(new, np.asarray(correct, dtype=bool).tolist()))
+                    scored = score_records(model, tokenizer, bench, indices=new, batch_size=self.batch_size,
+                                           records=False)
+                    answered[name].update(zip(new, np.asarray(scored.correct, dtype=bool).tolist()))
+                    if scored.margins is not None:
+                        margins[name].update(zip(new, np.asarray(scored.margins, dtype=float).tolist()))
                 answers[name] = np.array([answered[name][int(i)] for i in indices], dtype=bool)
-                estimates[name] = estimator.estimate(answers[name], self.method, stage=stage, level=self.level)
+                estimates[name] = estimator.estimate(
+                    answers[name], self.method, stage=stage, level=self.level,
+                    subset_margins=np.array([margins[name].get(int(i), np.nan) for i in indices]))
             value, margin = self._fitness(estimates)
             by_stage.append(value)
             if stage == self.n_stages - 1 or not promote or not self._promote(value + margin):

@@ -17,7 +17,7 @@ import yaml
 
 from evomerge.benchmarks import check_format, is_hub_id, load_benchmark, load_prompts, option_keys
 from evomerge.errors import EvomergeError
-from evomerge.estimate import METHODS as ESTIMATORS
+from evomerge.estimate import DEFAULT_METHOD as DEFAULT_ESTIMATOR, METHODS as ESTIMATORS
 from evomerge.estimate.extract import DEFAULT_SUBSET_SIZE, STRATEGY_NAMES
 from evomerge.merge.memory import parse_bytes
 from evomerge.merge.methods import METHODS
@@ -374,7 +374,7 @@ def parse_search_space(raw: dict, source: str = "search space") -> SearchSpace:
     estimator = raw.get("estimator", {}) or {}
     reader.reject_unknown(estimator, {"method", "subset_size", "strategy", "dims", "extra_models", "calibration_merges",
                                       "calibration_items", "item_params"}, "estimator")
-    estimator_name = estimator.get("method", "gmpirt")
+    estimator_name = estimator.get("method", DEFAULT_ESTIMATOR)
     if estimator_name not in ESTIMATORS:
         raise EvomergeError(
             f"{source}: estimator.method {estimator_name!r} is unknown; choose one of {', '.join(ESTIMATORS)}"
