@@ -97,3 +97,15 @@ def test_trials_refitted_in_are_the_other_folds_held_out_merges(bench, tmp_path,
     with pytest.raises(EvomergeError, match="calibration on less only"):
         real(ResponseMatrix.load(responses_path(check, "synthetic")), ["base"], ["base"], [10], "anchor-irt", 0, 2,
              None, None, trial_names=["heldout00"])
+
+
+def test_several_estimators_get_a_row_each_and_an_unknown_one_is_named(bench, tmp_path):
+    check = _check_folder(tmp_path / "check")
+    out = tmp_path / "rows.json"
+    assert bench.main(["--checks", str(check), "--designs", "2x30", "--methods", "gmpirt,margin", "--seeds", "0",
+                       "--sizes", "10", "--out", str(out)]) == 0
+    rows = {r["design"]: r for r in json.loads(out.read_text())["rows"]}
+    # no margins in these answers: margin is gmp-IRT's value
+    assert set(rows) == {"2x30 gmpirt", "2x30 margin"} and rows["2x30 margin"]["all"] == rows["2x30 gmpirt"]["all"]
+    with pytest.raises(EvomergeError, match="unknown estimator 'irt'"):
+        bench.main(["--checks", str(check), "--designs", "2x30", "--methods", "irt", "--seeds", "0", "--sizes", "10"])

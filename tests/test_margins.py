@@ -84,7 +84,7 @@ def test_margins_predict_a_merge_better_than_its_right_and_wrong_answers():
                                       subset_margins=matrix.margin_row(name)[indices])
         for method in errors:
             errors[method].append(abs(found[method] - matrix.row(name).mean()))
-    assert np.mean(errors["margin"]) < 0.02 and np.mean(errors["margin"]) < np.mean(errors["gmpirt"])
+    assert np.mean(errors["margin"]) < 0.025 and np.mean(errors["margin"]) < 0.6 * np.mean(errors["gmpirt"])
 
 
 def test_without_margins_the_margin_method_is_gmpirt_and_survives_a_file(tmp_path):

@@ -5,7 +5,7 @@ as each calibration design would (``evomerge.estimate.check.fit_design``) under
 several seeds -- the seed picks the subset, each calibration merge's sample and
 the cross-validation folds, so one seed's error is one draw of a subset and can
 flatter or wrong a design by more than the designs differ -- and prints gmp-IRT's
-mean absolute error on the check's held-out merges, per design and subset size,
+(``--methods``: each named estimator's) mean absolute error on the check's held-out merges, per design and subset size,
 averaged over the seeds and the benchmarks, with the answers each design needs
 per benchmark.
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             print(f"{check.name}/{path.stem}: {len(designs)} designs x {len(sizes)} sizes x {len(seeds)} seeds "
                   f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     names = [c.name for c in checks]
-    print(f"\ngmp-IRT mean absolute error on the held-out merges, mean over {len(seeds)} seeds ({args.seeds}) and "
+    print(f"\n{', '.join(methods)}: mean absolute error on the held-out merges, mean over {len(seeds)} seeds ({args.seeds}) and "
           "the benchmarks, per check and over all; answers per benchmark (mean)"
           + (f"; calibrated and estimated on a sample of {args.sample} items (seed {args.sample_seed}), the error "
              "against every item"

@@ -14,9 +14,14 @@ margins on every other item predict the merge's there:
 The accuracy is (right answers on the scored items + sum of P(correct) on the
 rest) / all items. ``beta`` has a prior fitted by empirical Bayes on the
 calibration merges (their mean line and its spread; the ridge is residual variance
-over prior variance, so no scale is tuned), and ``sigma`` per stage is how far the
-calibration merges' margins fall from the line fitted on that stage's items, on
-the items beyond it. Endpoints answer every item at calibration anyway, so the
+over prior variance, so no scale is tuned). ``sigma`` is the geometric mean of two
+readings of how far the merge's margins fall from its line beyond the subset: the
+calibration merges' (median over them, of the spread on the items beyond the
+stage around the line fitted on its items), and the candidate's own spread on the
+subset scaled by how much larger the calibration merges' spread is beyond it than
+on it; a candidate that leaves the line on its subset (a broken merge) is taken as
+uncertain beyond it too, and one broken calibration merge does not widen every
+candidate's sigma. Endpoints answer every item at calibration anyway, so the
 model costs no item evaluation; it needs margins, which generative kinds do not
 give (the estimator falls back to gmp-IRT there).
 """
@@ -33,6 +38,7 @@ _TINY_RIDGE = 1e-3
 """Keeps a calibration merge's own (nearly unregularised) line solvable when endpoints coincide."""
 _MIN_PRIOR_VARIANCE = 0.01
 """Floor on the prior variance of a line coefficient (4 calibration merges can agree by chance)."""
+_MIN_SIGMA = 1e-6
 MIN_MERGES = 2
 """Calibration merges with margins the model needs (the prior's spread takes two)."""
 
@@ -52,7 +58,8 @@ class MarginModel:
     endpoint_margins: np.ndarray   # endpoints x items
     prior_mean: np.ndarray         # intercept, one coefficient per endpoint
     ridge: np.ndarray              # residual variance / prior variance, per coefficient
-    sigmas: list[float]            # per stage
+    sigmas: list[float]            # per stage: the calibration merges' median spread beyond the stage
+    inflations: list[float]        # per stage: their median spread beyond the stage over their spread on it
 
     def line(self, indices: np.ndarray, margins: np.ndarray) -> np.ndarray:
         """The merge's line, fitted (MAP) to its margins on ``indices``."""
@@ -62,9 +69,11 @@ class MarginModel:
     def item_probabilities(self, indices: np.ndarray, correct: np.ndarray, margins: np.ndarray,
                            stage: int) -> np.ndarray:
         """P(correct) of every item: the answers on ``indices``, Phi(line / sigma) elsewhere."""
+        margins = np.asarray(margins, dtype=np.float64)
         beta = self.line(indices, margins)
-        p = norm.cdf(_features(self.endpoint_margins, np.arange(self.endpoint_margins.shape[1])) @ beta
-                     / self.sigmas[stage])
+        own = _spread(margins - _features(self.endpoint_margins, indices) @ beta)
+        sigma = np.sqrt(self.sigmas[stage] * max(self.inflations[stage] * own, _MIN_SIGMA))
+        p = norm.cdf(_features(self.endpoint_margins, np.arange(self.endpoint_margins.shape[1])) @ beta / sigma)
         p[indices] = np.asarray(correct, dtype=np.float64)
         return p
 
@@ -73,13 +82,14 @@ class MarginModel:
 
     def to_dict(self) -> dict:
         return {"endpoint_margins": np.round(self.endpoint_margins, 4).tolist(),
-                "prior_mean": self.prior_mean.tolist(), "ridge": self.ridge.tolist(), "sigmas": list(self.sigmas)}
+                "prior_mean": self.prior_mean.tolist(), "ridge": self.ridge.tolist(), "sigmas": list(self.sigmas),
+                "inflations": list(self.inflations)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "MarginModel":
         return cls(np.asarray(data["endpoint_margins"], dtype=np.float64),
                    np.asarray(data["prior_mean"], dtype=np.float64), np.asarray(data["ridge"], dtype=np.float64),
-                   [float(s) for s in data["sigmas"]])
+                   [float(s) for s in data["sigmas"]], [float(s) for s in data["inflations"]])
 
 
 def fit_margin_model(endpoint_margins: np.ndarray | None, merge_margins: np.ndarray | None,
@@ -110,15 +120,24 @@ def fit_margin_model(endpoint_margins: np.ndarray | None, merge_margins: np.ndar
     lines = np.array(lines)
     prior_variance = np.maximum(lines.var(axis=0, ddof=1), _MIN_PRIOR_VARIANCE)
     model = MarginModel(endpoint_margins.astype(np.float64), lines.mean(axis=0),
-                        float(np.mean(residual_sq)) / prior_variance, [])
+                        float(np.mean(residual_sq)) / prior_variance, [], [])
     for ix in staged:
-        if len(ix) >= n_items:
-            model.sigmas.append(1.0)   # an exact stage predicts nothing
+        if len(ix) >= n_items:   # an exact stage predicts nothing
+            model.sigmas.append(1.0)
+            model.inflations.append(1.0)
             continue
-        residuals = []
+        beyond_spread, inflation = [], []
         for row in usable:
             beyond = np.setdiff1d(np.flatnonzero(np.isfinite(row)), ix)
             beta = model.line(ix, row[ix])
-            residuals.append(row[beyond] - _features(endpoint_margins, beyond) @ beta)
-        model.sigmas.append(float(max(np.concatenate(residuals).std(), 1e-6)))
+            beyond_spread.append(_spread(row[beyond] - _features(endpoint_margins, beyond) @ beta, centred=True))
+            inflation.append(beyond_spread[-1] / max(_spread(row[ix] - _features(endpoint_margins, ix) @ beta),
+                                                     _MIN_SIGMA))
+        model.sigmas.append(float(max(np.median(beyond_spread), _MIN_SIGMA)))
+        model.inflations.append(float(np.median(inflation)))
     return model
+
+
+def _spread(residuals: np.ndarray, centred: bool = False) -> float:
+    """Root mean square of residuals (their sd when ``centred``)."""
+    return float(np.std(residuals) if centred else np.sqrt(np.mean(np.square(residuals))))

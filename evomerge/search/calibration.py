@@ -225,7 +225,8 @@ class Calibration:
 
     def _fit_items(self, scorer: "_Scorer", sizes: list[int], strategy: str) -> SubsetEstimator:
         """The endpoints on every item, the subsets from them, the calibration merges on the subsets and
-        a sample (every item with ``calibration_items: all``, the subsets then from the whole fit)."""
+        a sample (every item with ``calibration_items: all``, the subsets then from the whole fit unless
+        the estimator reads margins)."""
         seed, dims, endpoints = self.space.seed, self.space.irt_dims, self.endpoint_names()
         full = self.space.calibration_items is None
         scorer.say(f"fitting its item parameters: the endpoints on all {scorer.matrix.n_items} items, "
@@ -239,7 +240,10 @@ class Calibration:
                        "N of its items; item parameters from a file (estimator.item_params) or from the item "
                        "bank (a second study of these items) skip it (docs/search.md, \"What a search costs\")")
         matrix = scorer.score(self._endpoints(), None)
-        subsets = None if full else subsets_from_responses(
+        # the margin estimator fits a merge's line on the subset: subsets chosen from the merges' own fit
+        # favour the items where merges leave their endpoints' line, and bias it (docs/estimate.md)
+        from_endpoints = not full or self.space.estimator == "margin"
+        subsets = None if not from_endpoints else subsets_from_responses(
             matrix.subset([n for n in endpoints if n in matrix.model_names]), sizes, strategy, seed, dims)
         matrix = scorer.score(self._merges(), None if full else self._samples(subsets, matrix.n_items))
         return fit_subset_estimator(matrix, None, endpoints, sizes, strategy, seed, dims, subsets=subsets,
