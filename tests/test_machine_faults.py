@@ -49,11 +49,10 @@ def small_disk(tmp_path):
 def fill(folder: Path) -> Path:
     """Take every free byte of ``folder``'s filesystem; returns the filler file (delete it to free the disk)."""
     filler = folder / "filler"
-    with open(filler, "wb") as out:
+    with open(filler, "wb", buffering=0) as out:   # unbuffered: no partial write left to fail again at close
         try:
             while True:
                 out.write(b"\0" * 65536)
-                out.flush()
         except OSError as error:
             assert error.errno == errno.ENOSPC
     return filler
