@@ -30,6 +30,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evomerge.errors import EvomergeError
@@ -178,6 +179,11 @@ def test_limit_and_records(zoo_dir, zoo_tasks):
     assert record["id"] == "zoo_mc-0004" and record["doc_id"] == 4 and record["metric"] == "acc_norm"
     assert set(record["metrics"]) == {"acc", "acc_norm"} and record["correct"] == (record["metrics"]["acc_norm"] == 1)
     assert len(record["loglik"]) == len(record["choices"]) == 4 and record["prompt"] == bench.items[4].prompt
+    # margins under the metric's own ranking: positive exactly where lm-eval counts the item right
+    for metric in ("acc", "acc_norm"):
+        ranked = load_benchmark(lm_eval=str(zoo_tasks["mc"]), metric=metric)
+        found = score_records(model, tokenizer, ranked, records=False)
+        assert np.isfinite(found.margins).all() and ((found.margins > 0) == found.correct).all()
     json.dumps(scored.records)
     gen = load_benchmark(lm_eval=str(zoo_tasks["gen"]), limit=3, gen_kwargs={"max_gen_toks": 2})
     (row,) = score_records(model, tokenizer, gen, indices=[0]).records

@@ -40,36 +40,54 @@ class LmEvalKind(ItemKind):
                                 f"{task.options.task!r}")
         results = task.evaluate(ctx.model, ctx.tokenizer, items, ctx.batch_size, ctx.tick)
         correct = np.array([result.correct for result in results], dtype=bool)
+        margins = self.margins(items, results, task)
         if not records:
-            return Scored(correct)
+            return Scored(correct, margins=margins)
         rows = []
         for item, result in zip(items, results):
             row = {"id": item.id, "prompt": item.prompt, **self.answer(item, result, task),
                    "correct": bool(result.correct), "doc_id": result.doc_id, "metric": task.metric,
                    "metrics": {k: _jsonable(v) for k, v in result.metrics.items()}}
             rows.append(row)
-        return Scored(correct, rows)
+        return Scored(correct, rows, margins)
 
     def answer(self, item: Item, result: DocResult, task: LmEvalTask) -> dict:
         """``generation``, ``extracted``, ``target`` and what else the output type knows."""
         raise NotImplementedError
+
+    def margins(self, items: list[Item], results: list[DocResult], task: LmEvalTask) -> np.ndarray | None:
+        """Per-item margins where the output type and metric have them (`Scored.margins`), else None."""
+        return None
 
 
 class LmEvalMultipleChoice(LmEvalKind):
     output_type = "multiple_choice"
     name = kind_name(output_type)
 
+    RANKED_METRICS = ("acc", "acc_norm", "acc_bytes")
+    """Metrics that pick the choice of highest (normalised) log-likelihood, so a margin says how far it was."""
+
     def answer(self, item: Item, result: DocResult, task: LmEvalTask) -> dict:
-        loglik = np.array([float(request.resps[0][0]) for request in result.requests])
+        loglik, scores = _choice_scores(item, result, task.metric)
         choices = list(item.choices or ())
-        scores = loglik[: len(choices)]
-        if task.metric == "acc_norm":
-            scores = scores / np.array([float(len(c)) for c in choices])
-        elif task.metric == "acc_bytes":
-            scores = scores / np.array([float(len(c.encode("utf-8"))) for c in choices])
         pick = int(np.argmax(scores)) if len(scores) else None
         return {"generation": choices[pick] if pick is not None else None, "extracted": pick, "target": item.label,
                 "choices": choices, "loglik": [round(v, 4) for v in loglik.tolist()]}
+
+    def margins(self, items: list[Item], results: list[DocResult], task: LmEvalTask) -> np.ndarray | None:
+        """The gold choice's score minus the best other's under the task's metric; NaN where that does not
+        decide the item as lm-eval did (several golds, ties)."""
+        if task.metric not in self.RANKED_METRICS:
+            return None
+        margins = np.full(len(items), np.nan)
+        for i, (item, result) in enumerate(zip(items, results)):
+            _, scores = _choice_scores(item, result, task.metric)
+            gold = item.label
+            if isinstance(gold, (int, np.integer)) and not isinstance(gold, bool) and 0 <= gold < len(scores) > 1:
+                margin = float(scores[gold] - np.delete(scores, gold).max())
+                if (margin > 0) == bool(result.correct):
+                    margins[i] = margin
+        return margins
 
 
 class LmEvalGenerateUntil(LmEvalKind):
@@ -90,6 +108,18 @@ class LmEvalLoglikelihood(LmEvalKind):
         loglik, greedy = result.requests[0].resps[0]
         return {"generation": item.answer if greedy else None, "extracted": bool(greedy), "target": item.answer,
                 "loglik": round(float(loglik), 4)}
+
+
+def _choice_scores(item: Item, result: DocResult, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The choices' log-likelihoods and the scores ``metric`` ranks them by (per character, per byte)."""
+    loglik = np.array([float(request.resps[0][0]) for request in result.requests])
+    choices = list(item.choices or ())
+    scores = loglik[: len(choices)]
+    if metric == "acc_norm":
+        scores = scores / np.array([float(len(c)) for c in choices])
+    elif metric == "acc_bytes":
+        scores = scores / np.array([float(len(c.encode("utf-8"))) for c in choices])
+    return loglik, scores
 
 
 def _jsonable(value):
