@@ -35,12 +35,16 @@ def _check_folder(folder: Path, n_items: int = 120, n_extra: int = 4, n_heldout:
     return folder
 
 
+def _rows(bench, check: Path, *args: str) -> dict[str, dict]:
+    """The tool's rows by design, run on ``check`` with ``args``."""
+    out = check.parent / "rows.json"
+    assert bench.main(["--checks", str(check), *args, "--out", str(out)]) == 0
+    return {r["design"]: r for r in json.loads(out.read_text())["rows"]}
+
+
 def test_designs_answers_and_rows(bench, tmp_path, capsys):
     check = _check_folder(tmp_path / "check")
-    out = tmp_path / "rows.json"
-    assert bench.main(["--checks", str(check), "--designs", "all:4,2x30,endpoints", "--seeds", "0,1",
-                       "--sizes", "10", "--out", str(out)]) == 0
-    rows = {r["design"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = _rows(bench, check, "--designs", "all:4,2x30,endpoints", "--seeds", "0,1", "--sizes", "10")
     assert rows["all:4"]["answers"] == 7 * 120           # 3 endpoints and 4 merges on every item
     assert rows["2x30"]["answers"] == 3 * 120 + 2 * (10 + 30)  # 2 merges on the subset and 30 others each
     assert rows["endpoints"]["answers"] == 3 * 120
@@ -62,10 +66,7 @@ def test_bad_designs_are_named(bench, tmp_path):
 def test_a_benchmark_sample_calibrates_on_its_items_only(bench, tmp_path):
     """``--sample N``: the study a benchmark entry's ``sample: N`` makes, its error still against every item."""
     check = _check_folder(tmp_path / "check")
-    out = tmp_path / "rows.json"
-    assert bench.main(["--checks", str(check), "--designs", "all:4,2x20", "--seeds", "0", "--sizes", "10",
-                       "--sample", "60", "--out", str(out)]) == 0
-    rows = {r["design"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = _rows(bench, check, "--designs", "all:4,2x20", "--seeds", "0", "--sizes", "10", "--sample", "60")
     assert rows["all:4"]["answers"] == 7 * 60 and rows["2x20"]["answers"] == 3 * 60 + 2 * (10 + 20)
     assert rows["all:4"]["sample"] == 60
 
@@ -83,10 +84,7 @@ def test_trials_refitted_in_are_the_other_folds_held_out_merges(bench, tmp_path,
         return estimator, answers
 
     monkeypatch.setattr(bench, "fit_design", spy)
-    out = tmp_path / "rows.json"
-    assert bench.main(["--checks", str(check), "--designs", "2x30,2x30+refit", "--seeds", "0", "--sizes", "10",
-                       "--out", str(out)]) == 0
-    rows = {r["design"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = _rows(bench, check, "--designs", "2x30,2x30+refit", "--seeds", "0", "--sizes", "10")
     assert rows["2x30+refit"]["answers"] == rows["2x30"]["answers"] == 3 * 120 + 2 * (10 + 30)
     plain, folds = seen[0], seen[1:]
     assert plain[0] == [] and len(folds) == bench.REFIT_FOLDS
@@ -101,10 +99,7 @@ def test_trials_refitted_in_are_the_other_folds_held_out_merges(bench, tmp_path,
 
 def test_several_estimators_get_a_row_each_and_an_unknown_one_is_named(bench, tmp_path):
     check = _check_folder(tmp_path / "check")
-    out = tmp_path / "rows.json"
-    assert bench.main(["--checks", str(check), "--designs", "2x30", "--methods", "gmpirt,margin", "--seeds", "0",
-                       "--sizes", "10", "--out", str(out)]) == 0
-    rows = {r["design"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = _rows(bench, check, "--designs", "2x30", "--methods", "gmpirt,margin", "--seeds", "0", "--sizes", "10")
     # no margins in these answers: margin is gmp-IRT's value
     assert set(rows) == {"2x30 gmpirt", "2x30 margin"} and rows["2x30 margin"]["all"] == rows["2x30 gmpirt"]["all"]
     with pytest.raises(EvomergeError, match="unknown estimator 'irt'"):

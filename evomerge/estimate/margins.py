@@ -51,6 +51,11 @@ def _line(margins: np.ndarray, features: np.ndarray, ridge: np.ndarray, prior: n
     return np.linalg.solve(features.T @ features + np.diag(ridge), features.T @ margins + ridge * prior)
 
 
+def _on_line(beta: np.ndarray, endpoint_margins: np.ndarray, indices=slice(None)) -> np.ndarray:
+    """The margins ``beta``'s line gives the items at ``indices`` (every item by default)."""
+    return beta[0] + beta[1:] @ endpoint_margins[:, indices]
+
+
 @dataclasses.dataclass
 class MarginModel:
     """The endpoints' margins on every item, the line's prior, and each stage's sigma."""
@@ -71,9 +76,9 @@ class MarginModel:
         """P(correct) of every item: the answers on ``indices``, Phi(line / sigma) elsewhere."""
         margins = np.asarray(margins, dtype=np.float64)
         beta = self.line(indices, margins)
-        own = _spread(margins - _features(self.endpoint_margins, indices) @ beta)
+        own = _spread(margins - _on_line(beta, self.endpoint_margins, indices))
         sigma = np.sqrt(self.sigmas[stage] * max(self.inflations[stage] * own, _MIN_SIGMA))
-        p = norm.cdf(_features(self.endpoint_margins, np.arange(self.endpoint_margins.shape[1])) @ beta / sigma)
+        p = norm.cdf(_on_line(beta, self.endpoint_margins) / sigma)
         p[indices] = np.asarray(correct, dtype=np.float64)
         return p
 
@@ -116,7 +121,7 @@ def fit_margin_model(endpoint_margins: np.ndarray | None, merge_margins: np.ndar
         seen = np.flatnonzero(np.isfinite(row))
         beta = _line(row[seen], _features(endpoint_margins, seen), np.full(n_coef, _TINY_RIDGE), uniform)
         lines.append(beta)
-        residual_sq.append(np.mean((row[seen] - _features(endpoint_margins, seen) @ beta) ** 2))
+        residual_sq.append(np.mean((row[seen] - _on_line(beta, endpoint_margins, seen)) ** 2))
     lines = np.array(lines)
     prior_variance = np.maximum(lines.var(axis=0, ddof=1), _MIN_PRIOR_VARIANCE)
     model = MarginModel(endpoint_margins.astype(np.float64), lines.mean(axis=0),
@@ -130,8 +135,8 @@ def fit_margin_model(endpoint_margins: np.ndarray | None, merge_margins: np.ndar
         for row in usable:
             beyond = np.setdiff1d(np.flatnonzero(np.isfinite(row)), ix)
             beta = model.line(ix, row[ix])
-            beyond_spread.append(_spread(row[beyond] - _features(endpoint_margins, beyond) @ beta, centred=True))
-            inflation.append(beyond_spread[-1] / max(_spread(row[ix] - _features(endpoint_margins, ix) @ beta),
+            beyond_spread.append(_spread(row[beyond] - _on_line(beta, endpoint_margins, beyond), centred=True))
+            inflation.append(beyond_spread[-1] / max(_spread(row[ix] - _on_line(beta, endpoint_margins, ix)),
                                                      _MIN_SIGMA))
         model.sigmas.append(float(max(np.median(beyond_spread), _MIN_SIGMA)))
         model.inflations.append(float(np.median(inflation)))

@@ -140,8 +140,9 @@ class ResponseMatrix:
         margin_row = np.full(self.n_items, np.nan) if margins is None else np.asarray(margins, np.float64).ravel()
         if margin_row.shape[0] != self.n_items:
             raise EvomergeError(f"margins of {name!r} cover {margin_row.shape[0]} items, benchmark has {self.n_items}")
-        kept_margins = (self.margin_rows(names) if self.margins is not None and names
-                        else np.full((len(names), self.n_items), np.nan))
+        kept_margins = self.margin_rows(names)
+        if kept_margins is None:
+            kept_margins = np.full((len(names), self.n_items), np.nan)
         return ResponseMatrix(np.vstack([kept, row[None]]), names + [name], self.item_ids, self.benchmark,
                               np.vstack([masks, seen[None]]), np.vstack([kept_margins, margin_row[None]]))
 

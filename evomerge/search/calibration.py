@@ -243,8 +243,8 @@ class Calibration:
         # the margin estimator fits a merge's line on the subset: subsets chosen from the merges' own fit
         # favour the items where merges leave their endpoints' line, and bias it (docs/estimate.md)
         from_endpoints = not full or self.space.estimator == "margin"
-        subsets = None if not from_endpoints else subsets_from_responses(
-            matrix.subset([n for n in endpoints if n in matrix.model_names]), sizes, strategy, seed, dims)
+        subsets = subsets_from_responses(matrix.subset([n for n in endpoints if n in matrix.model_names]), sizes,
+                                         strategy, seed, dims) if from_endpoints else None
         matrix = scorer.score(self._merges(), None if full else self._samples(subsets, matrix.n_items))
         return fit_subset_estimator(matrix, None, endpoints, sizes, strategy, seed, dims, subsets=subsets,
                                     benchmark=scorer.bench_name)

@@ -83,7 +83,8 @@ class LmEvalMultipleChoice(LmEvalKind):
         for i, (item, result) in enumerate(zip(items, results)):
             _, scores = _choice_scores(item, result, task.metric)
             gold = item.label
-            if isinstance(gold, (int, np.integer)) and not isinstance(gold, bool) and 0 <= gold < len(scores) > 1:
+            one_gold = isinstance(gold, (int, np.integer)) and not isinstance(gold, bool)
+            if one_gold and len(scores) > 1 and 0 <= gold < len(scores):
                 margin = float(scores[gold] - np.delete(scores, gold).max())
                 if (margin > 0) == bool(result.correct):
                     margins[i] = margin
